@@ -1,0 +1,36 @@
+"""mosx: fused MOS group-softmax kernels and OOD detection tools for PyTorch.
+
+    import mosx
+    groups = mosx.Groups.from_sizes([398, 521, 9, 7, 52, 8, 3, 2])
+    score = mosx.group_softmax_score(logits, groups)   # higher = more in-distribution
+"""
+
+from .groups import Groups, as_groups
+from .ops import (
+    cuda_built,
+    group_cross_entropy,
+    group_log_softmax,
+    group_predict,
+    group_softmax,
+    group_softmax_score,
+)
+from . import reference
+
+__version__ = "0.1.0"
+
+# The ImageNet-1k WordNet taxonomy grouping of the MOS paper (animal, artifact, geological
+# formation, fungus, misc, natural object, person, plant): 1000 classes, 1008 logits.
+IMAGENET_TAXONOMY_SIZES = (398, 521, 9, 7, 52, 8, 3, 2)
+
+__all__ = [
+    "Groups",
+    "as_groups",
+    "cuda_built",
+    "group_cross_entropy",
+    "group_log_softmax",
+    "group_predict",
+    "group_softmax",
+    "group_softmax_score",
+    "reference",
+    "IMAGENET_TAXONOMY_SIZES",
+]
