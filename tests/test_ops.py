@@ -1,0 +1,419 @@
+"""Fused mosx ops vs the plain-PyTorch reference loops (mosx.reference), on every device built."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mosx
+from mosx import Groups, reference
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Fused kernels compute half inputs in float32, so they are compared with the reference run on the
+# same values upcast to float32; tolerances are those of float32 (and of rounding the output).
+SCORE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+OUT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def random_sizes(gen, num_groups, max_size):
+    return torch.randint(1, max_size + 1, (num_groups,), generator=gen).tolist()
+
+
+GROUPINGS = {
+    "imagenet": lambda g: list(mosx.IMAGENET_TAXONOMY_SIZES),
+    "one_group": lambda g: [int(torch.randint(1, 40, (1,), generator=g))],
+    "singletons": lambda g: [1] * 7,
+    "uneven": lambda g: random_sizes(g, 11, 60) + [1, 1],
+    "hundreds": lambda g: random_sizes(g, 300, 6),
+    "wide": lambda g: [6000, 4100, 3, 1],
+}
+
+
+def make_logits(gen, n, groups, dtype, device, scale=4.0):
+    x = torch.randn(n, groups.num_logits, generator=gen, dtype=torch.float64) * scale
+    return x.to(dtype).to(device)
+
+
+def batch_sizes(gen, num_logits):
+    cap = 64 if num_logits > 5000 else 300
+    return [0, 1, int(torch.randint(2, cap, (1,), generator=gen))]
+
+
+@pytest.fixture(params=list(GROUPINGS))
+def groups(request, gen):
+    return Groups.from_sizes(GROUPINGS[request.param](gen))
+
+
+# ------------------------------------------------------------------------ hand-computed semantics
+def worked_example():
+    """Two groups: group 0 = classes {0, 1}, group 1 = class {2}; logits [others, c0, c1 | others, c2]."""
+    g = Groups.from_sizes([2, 1])
+    x = torch.tensor([[0.0, 0.0, math.log(2), 0.0, math.log(3)],
+                      [math.log(3), 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    return g, x
+
+
+def test_worked_example_score_predict_loss(device):
+    g, x = worked_example()
+    x = x.to(device)
+    # row 0: group 0 probs [1/4, 1/4, 1/2], group 1 [1/4, 3/4]; row 1: [3/5, 1/5, 1/5], [1/2, 1/2]
+    score = mosx.group_softmax_score(x, g)
+    torch.testing.assert_close(score.cpu(), torch.tensor([-0.25, -0.5], dtype=torch.float64))
+    pred, conf = mosx.group_predict(x, g)
+    assert pred.tolist() == [2, 2]  # row 1: group 0's best is 1/5 < group 1's 1/2
+    torch.testing.assert_close(conf.cpu(), torch.tensor([0.75, 0.5], dtype=torch.float64))
+    # row 0 is class 1 (label 2 in group 0, others in group 1); row 1 is class 2
+    t = torch.tensor([1, 2], device=device)
+    per_sample = mosx.group_cross_entropy(x, t, g, reduction="none")
+    expect = torch.tensor([math.log(2) + math.log(4), -math.log(3 / 5) + math.log(2)], dtype=torch.float64)
+    torch.testing.assert_close(per_sample.cpu(), expect)
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g).cpu(), expect.mean())
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="sum").cpu(), expect.sum())
+    probs = mosx.group_softmax(x, g)
+    torch.testing.assert_close(probs[0].cpu(), torch.tensor([0.25, 0.25, 0.5, 0.25, 0.75], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------ forward vs reference
+def test_score_matches_reference(groups, gen, device):
+    for dtype in DTYPES:
+        for n in batch_sizes(gen, groups.num_logits):
+            x = make_logits(gen, n, groups, dtype, device)
+            got = mosx.group_softmax_score(x, groups)
+            ref = reference.group_softmax_score(x.to(torch.float64 if dtype == torch.float64 else torch.float32), groups)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert got.shape == (n,)
+            torch.testing.assert_close(got, ref, atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
+
+
+def test_score_vs_reference_in_input_dtype(gen, device):
+    # The reference run entirely in half precision agrees to half-precision accuracy.
+    g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    for dtype, tol in [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]:
+        x = make_logits(gen, 64, g, dtype, device)
+        torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g).float(),
+                                   atol=tol, rtol=tol)
+
+
+def test_predict_matches_reference(groups, gen, device):
+    for dtype in DTYPES:
+        for n in batch_sizes(gen, groups.num_logits):
+            x = make_logits(gen, n, groups, dtype, device)
+            xr = x.to(torch.float64)
+            cls, prob, grp = mosx.group_predict(x, groups, return_group=True)
+            rcls, rprob, rgrp = reference.group_predict(xr, groups)
+            assert cls.dtype == torch.int64 and cls.shape == (n,)
+            tol = SCORE_TOL[dtype]
+            torch.testing.assert_close(prob.double(), rprob, atol=tol, rtol=tol)
+            # Where the class differs, the two candidates must be tied to within rounding: the
+            # exact probability of the fused choice equals the exact best probability.
+            exact = reference.group_softmax(xr, groups)
+            chosen = exact.gather(1, groups.tensors(device)["class_logit"][cls].unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(chosen, rprob, atol=tol, rtol=tol)
+            same = cls == rcls
+            assert same.float().mean() >= 0.9 if n else True
+            assert torch.equal(grp[same], rgrp[same])
+            assert torch.equal(groups.tensors(device)["class_group"][cls], grp)
+
+
+def test_softmax_matches_reference(groups, gen, device):
+    for dtype in DTYPES:
+        x = make_logits(gen, batch_sizes(gen, groups.num_logits)[2], groups, dtype, device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for log in (False, True):
+            got = mosx.group_softmax(x, groups, log=log)
+            ref = reference.group_softmax(x.to(acc), groups, log=log).to(dtype)
+            assert got.dtype == dtype and got.is_contiguous()
+            torch.testing.assert_close(got.to(acc), ref.to(acc), atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("form", ["class_ids", "group_labels"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_reference(groups, gen, device, form, reduction):
+    for dtype in DTYPES:
+        n = batch_sizes(gen, groups.num_logits)[2]
+        x = make_logits(gen, n, groups, dtype, device)
+        t = torch.randint(0, groups.num_classes, (n,), generator=gen)
+        t[torch.rand(n, generator=gen) < 0.1] = -100
+        t = t.to(device)
+        if form == "group_labels":
+            t = groups.group_labels(t)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        got = mosx.group_cross_entropy(x, t, groups, reduction=reduction)
+        ref = reference.group_cross_entropy(x.to(acc), t, groups, reduction=reduction)
+        tol = 1e-9 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(got, ref.to(got.dtype), atol=tol, rtol=tol)
+
+
+def test_cross_entropy_per_group_ignore(gen, device):
+    # [N, K] labels with entries ignored in some groups only: each group averages over its own.
+    g = Groups.from_sizes([3, 5, 1, 2])
+    x = make_logits(gen, 40, g, torch.float64, device)
+    lab = torch.stack([torch.randint(0, s + 1, (40,), generator=gen) for s in g.sizes], dim=1)
+    lab[torch.rand(40, 4, generator=gen) < 0.3] = -1
+    lab = lab.to(device)
+    got = mosx.group_cross_entropy(x, lab, g, ignore_index=-1)
+    ref = reference.group_cross_entropy(x, lab, g, ignore_index=-1)
+    torch.testing.assert_close(got, ref)
+
+
+def test_cross_entropy_mixup(groups, gen, device):
+    n = 33
+    x = make_logits(gen, n, groups, torch.float64, device)
+    ta = torch.randint(0, groups.num_classes, (n,), generator=gen).to(device)
+    tb = ta[torch.randperm(n, generator=gen).to(device)]
+    lam = float(torch.rand(1, generator=gen))
+    for reduction in ("mean", "none"):
+        got = mosx.group_cross_entropy(x, ta, groups, mix_targets=tb, mix_lambda=lam, reduction=reduction)
+        ref = reference.group_cross_entropy(x, ta, groups, mix_targets=tb, mix_lambda=lam, reduction=reduction)
+        torch.testing.assert_close(got, ref)
+
+
+# ------------------------------------------------------------------------ gradients
+def test_backward_matches_reference(groups, gen, device):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        n = batch_sizes(gen, groups.num_logits)[2]
+        x = make_logits(gen, n, groups, dtype, device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        tol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 1e-2)
+        t = torch.randint(0, groups.num_classes, (n,), generator=gen).to(device)
+        w = torch.randn(n, groups.num_logits, generator=gen, dtype=acc).to(device)
+        cases = [
+            (lambda z: mosx.group_cross_entropy(z, t, groups), lambda z: reference.group_cross_entropy(z, t, groups)),
+            (lambda z: mosx.group_softmax_score(z, groups).sum(), lambda z: reference.group_softmax_score(z, groups).sum()),
+            (lambda z: (mosx.group_softmax(z, groups) * w).sum(), lambda z: (reference.group_softmax(z, groups) * w).sum()),
+            (lambda z: (mosx.group_log_softmax(z, groups) * w).sum(), lambda z: (reference.group_log_softmax(z, groups) * w).sum()),
+        ]
+        for i, (fused, ref) in enumerate(cases):
+            a = x.detach().clone().requires_grad_()
+            fused(a).backward()
+            b = x.detach().to(acc).clone().requires_grad_()
+            ref(b).backward()
+            assert a.grad.dtype == dtype
+            if i >= 2 and dtype == torch.bfloat16:
+                # Softmax backward works from the rounded bf16 softmax output, as torch's does:
+                # it must be no less accurate than torch's own bf16 autograd of the reference.
+                c = x.detach().clone().requires_grad_()
+                ref(c).backward()
+                err = (a.grad.to(acc) - b.grad).abs().max()
+                torch_err = (c.grad.to(acc) - b.grad).abs().max()
+                assert err <= 1.5 * torch_err + 1e-2, (err, torch_err)
+            else:
+                torch.testing.assert_close(a.grad.to(acc), b.grad, atol=tol, rtol=tol)
+
+
+def test_gradcheck(gen, device):
+    g = Groups.from_sizes([3, 1, 4])
+    x = make_logits(gen, 5, g, torch.float64, device, scale=1.0).requires_grad_()
+    t = torch.tensor([0, 3, 7, 2, -100], device=device)
+    tb = torch.tensor([5, 1, 0, 6, 4], device=device)
+    lab = g.group_labels(tb)
+    assert torch.autograd.gradcheck(lambda z: mosx.group_softmax(z, g), (x,))
+    assert torch.autograd.gradcheck(lambda z: mosx.group_log_softmax(z, g), (x,))
+    assert torch.autograd.gradcheck(lambda z: mosx.group_softmax_score(z, g), (x,))
+    assert torch.autograd.gradcheck(lambda z: mosx.group_cross_entropy(z, t, g, reduction="none"), (x,))
+    assert torch.autograd.gradcheck(lambda z: mosx.group_cross_entropy(z, lab, g), (x,))
+    assert torch.autograd.gradcheck(
+        lambda z: mosx.group_cross_entropy(z, t, g, mix_targets=tb, mix_lambda=0.3), (x,))
+
+
+# ------------------------------------------------------------------------ layouts and types
+def test_non_contiguous_inputs(gen, device):
+    g = Groups.from_sizes([5, 2, 9, 1])
+    big = make_logits(gen, 50, Groups.from_sizes([40]), torch.float32, device)
+    row_strided = big[::2, 3:3 + g.num_logits]  # row stride 41, unit inner stride
+    col_strided = make_logits(gen, g.num_logits, Groups.from_sizes([24]), torch.float32, device)[:, :25].t()
+    for x in (row_strided, col_strided):
+        assert not x.is_contiguous()
+        xc = x.contiguous()
+        torch.testing.assert_close(mosx.group_softmax_score(x, g), mosx.group_softmax_score(xc, g))
+        torch.testing.assert_close(mosx.group_softmax(x, g), mosx.group_softmax(xc, g))
+        for a, b in zip(mosx.group_predict(x, g), mosx.group_predict(xc, g)):
+            torch.testing.assert_close(a, b)
+        t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
+        torch.testing.assert_close(mosx.group_cross_entropy(x, t, g), mosx.group_cross_entropy(xc, t, g))
+
+
+def test_groups_forms_are_equivalent(gen, device):
+    g = Groups.from_sizes([4, 2, 7])
+    x = make_logits(gen, 9, g, torch.float32, device)
+    s = mosx.group_softmax_score(x, g)
+    torch.testing.assert_close(mosx.group_softmax_score(x, [4, 2, 7]), s)
+    torch.testing.assert_close(mosx.group_softmax_score(x, g.slices), s)
+    torch.testing.assert_close(mosx.group_softmax_score(x, g.slices.tolist()), s)
+
+
+def test_assignment_grouping_maps_to_global_ids(gen, device):
+    assign = torch.randint(0, 5, (60,), generator=gen)
+    assign[:5] = torch.arange(5)
+    g = Groups.from_assignment(assign)
+    x = make_logits(gen, 30, g, torch.float32, device)
+    cls, _ = mosx.group_predict(x, g)
+    rcls, _, _ = reference.group_predict(x, g)
+    assert torch.equal(cls, rcls)
+    t = torch.randint(0, 60, (30,), generator=gen).to(device)
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g), reference.group_cross_entropy(x, t, g))
+
+
+def test_numpy_in_numpy_out(gen):
+    g = Groups.from_sizes([3, 2])
+    x = make_logits(gen, 7, g, torch.float32, "cpu").numpy()
+    s = mosx.group_softmax_score(x, g)
+    assert isinstance(s, np.ndarray) and s.shape == (7,)
+    np.testing.assert_allclose(s, reference.group_softmax_score(torch.from_numpy(x), g).numpy(), rtol=1e-6)
+    cls, prob = mosx.group_predict(x, g)
+    assert isinstance(cls, np.ndarray) and cls.dtype == np.int64
+    p = mosx.group_softmax(x, g)
+    assert isinstance(p, np.ndarray) and p.shape == x.shape
+    loss = mosx.group_cross_entropy(x, np.array([0, 1, 2, 3, 4, 0, 1]), g, reduction="none")
+    assert isinstance(loss, np.ndarray) and loss.shape == (7,)
+    # no copy on the way in: the kernel read the caller's buffer
+    x[0, 1] = 50.0  # a class logit of group 0: its others probability drops to ~0
+    assert mosx.group_softmax_score(x, g)[0] > s[0] + 1e-3
+
+
+def test_nan_and_inf_propagate_like_reference(device):
+    g = Groups.from_sizes([2, 3])
+    x = torch.zeros(5, g.num_logits, device=device)
+    x[0, 1] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, :3] = float("-inf")
+    x[3, 0] = float("-inf")  # one -inf entry is fine: others prob of group 0 is exactly 0
+    x[4, 5] = -1e30
+    got = mosx.group_softmax_score(x, g)
+    ref = reference.group_softmax_score(x, g)
+    torch.testing.assert_close(got, ref, equal_nan=True)
+    assert torch.isnan(got[:3]).all() and got[3].item() == 0.0 and torch.isfinite(got[4])
+    torch.testing.assert_close(mosx.group_softmax(x, g), reference.group_softmax(x, g), equal_nan=True)
+    _, prob = mosx.group_predict(x, g)
+    assert torch.isnan(prob[0]) and torch.isfinite(prob[3:]).all()
+    loss = mosx.group_cross_entropy(x, torch.tensor([0, 1, 2, 3, 4], device=device), g, reduction="none")
+    ref_loss = reference.group_cross_entropy(x, torch.tensor([0, 1, 2, 3, 4], device=device), g, reduction="none")
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+
+
+# ------------------------------------------------------------------------ bad input
+def test_bad_logits_rank_dtype_width(device):
+    g = Groups.from_sizes([2, 2])
+    with pytest.raises(ValueError, match="2-D"):
+        mosx.group_softmax_score(torch.zeros(6, device=device), g)
+    with pytest.raises(ValueError, match="2-D"):
+        mosx.group_softmax_score(torch.zeros(2, 3, 6, device=device), g)
+    with pytest.raises(TypeError, match="float64/float32/float16/bfloat16"):
+        mosx.group_softmax_score(torch.zeros(2, 6, dtype=torch.int64, device=device), g)
+    with pytest.raises(ValueError, match="7 columns but the groups need 6"):
+        mosx.group_softmax_score(torch.zeros(2, 7, device=device), g)
+
+
+def test_bad_labels(device):
+    g = Groups.from_sizes([2, 2])
+    x = torch.zeros(3, 6, device=device)
+    if device.type == "cpu":  # CPU kernels check every label; CUDA returns NaN (no device sync)
+        with pytest.raises(RuntimeError, match="target class 4 at row 1 is out of range"):
+            mosx.group_cross_entropy(x, torch.tensor([0, 4, 1], device=device), g)
+        with pytest.raises(RuntimeError, match="per-group label 3 at row 0, group 1 is out of range"):
+            mosx.group_cross_entropy(x, torch.tensor([[0, 3], [1, 0], [0, 0]], device=device), g)
+    with pytest.raises(ValueError, match=r"\[N, K\] = \[3, 2\]"):
+        mosx.group_cross_entropy(x, torch.zeros(3, 3, dtype=torch.long, device=device), g)
+    with pytest.raises(ValueError, match="has 2 entries but logits have 3 rows"):
+        mosx.group_cross_entropy(x, torch.zeros(2, dtype=torch.long, device=device), g)
+    with pytest.raises(TypeError, match="integer class ids"):
+        mosx.group_cross_entropy(x, torch.zeros(3, device=device), g)
+    with pytest.raises(ValueError, match="reduction"):
+        mosx.group_cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device), g, reduction="avg")
+    with pytest.raises(ValueError, match="mix_lambda"):
+        t = torch.zeros(3, dtype=torch.long, device=device)
+        mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=1.5)
+    with pytest.raises(ValueError, match="both mix_targets and mix_lambda"):
+        mosx.group_cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device), g, mix_lambda=0.5)
+
+
+def test_bad_offsets_reach_the_op_directly():
+    # Users calling torch.ops.mosx.* get the checks of the C++ layer.
+    x = torch.zeros(2, 6)
+    ops = torch.ops.mosx
+    with pytest.raises(RuntimeError, match="offsets must be int64"):
+        ops.group_softmax_score(x, torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"offsets\[0\] must be 0"):
+        ops.group_softmax_score(x, torch.tensor([1, 3, 6]))
+    with pytest.raises(RuntimeError, match="group 1 spans logits"):
+        ops.group_softmax_score(x, torch.tensor([0, 5, 5, 6]))
+    with pytest.raises(RuntimeError, match="increase"):
+        ops.group_softmax_score(x, torch.tensor([0, 4, 3, 6]))
+    with pytest.raises(RuntimeError, match="offsets end at 5 but logits have 6 columns"):
+        ops.group_softmax_score(x, torch.tensor([0, 3, 5]))
+    with pytest.raises(RuntimeError, match="1-D int64 tensor of K \\+ 1 >= 2"):
+        ops.group_softmax_score(x, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="logits must be a 2-D"):
+        ops.group_softmax_score(torch.zeros(6), torch.tensor([0, 6]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_mismatch():
+    g = Groups.from_sizes([2, 2])
+    x = torch.zeros(3, 6)
+    with pytest.raises(RuntimeError, match="offsets are on"):
+        torch.ops.mosx.group_softmax_score(x, g.tensors("cuda")["offsets"])
+    with pytest.raises(ValueError, match="are on"):
+        mosx.group_cross_entropy(x, torch.zeros(3, dtype=torch.long, device="cuda"), g)
+
+
+# ------------------------------------------------------------------------ op registration
+def _opcheck_cases(device):
+    g = Groups.from_sizes([3, 1, 5])
+    t = g.tensors(device)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, g.num_logits, generator=gen, dtype=torch.float64).to(device)
+    xg = x.clone().requires_grad_()
+    y = torch.softmax(x, dim=1)
+    ids = torch.tensor([[0, 3, 8, 2, -100, 5]], device=device)
+    labels = g.group_labels(ids[0]).unsqueeze(0)
+    lse = torch.randn(6, 3, dtype=torch.float64, device=device)
+    ops = torch.ops.mosx
+    return [
+        (ops.group_softmax.default, (xg, t["offsets"], False)),
+        (ops.group_softmax.default, (xg, t["offsets"], True)),
+        (ops.group_softmax_backward.default, (x, y, t["offsets"], False)),
+        (ops.group_softmax_score.default, (xg, t["offsets"])),
+        (ops.group_softmax_score_backward.default,
+         (x[:, 0].clone(), x, t["offsets"], torch.tensor([0, 1, 2, 0, 1, 2], device=device), lse[:, 0].clone())),
+        (ops.group_predict.default, (x, t["offsets"], t["logit_class"])),
+        (ops.group_cross_entropy.default, (xg, t["offsets"], ids, t["class_logit"], -100)),
+        (ops.group_cross_entropy.default, (xg, t["offsets"], torch.cat([labels, labels]), t["class_logit"], -100)),
+        (ops.group_cross_entropy_backward.default,
+         (torch.rand(1, 6, 3, dtype=torch.float64, device=device), x, t["offsets"], ids, t["class_logit"], lse, -100)),
+    ]
+
+
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph(gen, device):
+    g = Groups.from_sizes([4, 3, 2])
+
+    def step(x, t):
+        loss = mosx.group_cross_entropy(x, t, g)
+        return loss, mosx.group_softmax_score(x, g), mosx.group_predict(x, g)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = make_logits(gen, 8, g, torch.float32, device).requires_grad_()
+    t = torch.randint(0, g.num_classes, (8,), generator=gen).to(device)
+    got = compiled(x, t)
+    ref = step(x, t)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    got[0].backward()
+    ga = x.grad.clone()
+    x.grad = None
+    ref[0].backward()
+    torch.testing.assert_close(ga, x.grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor(gen, device):
+    g = Groups.from_sizes([4, 3, 2])
+    f = torch.compile(lambda x: mosx.group_softmax_score(x * 2.0, g) + 1.0, fullgraph=True)
+    x = make_logits(gen, 8, g, torch.float32, device)
+    torch.testing.assert_close(f(x), mosx.group_softmax_score(x * 2.0, g) + 1.0)
