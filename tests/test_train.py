@@ -417,3 +417,59 @@ def test_mosx_train_cli_on_image_folder(tmp_path):
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(np.isfinite(eval(l.replace("null", "None"))["loss"]) for l in lines)
     assert main(["train", "--preset", "cpu-demo", "--loss", "nope"]) == 2
+
+
+# ---------------------------------------------------------------------- Unleashing Mask options
+def _trained_model(tmp_path, x, y, loss="group"):
+    cfg = make_config("cpu-demo", **{**TINY, "steps": 6, "groups": "sizes:2,2", "loss": loss, "ckpt_every": 0,
+                                     "out": str(tmp_path / f"base_{loss}")})
+    train(cfg, data=(x, y))
+    return str(tmp_path / f"base_{loss}" / "model.pt")
+
+
+@pytest.mark.parametrize("loss", ["group", "flat"])
+def test_flooding_above_the_loss_reverses_the_first_step(tmp_path, gen, loss):
+    pytest.importorskip("mosx.unleash")
+    x, y = tiny_data(gen)
+    init = _trained_model(tmp_path, x, y, loss)
+    base = {**TINY, "steps": 1, "warmup_steps": 0, "train_blocks": 0, "groups": "sizes:2,2", "loss": loss,
+            "ckpt_every": 0, "init": init, "mixup_alpha": 0.0}
+    plain = train(make_config("cpu-demo", **base, out=str(tmp_path / "plain")), data=(x, y))
+    flooded = train(make_config("cpu-demo", **base, um_flood_level=1e3, out=str(tmp_path / "flood")), data=(x, y))
+    w0 = torch.load(init, weights_only=False)["state_dict"]["head.weight"]
+    wp = torch.load(tmp_path / "plain" / "model.pt", weights_only=False)["state_dict"]["head.weight"]
+    wf = torch.load(tmp_path / "flood" / "model.pt", weights_only=False)["state_dict"]["head.weight"]
+    # |L - b| + b with L < b is 2b - L: the same step, the other way
+    assert not torch.allclose(wp, w0)
+    assert torch.allclose(wf - w0, -(wp - w0), atol=1e-6)
+    assert flooded.flood_level == 1e3 and plain.flood_level is None
+
+
+def test_um_estimate_with_keep_one_is_the_mean_training_loss(tmp_path, gen):
+    pytest.importorskip("mosx.unleash")
+    x, y = tiny_data(gen)
+    init = _trained_model(tmp_path, x, y)
+    cfg = make_config("cpu-demo", **{**TINY, "groups": "sizes:2,2", "init": init, "um_estimate": 1.0,
+                                     "um_estimate_only": True, "crop": 0, "flip": False,
+                                     "out": str(tmp_path / "est")})
+    r = train(cfg, data=(x, y))
+    model, info = load_model(init)
+    with torch.no_grad():
+        want = float(mosx.group_cross_entropy(model.eval()(x), y, info["groups"]))
+    assert r.flood_level == pytest.approx(want, rel=1e-4)
+    assert (tmp_path / "est" / "flood_level.json").exists()
+    # a real mask (keep < 1) drops weights: the loss goes up
+    r2 = train(cfg.replace(um_estimate=0.5, out=str(tmp_path / "est2")), data=(x, y))
+    assert r2.flood_level != pytest.approx(want, rel=1e-4)
+
+
+def test_umap_masks_train_and_fold(tmp_path, gen):
+    pytest.importorskip("mosx.masking")
+    x, y = tiny_data(gen)
+    init = _trained_model(tmp_path, x, y)
+    cfg = make_config("cpu-demo", **{**TINY, "steps": 4, "groups": "sizes:2,2", "init": init, "umap_keep": 0.75,
+                                     "um_flood_level": 0.1, "ckpt_every": 0, "out": str(tmp_path / "umap")})
+    train(cfg, data=(x, y))
+    model, _ = load_model(str(tmp_path / "umap" / "model.pt"))  # plain layers: the masks were folded
+    w = model.backbone.stages[1][0].weight
+    assert 0.15 < float((w == 0).float().mean()) < 0.35

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageData", "TensorData", "open_data", "RecipeTransform", "KeyedDataset", "StepBatchSampler",
+__all__ = ["ImageData", "TensorData", "DatasetData", "open_data", "RecipeTransform", "KeyedDataset", "StepBatchSampler",
            "seed_mix"]
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -123,6 +123,29 @@ class TensorData:
         return self.x[i], int(self.y[i])
 
 
+class DatasetData:
+    """Any map-style Dataset of (image, class id) items (kept in the dataset, read per item)."""
+
+    def __init__(self, ds, class_names=None):
+        self.ds = ds
+        targets = getattr(ds, "targets", None)
+        self.targets = [int(t) for t in targets] if targets is not None else [int(ds[i][1]) for i in range(len(ds))]
+        if not self.targets:
+            raise ValueError("the dataset is empty")
+        names = class_names or getattr(ds, "classes", None)
+        self.class_names = list(names) if names is not None else [str(c) for c in range(max(self.targets) + 1)]
+        self.num_classes = len(self.class_names)
+        self.list_groups = None
+        self.source = type(ds).__name__
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, i):
+        img, target = self.ds[i]
+        return img, int(target)
+
+
 def open_data(spec, root: str | None = None):
     """ImageData / TensorData from a path (folder, list file, .pt tensors), a (x, y) pair, a dict
     {"x", "y"[, "class_names"]} or a TensorDataset."""
@@ -132,6 +155,11 @@ def open_data(spec, root: str | None = None):
         return spec
     if isinstance(spec, torch.utils.data.TensorDataset):
         return TensorData(*spec.tensors[:2])
+    if hasattr(spec, "tensors") and callable(spec.tensors):  # mosx.data.ImageSet: (images in [0, 1], labels)
+        x, y = spec.tensors()
+        return TensorData(x, y, getattr(spec, "class_names", None), source=getattr(spec, "name", "tensors"))
+    if isinstance(spec, torch.utils.data.Dataset):
+        return DatasetData(spec)
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         return TensorData(spec[0], spec[1])
     if isinstance(spec, dict):
@@ -195,9 +223,14 @@ class RecipeTransform:
             if self.flip and bool(torch.rand((), generator=gen) < 0.5):
                 t = t.flip(-1)
         if normalise:
-            if t.shape[0] != self.mean.shape[0]:
-                raise ValueError(f"image has {t.shape[0]} channels but mean/std have {self.mean.shape[0]}")
-            t = (t - self.mean) / self.std
+            mean, std = self.mean, self.std
+            if t.shape[0] != mean.shape[0]:
+                # one value repeated per channel (the recipe's 0.5) fits any channel count
+                if bool((mean == mean[0]).all() and (std == std[0]).all()):
+                    mean, std = mean[:1], std[:1]
+                else:
+                    raise ValueError(f"image has {t.shape[0]} channels but mean/std have {mean.shape[0]}")
+            t = (t - mean) / std
         return t.contiguous()
 
 

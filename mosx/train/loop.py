@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_save, rng_state, set_rng_state
 from .config import TrainConfig, validate
-from .data import KeyedDataset, RecipeTransform, StepBatchSampler, TensorData, open_data, seed_mix
+from .data import DatasetData, KeyedDataset, RecipeTransform, StepBatchSampler, TensorData, open_data, seed_mix
 from .grouping import resolve_groups
 from .mixup import Mixup, mix_inputs
 from .models import Classifier, build_backbone, load_backbone_weights, save_model, set_trainable, train_mode
@@ -208,6 +208,16 @@ def _sharded_features(backbone, data, transform, keys, rt, batch, workers, seed)
     return full
 
 
+def _in_chans(data) -> int:
+    """Image channels of the data: tensors say it; files are decoded to RGB."""
+    if isinstance(data, TensorData):
+        return 3 if data.is_features else int(data.x.shape[1])
+    if isinstance(data, DatasetData):
+        img = data.load(0)[0]
+        return int(img.shape[0]) if isinstance(img, torch.Tensor) and img.dim() == 3 else 3
+    return 3
+
+
 def _load_init(model: Classifier, path: str):
     d = torch.load(path, map_location="cpu", weights_only=False)
     state = d.get("state_dict") if d.get("format") == "mosx.model/1" else d.get("model", d)
@@ -261,7 +271,8 @@ def _train(cfg, rt, data, val_data, groups, log):
     feat_dim = tdata.x.shape[1] if isinstance(tdata, TensorData) and tdata.is_features else None
     if feat_dim is not None and cfg.model != "identity":
         raise ValueError("the data are [N, D] feature vectors: use --model identity")
-    backbone, dim = build_backbone(cfg.model, feat_dim)
+    in_chans = _in_chans(tdata)
+    backbone, dim = build_backbone(cfg.model, feat_dim, in_chans)
     if cfg.weights:
         info = load_backbone_weights(backbone, cfg.weights)
         say(f"weights {cfg.weights}: {info['loaded']} tensors loaded, {len(info['missing'])} missing")
@@ -488,7 +499,7 @@ def _train(cfg, rt, data, val_data, groups, log):
         masking.fold_masks(model)
     if rt.main:
         save_model(model_path, model, arch=cfg.model, num_features=dim, groups=groups, loss=cfg.loss,
-                   class_names=tdata.class_names, extra={"config": cfg.to_dict(), "flood_level": flood_b})
+                   class_names=tdata.class_names, in_chans=in_chans, extra={"config": cfg.to_dict(), "flood_level": flood_b})
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
     if logf:

@@ -56,7 +56,7 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def build_backbone(name: str, num_features: int | None = None):
+def build_backbone(name: str, num_features: int | None = None, in_chans: int = 3):
     """(backbone, feature dim). name: timm name, 'small-cnn[-W]' or 'identity' (needs num_features)."""
     if name == "identity":
         if not num_features:
@@ -64,7 +64,7 @@ def build_backbone(name: str, num_features: int | None = None):
         return nn.Identity(), int(num_features)
     m = re.fullmatch(r"small-cnn(?:-(\d+))?", name)
     if m:
-        net = SmallCNN(width=int(m.group(1) or 32))
+        net = SmallCNN(width=int(m.group(1) or 32), in_chans=in_chans)
         return net, net.num_features
     try:
         import timm
@@ -72,7 +72,7 @@ def build_backbone(name: str, num_features: int | None = None):
         raise ImportError("timm is needed for timm backbones: pip install timm") from e
     if not timm.list_models(name) and name not in timm.list_models():
         raise ValueError(f"unknown model {name!r}: not a timm model, 'small-cnn' or 'identity'")
-    net = timm.create_model(name, pretrained=False, num_classes=0)  # num_classes=0: pooled features
+    net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)  # num_classes=0: pooled features
     return net, int(net.num_features)
 
 
@@ -148,18 +148,19 @@ def train_mode(model: Classifier) -> None:
         model.backbone.eval()
 
 
-def build_model(name: str, num_outputs: int, weights: str | None = None, num_features: int | None = None):
-    backbone, dim = build_backbone(name, num_features)
+def build_model(name: str, num_outputs: int, weights: str | None = None, num_features: int | None = None,
+                in_chans: int = 3):
+    backbone, dim = build_backbone(name, num_features, in_chans)
     info = load_backbone_weights(backbone, weights) if weights else None
     return Classifier(backbone, dim, num_outputs), info
 
 
 def save_model(path: str, model: Classifier, *, arch: str, num_features: int, groups=None, loss: str,
-               class_names=None, extra: dict | None = None) -> None:
+               class_names=None, in_chans: int = 3, extra: dict | None = None) -> None:
     """A self-describing deployable model file, written atomically."""
     from .checkpoint import atomic_save
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"format": MODEL_FORMAT, "arch": arch, "num_features": num_features,
+    atomic_save({"format": MODEL_FORMAT, "arch": arch, "num_features": num_features, "in_chans": in_chans,
                  "num_outputs": model.head.out_features, "loss": loss,
                  "groups": None if groups is None else {"num_groups": groups.num_groups,
                                                        "class_to_group": list(groups.class_to_group)},
@@ -174,7 +175,7 @@ def load_model(path: str, map_location="cpu"):
     d = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a mosx model file (format {d.get('format') if isinstance(d, dict) else None!r})")
-    backbone, dim = build_backbone(d["arch"], d["num_features"])
+    backbone, dim = build_backbone(d["arch"], d["num_features"], d.get("in_chans", 3))
     model = Classifier(backbone, dim, d["num_outputs"])
     model.load_state_dict(d["state_dict"])
     g = d.get("groups")
