@@ -1,0 +1,380 @@
+"""Exact OOD detection metrics in torch: AUROC, AUPR-In/Out, FPR at a TPR, detection error.
+
+Convention (the MOS paper's): **in-distribution (ID) is the positive class and a higher score means
+"more ID"**. So, by default,
+
+- TPR = fraction of ID samples kept (score >= threshold),
+- FPR = fraction of OOD samples wrongly kept as ID at that threshold,
+- FPR95 = FPR at the threshold that keeps 95% of the ID samples.
+
+Other conventions in use, selectable by keyword:
+
+- ``positive="ood"`` (OpenOOD, pytorch-ood, torch-uncertainty): OOD is the positive class, detected
+  when the score is *low*. TPR is then the fraction of OOD samples flagged and FPR the fraction of ID
+  samples flagged. Only the FPR-at-TPR value depends on this choice; AUROC and the detection error are
+  symmetric, and AUPR-In / AUPR-Out are defined by their names (ID positive / OOD positive).
+- ``fpr_rule="nearest"`` (default, the MOS / Outlier Exposure reference code): the operating point is
+  the ROC point whose TPR is nearest the requested level. Ties in distance go to the higher TPR;
+  among points of equal TPR the reference takes the lowest threshold (highest FPR), except at TPR 1
+  where it takes the highest threshold reaching TPR 1. mosx reproduces those tie rules exactly.
+  ``fpr_rule="first"`` (OpenOOD, pytorch-ood): the FPR at the highest threshold whose TPR is at least
+  the level, i.e. the lowest FPR with TPR >= level. (OpenOOD reads this off scikit-learn's
+  ``roc_curve`` with ``drop_intermediate=True``, which can differ when both classes share a tied
+  score; mosx uses the full curve.)
+- ``aupr="ap"`` (default, average precision as in scikit-learn's ``average_precision_score`` and the
+  MOS reference) or ``aupr="trapezoid"`` (trapezoid rule over scikit-learn's precision-recall curve,
+  as OpenOOD does with ``auc(recall, precision)``).
+
+Exactness: one sort of all scores, counts accumulated in float64 (exact up to 2**53 samples), one
+curve point per distinct score value, so ties are handled exactly (AUROC counts a tied ID/OOD pair as
+one half). Runs wherever the scores live (CPU or GPU); no Python loop over samples.
+
+The detection error is min over thresholds of 0.5 * (1 - TPR) + 0.5 * FPR (equal priors), as in the
+Mahalanobis reference code; it does not depend on the convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence, Union
+
+import torch
+
+__all__ = [
+    "OODMetrics",
+    "ood_metrics",
+    "auroc",
+    "aupr_in",
+    "aupr_out",
+    "fpr_at_tpr",
+    "detection_error",
+    "roc_curve",
+]
+
+_POSITIVE = ("id", "ood")
+_FPR_RULES = ("nearest", "first")
+_AUPR_KINDS = ("ap", "trapezoid")
+
+
+@dataclass(frozen=True)
+class OODMetrics:
+    """All metrics of one (ID, OOD) pair, as fractions in [0, 1] (multiply by 100 for the papers' %)."""
+
+    auroc: float
+    aupr_in: float
+    aupr_out: float
+    fpr_at_tpr: float  # FPR at the operating point for `tpr_level` (FPR95 for 0.95)
+    detection_error: float
+    tpr_level: float
+    num_id: int
+    num_ood: int
+    positive: str = "id"
+    fpr_rule: str = "nearest"
+    aupr: str = "ap"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ input checks
+def _as_scores(x, name: str, fn: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            import numpy as np
+
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{fn}: {name} must be a 1-D tensor or array of scores, got {type(x).__name__}") from e
+    if t.dim() != 1:
+        raise ValueError(f"{fn}: {name} must be 1-D (one score per sample), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{fn}: {name} is empty; every metric needs at least one ID and one OOD score")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{fn}: {name} must hold real numbers, got {t.dtype}")
+    return t
+
+
+def _prepare(id_scores, ood_scores, fn: str):
+    a = _as_scores(id_scores, "id_scores", fn)
+    b = _as_scores(ood_scores, "ood_scores", fn)
+    if a.device != b.device:
+        # Arrays converted from NumPy land on the CPU: follow the tensor that is on a device.
+        if not isinstance(ood_scores, torch.Tensor):
+            b = b.to(a.device)
+        elif not isinstance(id_scores, torch.Tensor):
+            a = a.to(b.device)
+        else:
+            raise ValueError(f"{fn}: id_scores are on {a.device} but ood_scores on {b.device}")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64  # integer scores: float64 holds them exactly up to 2**53
+    elif dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # widening keeps every tie and every order
+    a, b = a.to(dtype), b.to(dtype)
+    for t, name in ((a, "id_scores"), (b, "ood_scores")):
+        nan = torch.isnan(t)
+        if bool(nan.any()):
+            raise ValueError(f"{fn}: {name} contain {int(nan.sum())} NaN value(s); scores must be comparable")
+    return a, b
+
+
+def _check_options(fn, positive=None, fpr_rule=None, aupr=None):
+    if positive is not None and positive not in _POSITIVE:
+        raise ValueError(f"{fn}: positive must be one of {_POSITIVE}, got {positive!r}")
+    if fpr_rule is not None and fpr_rule not in _FPR_RULES:
+        raise ValueError(f"{fn}: fpr_rule must be one of {_FPR_RULES}, got {fpr_rule!r}")
+    if aupr is not None and aupr not in _AUPR_KINDS:
+        raise ValueError(f"{fn}: aupr must be one of {_AUPR_KINDS}, got {aupr!r}")
+
+
+def _check_levels(tpr, fn: str, device) -> torch.Tensor:
+    levels = torch.as_tensor(tpr, dtype=torch.float64).reshape(-1).to(device)
+    if levels.numel() == 0:
+        raise ValueError(f"{fn}: no TPR level given")
+    bad = ~((levels > 0) & (levels <= 1))
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: TPR levels must lie in (0, 1], got {levels[bad].tolist()}")
+    return levels
+
+
+# ------------------------------------------------------------------------------ the curve
+def _sort_descending(a: torch.Tensor, b: torch.Tensor):
+    """All scores sorted from high to low, and whether each sorted score came from the ID set."""
+    if a.device.type == "cpu" and _fits_float32(a, b):
+        return _sort_descending_packed(a.to(torch.float32), b.to(torch.float32))
+    s, order = torch.sort(torch.cat([a, b]), descending=True)
+    return s, order < a.numel()
+
+
+def _fits_float32(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype == torch.float32:
+        return True
+    # float64 scores that float32 holds exactly (e.g. widened fp16/fp32 caches) take the fast path.
+    return all(bool((t.to(torch.float32).to(t.dtype) == t).all()) for t in (a, b))
+
+
+def _sort_descending_packed(a: torch.Tensor, b: torch.Tensor):
+    """CPU sort without an argsort: the source bit rides in the sort key.
+
+    A float32 maps to an int32 with the same order (flip the magnitude bits of negative values);
+    key = -(ordered * 2 + is_id) in int64, so one value-only ascending sort (NumPy's SIMD sort, several
+    times faster than an index sort) puts the scores in descending order next to their source bit.
+    """
+    import numpy as np
+
+    s = (torch.cat([a, b]) + 0.0).numpy()  # + 0.0 turns -0.0 into +0.0: they compare equal
+    key = s.view(np.int32).astype(np.int64)
+    np.bitwise_xor(key, 0x7FFFFFFF, out=key, where=key < 0)
+    key <<= 1
+    key[: a.numel()] |= 1
+    np.negative(key, out=key)
+    key.sort()
+    np.negative(key, out=key)
+    is_id = (key & 1).astype(np.bool_)
+    key >>= 1
+    ordered = key.astype(np.int32)
+    np.bitwise_xor(ordered, 0x7FFFFFFF, out=ordered, where=ordered < 0)
+    return torch.from_numpy(ordered.view(np.float32)), torch.from_numpy(is_id)
+
+
+class _Curve:
+    """Cumulative counts at every distinct score, from the highest score down (ID = positive).
+
+    tp[i], fp[i]: number of ID / OOD samples with score >= the i-th distinct value; the origin
+    (threshold above every score, 0 / 0) is prepended, so tp[0] = fp[0] = 0, tp[-1] = P, fp[-1] = N.
+    """
+
+    def __init__(self, id_scores: torch.Tensor, ood_scores: torch.Tensor):
+        self.P, self.N = id_scores.numel(), ood_scores.numel()
+        s, is_id = _sort_descending(id_scores, ood_scores)
+        n = s.numel()
+        # Last index of each run of equal scores: one ROC point per distinct value.
+        last = torch.ones(n, dtype=torch.bool, device=s.device)
+        torch.ne(s[1:], s[:-1], out=last[:-1])
+        idx = last.nonzero().squeeze(1)
+        tp = torch.cumsum(is_id, 0, dtype=torch.float64)[idx]
+        fp = (idx + 1).to(torch.float64) - tp
+        zero = tp.new_zeros(1)
+        self.tp = torch.cat([zero, tp])
+        self.fp = torch.cat([zero, fp])
+        self.thresholds = s[idx]
+
+    def flipped(self):
+        """(tp, fp, P, N) of the curve with OOD as the positive class and -score as the score."""
+        # Walking the distinct values upwards: OOD counted with score <= value v_i is N - fp[i-1].
+        tp = torch.flip(self.N - self.fp[:-1], (0,))
+        fp = torch.flip(self.P - self.tp[:-1], (0,))
+        zero = tp.new_zeros(1)
+        return torch.cat([zero, tp]), torch.cat([zero, fp]), self.N, self.P
+
+
+def _auroc(tp, fp, P, N):
+    # Trapezoids between consecutive points; every term is an integer in float64 (exact below 2**53).
+    area = (torch.diff(fp) * (tp[1:] + tp[:-1])).sum()
+    return area / (2.0 * P * N)
+
+
+def _pr_area(dtp, precision, prev_precision, P, kind):
+    """Area under a precision-recall curve given, per point, the positives it adds (recall steps),
+    its precision and the precision of the point before it (1 before the first point)."""
+    if kind == "ap":
+        return (dtp * precision).sum() / P
+    return (dtp * (precision + prev_precision)).sum() / (2.0 * P)
+
+
+def _aupr_in(c: "_Curve", kind):
+    tp1 = c.tp[1:]
+    precision = tp1 / (tp1 + c.fp[1:])  # every point holds >= 1 sample, so no 0 / 0
+    prev = torch.cat([precision.new_ones(1), precision[:-1]]) if kind == "trapezoid" else None
+    return _pr_area(torch.diff(c.tp), precision, prev, c.P, kind)
+
+
+def _aupr_out(c: "_Curve", kind):
+    # OOD positive, walking the distinct values upwards: the point at value v_i holds the OOD
+    # samples with score <= v_i (N - fp[i-1]) among all samples with score <= v_i.
+    tp0, fp0 = c.tp[:-1], c.fp[:-1]
+    precision = (c.N - fp0) / ((c.P + c.N) - (tp0 + fp0))
+    prev = torch.cat([precision[1:], precision.new_ones(1)]) if kind == "trapezoid" else None
+    return _pr_area(torch.diff(c.fp), precision, prev, c.N, kind)
+
+
+def _fpr_at(tp, fp, P, N, levels, rule):
+    """FPR at each TPR level (levels: float64 [M]) on a curve with the origin prepended."""
+    if rule == "first":
+        tpr = tp / P
+        i = torch.searchsorted(tpr, levels, side="left")  # first point with TPR >= level
+        return fp[i] / N
+    # "nearest" (MOS reference): points without the origin, up to the first reaching TPR 1.
+    tpr = tp[1:] / P
+    fpr = fp[1:] / N
+    full = int(torch.searchsorted(tp[1:], tp.new_tensor([float(P)]), side="left"))
+    tpr, fpr = tpr[: full + 1], fpr[: full + 1]
+    above = torch.searchsorted(tpr, levels, side="left").clamp_max(full)  # TPR >= level (exists)
+    below = (above - 1).clamp_min(0)
+    a, b = tpr[above], tpr[below]
+    d_above, d_below = torch.abs(a - levels), torch.abs(b - levels)
+    # The reference takes the last point (lowest threshold) among those at minimal distance.
+    value = torch.where((d_below < d_above) & (above > 0), b, a)
+    j = torch.searchsorted(tpr, value, side="right") - 1
+    return fpr[j]
+
+
+def _detection_error(tp, fp, P, N):
+    # 0.5 (1 - tp/P) + 0.5 fp/N = (N (P - tp) + P fp) / (2 P N): the minimum is taken over integers.
+    return ((P - tp) * N + fp * P).min() / (2.0 * P * N)
+
+
+# ------------------------------------------------------------------------------ public API
+def ood_metrics(
+    id_scores,
+    ood_scores,
+    *,
+    tpr: float = 0.95,
+    positive: str = "id",
+    fpr_rule: str = "nearest",
+    aupr: str = "ap",
+) -> OODMetrics:
+    """Every metric for one ID set and one OOD set, from a single sort of the scores.
+
+    Args:
+        id_scores, ood_scores: 1-D tensors or arrays; higher score = more in-distribution.
+        tpr: the TPR level of the FPR metric (0.95 gives FPR95).
+        positive: "id" (default, MOS paper) or "ood": which class the TPR/FPR refer to.
+        fpr_rule: "nearest" (default, MOS reference) or "first" (OpenOOD / pytorch-ood).
+        aupr: "ap" (default, average precision) or "trapezoid".
+
+    Returns an :class:`OODMetrics` with fractions in [0, 1].
+    """
+    fn = "ood_metrics"
+    _check_options(fn, positive, fpr_rule, aupr)
+    a, b = _prepare(id_scores, ood_scores, fn)
+    levels = _check_levels(tpr, fn, a.device)
+    if levels.numel() != 1:
+        raise ValueError(f"{fn}: tpr must be one level; use fpr_at_tpr for several")
+    c = _Curve(a, b)
+    pos_tp, pos_fp, Pp, Np = (c.tp, c.fp, c.P, c.N) if positive == "id" else c.flipped()
+    values = torch.stack([
+        _auroc(c.tp, c.fp, c.P, c.N),
+        _aupr_in(c, aupr),
+        _aupr_out(c, aupr),
+        _fpr_at(pos_tp, pos_fp, Pp, Np, levels, fpr_rule)[0],
+        _detection_error(c.tp, c.fp, c.P, c.N),
+    ]).tolist()  # one device -> host copy for everything
+    return OODMetrics(*values, tpr_level=float(levels[0]), num_id=c.P, num_ood=c.N,
+                      positive=positive, fpr_rule=fpr_rule, aupr=aupr)
+
+
+def auroc(id_scores, ood_scores) -> float:
+    """Area under the ROC curve (probability that a random ID sample outscores a random OOD one,
+    ties counting one half). The same for either choice of positive class."""
+    a, b = _prepare(id_scores, ood_scores, "auroc")
+    c = _Curve(a, b)
+    return float(_auroc(c.tp, c.fp, c.P, c.N))
+
+
+def aupr_in(id_scores, ood_scores, *, aupr: str = "ap") -> float:
+    """Area under the precision-recall curve with ID as the positive class (higher score = ID)."""
+    _check_options("aupr_in", aupr=aupr)
+    a, b = _prepare(id_scores, ood_scores, "aupr_in")
+    return float(_aupr_in(_Curve(a, b), aupr))
+
+
+def aupr_out(id_scores, ood_scores, *, aupr: str = "ap") -> float:
+    """Area under the precision-recall curve with OOD as the positive class (lower score = OOD)."""
+    _check_options("aupr_out", aupr=aupr)
+    a, b = _prepare(id_scores, ood_scores, "aupr_out")
+    return float(_aupr_out(_Curve(a, b), aupr))
+
+
+def fpr_at_tpr(
+    id_scores,
+    ood_scores,
+    tpr: Union[float, Sequence[float]] = 0.95,
+    *,
+    positive: str = "id",
+    fpr_rule: str = "nearest",
+):
+    """FPR at the given TPR level(s): a float for one level, a list of floats for several.
+
+    With the default ``positive="id"`` this is the fraction of OOD samples kept as ID when the
+    threshold keeps `tpr` of the ID samples (the MOS paper's FPR95 for tpr = 0.95).
+    """
+    fn = "fpr_at_tpr"
+    _check_options(fn, positive=positive, fpr_rule=fpr_rule)
+    a, b = _prepare(id_scores, ood_scores, fn)
+    levels = _check_levels(tpr, fn, a.device)
+    c = _Curve(a, b)
+    if positive == "id":
+        out = _fpr_at(c.tp, c.fp, c.P, c.N, levels, fpr_rule)
+    else:
+        tp, fp, P, N = c.flipped()
+        out = _fpr_at(tp, fp, P, N, levels, fpr_rule)
+    vals = out.tolist()
+    return vals[0] if isinstance(tpr, (int, float)) or (torch.is_tensor(tpr) and tpr.dim() == 0) else vals
+
+
+def detection_error(id_scores, ood_scores) -> float:
+    """min over thresholds of 0.5 * (1 - TPR) + 0.5 * FPR (equal class priors)."""
+    a, b = _prepare(id_scores, ood_scores, "detection_error")
+    c = _Curve(a, b)
+    return float(_detection_error(c.tp, c.fp, c.P, c.N))
+
+
+def roc_curve(id_scores, ood_scores, *, positive: str = "id"):
+    """The full ROC curve, one point per distinct score plus the origin: (fpr, tpr, thresholds).
+
+    float64 tensors on the scores' device. With ``positive="id"`` the point i counts samples with
+    score >= thresholds[i] as ID; thresholds[0] is +inf. With ``positive="ood"`` it counts samples
+    with score <= thresholds[i] as OOD; thresholds[0] is -inf.
+    """
+    _check_options("roc_curve", positive=positive)
+    a, b = _prepare(id_scores, ood_scores, "roc_curve")
+    c = _Curve(a, b)
+    thr = c.thresholds.to(torch.float64)
+    if positive == "id":
+        return c.fp / c.N, c.tp / c.P, torch.cat([thr.new_full((1,), math.inf), thr])
+    tp, fp, P, N = c.flipped()
+    return fp / N, tp / P, torch.cat([thr.new_full((1,), -math.inf), torch.flip(thr, (0,))])
