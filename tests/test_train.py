@@ -221,6 +221,21 @@ def test_transform_crop_flip_normalise():
     assert torch.allclose(e, full)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_batched_tensor_path_equals_per_item_path(gen, dtype, train_mode):
+    from mosx.train.data import KeyedDataset, TensorData, tensor_batch
+    x = torch.randint(0, 256, (10, 1, 9, 9), generator=gen).to(dtype)
+    data = TensorData(x, torch.arange(10) % 3)
+    tf = RecipeTransform(train_mode, 12, 10, True, (0.5,) * 3, (0.25,) * 3, 11)
+    keys = [(i, e) for e in (0, 1) for i in (3, 1, 4, 1, 5, 9)]
+    ds = KeyedDataset(data, tf, seed=7)
+    want = torch.utils.data.default_collate([ds[k] for k in keys])
+    got = tensor_batch(data, tf, 7, keys)
+    assert got[0].shape == want[0].shape and torch.equal(got[1], want[1])
+    assert torch.allclose(got[0], want[0], atol=1e-5)
+
+
 def test_step_sampler_partitions_global_batches():
     one = StepBatchSampler(20, 8, 4, 1, 0, seed=1, steps=5)
     two = [StepBatchSampler(20, 8, 4, 2, r, seed=1, steps=5) for r in range(2)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ImageData", "TensorData", "DatasetData", "open_data", "RecipeTransform", "KeyedDataset", "StepBatchSampler",
-           "seed_mix"]
+           "seed_mix", "tensor_batch"]
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _M64 = (1 << 64) - 1
@@ -232,6 +232,45 @@ class RecipeTransform:
                     raise ValueError(f"image has {t.shape[0]} channels but mean/std have {mean.shape[0]}")
             t = (t - mean) / std
         return t.contiguous()
+
+
+def tensor_batch(data: "TensorData", transform: RecipeTransform, seed: int, keys) -> tuple:
+    """The batch KeyedDataset + default collation would give for these (index, epoch) keys, computed
+    batch-wise from in-memory tensors (one resize and one normalisation for the whole batch; crop
+    and flip draws from the same per-sample generators, in the same order)."""
+    idx = torch.tensor([k[0] for k in keys], dtype=torch.int64)
+    x = data.x.index_select(0, idx)
+    y = data.y.index_select(0, idx)
+    if x.dim() == 2:
+        return x.float(), y
+    normalise = not x.dtype.is_floating_point
+    t = x.float() / 255.0 if normalise else x.float()
+    tf = transform
+    size = tf.resize if tf.train else tf.eval_resize
+    if size > 0 and tuple(t.shape[-2:]) != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if tf.train and (tf.crop > 0 or tf.flip):
+        h, w = t.shape[-2:]
+        if tf.crop > min(h, w):
+            raise ValueError(f"crop {tf.crop} is larger than the {h}x{w} image")
+        out = []
+        for row, (i, epoch) in enumerate(keys):
+            gen = torch.Generator().manual_seed(seed_mix(seed, epoch, i))
+            v = t[row]
+            if tf.crop > 0:
+                top = int(torch.randint(0, h - tf.crop + 1, (1,), generator=gen))
+                left = int(torch.randint(0, w - tf.crop + 1, (1,), generator=gen))
+                v = v[..., top:top + tf.crop, left:left + tf.crop]
+            if tf.flip and bool(torch.rand((), generator=gen) < 0.5):
+                v = v.flip(-1)
+            out.append(v)
+        t = torch.stack(out)
+    if normalise:
+        mean, std = tf.mean, tf.std
+        if t.shape[1] != mean.shape[0] and bool((mean == mean[0]).all() and (std == std[0]).all()):
+            mean, std = mean[:1], std[:1]
+        t = (t - mean) / std
+    return t.contiguous(), y
 
 
 class KeyedDataset(torch.utils.data.Dataset):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_save, rng_state, set_rng_state
 from .config import TrainConfig, validate
-from .data import DatasetData, KeyedDataset, RecipeTransform, StepBatchSampler, TensorData, open_data, seed_mix
+from .data import (DatasetData, KeyedDataset, RecipeTransform, StepBatchSampler, TensorData, open_data, seed_mix,
+                   tensor_batch)
 from .grouping import resolve_groups
 from .mixup import Mixup, mix_inputs
 from .models import Classifier, build_backbone, load_backbone_weights, save_model, set_trainable, train_mode
@@ -142,6 +143,9 @@ def _seed_all(seed: int):
 
 
 def _loader(dataset, batch_sampler, workers, device):
+    if workers == 0 and isinstance(dataset.data, TensorData):
+        # in-memory tensors in this process: build whole batches at once, no per-item calls
+        return (tensor_batch(dataset.data, dataset.transform, dataset.seed, keys) for keys in batch_sampler)
     kw = {}
     if workers > 0:
         kw.update(prefetch_factor=4, persistent_workers=False)
