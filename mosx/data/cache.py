@@ -142,6 +142,10 @@ def plan(config: BenchmarkConfig, cache: glyphs.FontCache | None = None) -> dict
             f"families (found families: {have[:12]}); install `apt-get install {glyphs.FONT_PACKAGES}`")
     ranked, id_templates = glyphs.rank_letters(usable, cache, RANK_LIMIT)
     usable = [s for s in usable if ranked.get(s.name)]
+    if len(usable) < 2:
+        raise MissingDataError(
+            f"the Noto fonts in {config.font_dir!r} draw letters of only {len(usable)} script(s); the "
+            f"files look damaged or incomplete: reinstall `apt-get install --reinstall {glyphs.FONT_PACKAGES}`")
     n_scripts = config.num_scripts
     if n_scripts is None:
         n_scripts = min(len(usable), max(2, config.num_classes // 5))
