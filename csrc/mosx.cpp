@@ -41,4 +41,14 @@ TORCH_LIBRARY(mosx, m) {
   m.def(
       "group_cross_entropy_backward(Tensor grad_losses, Tensor logits, Tensor offsets, "
       "Tensor targets, Tensor class_logit, Tensor lse, int ignore_index) -> Tensor");
+
+  // UMAP learned weight mask (masked_weight.h has the ranking and tie rule). Returns
+  // (w_eff = where(mask, weight, 0), mask bool), mask keeping the clamp(round(keep * n), 1, n)
+  // entries of largest |scores| in the layer, ties to the lower flat index.
+  m.def("masked_weight(Tensor weight, Tensor scores, float keep) -> (Tensor, Tensor)");
+  // Straight-through backward: [grad_scores = grad * weight * sign(scores)] if scores_grad, then
+  // [grad_weight = where(mask, grad, 0)] if weight_grad (the list holds the requested ones).
+  m.def(
+      "masked_weight_backward(Tensor grad, Tensor weight, Tensor scores, Tensor mask, "
+      "bool scores_grad, bool weight_grad) -> Tensor[]");
 }
