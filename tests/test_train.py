@@ -348,6 +348,24 @@ def test_feature_cache_matches_full_pipeline_when_frozen(tmp_path, gen):
     assert cached.cache_seconds is not None
 
 
+def test_bf16_autocast_on_cpu_and_partial_backbone(tmp_path, gen):
+    x, y = tiny_data(gen)
+    r = train(make_config("cpu-demo", **{**TINY, "steps": 3, "amp": "bf16", "train_blocks": 1, "loss": "flat",
+                                         "ckpt_every": 0, "out": str(tmp_path / "bf16")}), data=(x, y))
+    assert np.isfinite(r.final_loss)
+    st = torch.load(tmp_path / "bf16" / "model.pt", weights_only=False)["state_dict"]
+    init, _ = build_model_for_check()
+    # the first stage is frozen (same as its seeded initial value), the last one trained
+    assert torch.equal(st["backbone.stages.0.0.weight"], init.backbone.stages[0][0].weight)
+    assert not torch.equal(st["backbone.stages.3.0.weight"], init.backbone.stages[3][0].weight)
+
+
+def build_model_for_check():
+    from mosx.train.models import build_model
+    torch.manual_seed(TINY["seed"])
+    return build_model("small-cnn-4", 4)
+
+
 def test_head_zero_init_and_frozen_backbone(tmp_path, gen):
     from mosx.train.models import build_model, set_trainable
     model, _ = build_model("small-cnn-4", 7)

@@ -265,7 +265,7 @@ def _train(cfg, rt, data, val_data, groups, log):
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    _seed_all(seed_mix(cfg.seed, rt.rank))
+    _seed_all(cfg.seed)  # the same random initialisation in every process
     out = cfg.out
     if rt.main:
         os.makedirs(out, exist_ok=True)
@@ -313,6 +313,7 @@ def _train(cfg, rt, data, val_data, groups, log):
         model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
+    _seed_all(seed_mix(cfg.seed, rt.rank))  # from here on, each process its own stream
     loss_fn = make_loss(cfg.loss, groups)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
