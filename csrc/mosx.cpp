@@ -51,4 +51,6 @@ TORCH_LIBRARY(mosx, m) {
   m.def(
       "masked_weight_backward(Tensor grad, Tensor weight, Tensor scores, Tensor mask, "
       "bool scores_grad, bool weight_grad) -> Tensor[]");
+  // The device-agnostic ATen selection (T, c) that the CUDA op uses, for tests on any device.
+  m.def("_masked_weight_threshold(Tensor scores, int k) -> (Tensor, Tensor)");
 }

@@ -89,6 +89,9 @@ def test_nan_scores_rank_highest(device):
     w = torch.ones(4, device=device)
     _, mask = masked_weight(w, s, 0.5, return_mask=True)
     assert mask.cpu().tolist() == [False, True, True, False]
+    for dt in (torch.float32, torch.float64):
+        t, c = torch.ops.mosx._masked_weight_threshold(s.to(dt), 2)
+        assert mask_from_threshold(s.to(dt), t, c).cpu().tolist() == [False, True, True, False]
 
 
 def test_non_contiguous_inputs_use_logical_order(device, gen):
@@ -116,6 +119,35 @@ def test_large_layer_float32_and_float64_agree(gen):
     m64 = masked_weight(w32.double(), s32.double(), 0.8, return_mask=True)[1]
     assert torch.equal(m32, m64)
     assert torch.equal(m32, ref_mask(s32, 0.8))
+
+
+def mask_from_threshold(scores, t, c):
+    """Apply the (T, c) rule of masked_weight.h in Python."""
+    flat = scores.reshape(-1)
+    if flat.dtype == torch.float64:
+        bits = flat.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+    else:
+        bits = (flat.float().view(torch.int32) & 0x7FFFFFFF).long()
+    idx = torch.arange(flat.numel(), device=flat.device)
+    return ((bits > t) | ((bits == t) & (idx <= c))).view(scores.shape)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", ["normal", "ties", "const"])
+@pytest.mark.parametrize("keep", [0.8, 0.31, 1.0])
+def test_aten_selection_matches_kernel_selection(device, gen, dtype, kind, keep):
+    # The CUDA op selects with ATen (kthvalue on packed keys / ties by cumsum); the CPU op with its
+    # own radix select. Both must pick the same entries: check the ATen path on every device.
+    shape = (40, 9, 3, 3)
+    s = draw(shape, dtype, device, gen, kind)
+    s.view(-1)[::7] = -s.view(-1)[::7]
+    k = keep_count(s.numel(), keep)
+    t, c = torch.ops.mosx._masked_weight_threshold(s, k)
+    assert t.device == s.device and t.dtype == torch.int64 and t.dim() == 0
+    m = mask_from_threshold(s, t, c)
+    assert int(m.sum()) == k
+    assert torch.equal(m, ref_mask(s, keep))
+    assert torch.equal(m, masked_weight(s, s, keep, return_mask=True)[1])
 
 
 # ------------------------------------------------------------------------------ backward

@@ -3,8 +3,8 @@
 //   masked_weight_backward: straight-through gradients
 //                           grad_scores = grad * w * sign(scores)   (sign(0) = 0)
 //                           grad_weight = where(mask, grad, 0)
-// The threshold comes from masked_weight_threshold (one selection, masked_weight.h); the
-// elementwise passes split the flat layer across threads with at::parallel_for.
+// The threshold comes from a radix select over the score bits (select_threshold_cpu below, rule
+// in masked_weight.h); all passes split the flat layer across threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,8 +14,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +43,52 @@ inline int64_t abs_bits(scalar_t x) {
   }
 }
 
+// Radix select of the threshold (T, c) of masked_weight.h, straight from the scores: 8-bit digits
+// of the |score| bits from the top (4 passes for 32-bit keys, 8 for float64), each pass a
+// histogram over the entries that share the digits chosen so far (per-chunk histograms, summed in
+// chunk order: deterministic). After the last pass T is the k-th largest bit pattern and `need`
+// the number of entries equal to T that the mask keeps; c is the index of the need-th of them.
+template <typename scalar_t>
+std::pair<int64_t, int64_t> select_threshold_cpu(const scalar_t* s, int64_t n, int64_t k) {
+  using U = std::conditional_t<std::is_same_v<scalar_t, double>, uint64_t, uint32_t>;
+  if (k >= n) return {-1, 0};
+  constexpr int kBits = 8 * sizeof(U);
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<int64_t> hist(static_cast<size_t>(chunks) * 256);
+  U prefix = 0, prefix_mask = 0;
+  int64_t need = k;  // rank, from the top, among the entries matching the prefix
+  int64_t count_eq = 0;
+  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+    std::fill(hist.begin(), hist.end(), 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t ch = cb; ch < ce; ++ch) {
+        int64_t* h = hist.data() + ch * 256;
+        const int64_t end = std::min(n, (ch + 1) * kGrain);
+        for (int64_t i = ch * kGrain; i < end; ++i) {
+          const U u = static_cast<U>(abs_bits(s[i]));
+          if ((u & prefix_mask) == prefix) ++h[(u >> shift) & 0xff];
+        }
+      }
+    });
+    int64_t total[256] = {0};
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int d = 0; d < 256; ++d) total[d] += hist[ch * 256 + d];
+    int d = 255;
+    for (; d > 0 && total[d] < need; --d) need -= total[d];
+    count_eq = total[d];
+    prefix |= static_cast<U>(d) << shift;
+    prefix_mask |= static_cast<U>(0xff) << shift;
+  }
+  const int64_t t = static_cast<int64_t>(prefix);
+  if (need == count_eq) return {t, n - 1};  // every tie is kept (the usual case: one entry)
+  int64_t seen = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (abs_bits(s[i]) == t && ++seen == need) return {t, i};
+  }
+  TORCH_INTERNAL_ASSERT(false, "masked_weight: radix select lost count of the ties");
+  return {t, n - 1};
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_weight_cpu(const at::Tensor& weight,
                                                      const at::Tensor& scores, double keep) {
   check_masked_weight_inputs(weight, scores, keep, "masked_weight");
@@ -50,11 +98,11 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_cpu(const at::Tensor& weight,
   auto mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
   const int64_t n = w.numel();
   if (n == 0) return {out, mask};
-  const auto [t_tensor, c_tensor] = masked_weight_threshold(s, masked_weight_keep_count(n, keep));
-  const int64_t t = t_tensor.item<int64_t>(), c = c_tensor.item<int64_t>();
+  const int64_t k = masked_weight_keep_count(n, keep);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const auto [t, c] = select_threshold_cpu(sp, n, k);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     bool* mp = mask.mutable_data_ptr<bool>();
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
@@ -108,6 +156,14 @@ std::vector<at::Tensor> masked_weight_backward_cpu(const at::Tensor& grad, const
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(mosx, CompositeExplicitAutograd, m) {
+  m.impl("_masked_weight_threshold", [](const at::Tensor& scores, int64_t k) {
+    TORCH_CHECK(scores.numel() >= 1 && k >= 1 && k <= scores.numel(),
+                "_masked_weight_threshold: need 1 <= k <= numel");
+    return masked_weight_threshold(scores.contiguous(), k);
+  });
+}
 
 TORCH_LIBRARY_IMPL(mosx, CPU, m) {
   m.impl("masked_weight", &masked_weight_cpu);
