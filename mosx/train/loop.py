@@ -307,9 +307,9 @@ def _train(cfg, rt, data, val_data, groups, log):
         _load_init(model, cfg.init)
     set_trainable(model, cfg.train_blocks)
     if cfg.umap_keep is not None:
-        from .. import masking
-        _call_with_supported(masking.apply_masks, model, cfg.umap_keep, train_weights=cfg.umap_train_weights,
-                             seed=cfg.seed)
+        from .. import unleash
+        masked = unleash.apply_masks(model, cfg.umap_keep, train_weights=cfg.umap_train_weights)
+        say(f"UMAP: learned masks keeping {cfg.umap_keep} of {len(masked)} layers")
         model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -500,8 +500,8 @@ def _train(cfg, rt, data, val_data, groups, log):
         save_checkpoint(cfg.steps)
     model_path = os.path.join(out, "model.pt")
     if cfg.umap_keep is not None:
-        from .. import masking
-        masking.fold_masks(model)
+        from .. import unleash
+        unleash.fold_masks(model)
     if rt.main:
         save_model(model_path, model, arch=cfg.model, num_features=dim, groups=groups, loss=cfg.loss,
                    class_names=tdata.class_names, in_chans=in_chans, extra={"config": cfg.to_dict(), "flood_level": flood_b})
