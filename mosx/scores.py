@@ -601,7 +601,9 @@ _ROW_KEYS = ("logits", "features", "inputs", "labels")
 def _chunk(v, lo, hi, device):
     t = v[lo:hi]
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)  # e.g. a NumPy memmap of the fp16 cache
+        import numpy as np
+
+        t = torch.from_numpy(np.array(t))  # e.g. a read-only NumPy memmap of the fp16 cache: copy the chunk
     t = t.to(device, non_blocking=True)
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 

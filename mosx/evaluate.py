@@ -1,0 +1,857 @@
+"""The evaluator: `mosx eval` and :func:`evaluate`.
+
+One backbone pass per image: logits and features (the input of the final linear layer) are cached to
+disk in fp16, keyed by the model's weights, the image list and the transform. Every score is then
+computed from the cache, so asking for other scores or hyperparameters never reruns the backbone.
+
+    from mosx.evaluate import evaluate
+    res = evaluate(model, "val/", {"inat": "inat/", "textures": "dtd.txt"}, groups=groups,
+                   scores=["mos"], out_dir="runs/eval")
+    res.metrics["mos"]["inat"].auroc
+
+The model is any torch module that returns logits (features are read with
+:func:`mosx.scores.model_outputs`: timm's forward_features/forward_head, a (logits, features) tuple,
+or a hook on the final linear layer). Under torchrun every rank runs the backbone on its shard;
+rank 0 gathers the shards, so the metrics are exact over all images.
+
+Conventions: ID is the positive class; FPR is at 95% TPR on ID, nearest-TPR rule, AUPR as average
+precision (see :mod:`mosx.metrics`; all selectable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from . import scores as S
+from .groups import Groups, as_groups
+
+__all__ = ["evaluate", "EvalResult", "ImageList", "image_list", "main"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+CACHE_FORMAT = "mosx.evalcache/1"
+
+
+# ------------------------------------------------------------------------------ image lists
+@dataclass
+class ImageList:
+    """Image files and their class ids (-1 where unknown, e.g. OOD sets)."""
+
+    name: str
+    paths: list
+    labels: list
+    class_names: Optional[list] = None  # for class folders: the sorted folder names
+    source: str = ""
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Optional[str] = None) -> ImageList:
+    """An ImageList from a folder or a list file.
+
+    Folder with class sub-folders (ImageFolder layout): labels are the sorted folder names' indices.
+    Folder without them: every image below it, label -1.
+    List file, one image per line: ``<path>`` (label -1), ``<path> <class id>``, or the MOS reference
+    format ``<path> <group> <within-group index>`` (mapped to class ids through `groups`, or the
+    file's own group-by-group numbering). Relative paths are taken from `root` (default: the list
+    file's folder).
+    """
+    if isinstance(spec, ImageList):
+        return spec
+    path = os.fspath(spec)
+    if os.path.isdir(path):
+        subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        direct = [f for f in os.listdir(path) if _is_image(f)]
+        if subdirs and not direct:
+            paths, labels = [], []
+            for c, d in enumerate(subdirs):
+                for dirpath, _, files in sorted(os.walk(os.path.join(path, d))):
+                    for f in sorted(files):
+                        if _is_image(f):
+                            paths.append(os.path.join(dirpath, f))
+                            labels.append(c)
+            out = ImageList(name, paths, labels, class_names=subdirs, source=path)
+        else:
+            paths = [os.path.join(dp, f) for dp, _, files in sorted(os.walk(path)) for f in sorted(files) if _is_image(f)]
+            out = ImageList(name, paths, [-1] * len(paths), source=path)
+    elif os.path.isfile(path):
+        out = _read_list_file(path, name, groups, root)
+    else:
+        raise FileNotFoundError(f"{name}: {path!r} is neither a folder nor a list file")
+    if not out.paths:
+        raise ValueError(f"{name}: no images found in {path!r}")
+    return out
+
+
+def _read_list_file(path, name, groups, root):
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            ints = []
+            while len(parts) > 1 and len(ints) < 2 and _is_int(parts[-1]):
+                ints.insert(0, int(parts.pop()))
+            rows.append((" ".join(parts), ints, lineno))
+    kinds = {len(i) for _, i, _ in rows}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: lines mix formats (0, 1 or 2 integers after the path)")
+    paths = [p if os.path.isabs(p) else os.path.join(base, p) for p, _, _ in rows]
+    kind = kinds.pop() if kinds else 0
+    if kind == 0:
+        labels = [-1] * len(rows)
+    elif kind == 1:
+        labels = [i[0] for _, i, _ in rows]
+    else:
+        g = groups if groups is not None else Groups.from_list_file(path)
+        lookup = {(gk, j): c for c, (gk, j) in enumerate(zip(g.class_to_group, g.class_within))}
+        labels = []
+        for _, (gk, j), lineno in rows:
+            if (gk, j) not in lookup:
+                raise ValueError(f"{path}:{lineno}: (group {gk}, within {j}) is not a class of the grouping")
+            labels.append(lookup[(gk, j)])
+    return ImageList(name, paths, labels, source=path)
+
+
+def _is_int(s):
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------ dataset
+class _ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, index, ok): a file that cannot be read gives ok=False and a zero image."""
+
+    def __init__(self, paths, transform, shape):
+        self.paths, self.transform, self.shape = paths, transform, shape
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            with open(self.paths[i], "rb") as f:
+                img = Image.open(f)
+                img = img.convert("RGB")
+            return self.transform(img), i, True
+        except Exception:  # unreadable or corrupt: counted and reported, never fatal
+            return torch.zeros(self.shape), i, False
+
+
+def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """Eval transform: resize to image_size x image_size ("squash", as the MOS reference's 480x480) or
+    resize the short side and centre-crop ("crop"), then normalise."""
+    from torchvision import transforms as T
+
+    if resize == "squash":
+        sized = [T.Resize((image_size, image_size))]
+    elif resize == "crop":
+        sized = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
+    else:
+        raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
+    return T.Compose(sized + [T.ToTensor(), T.Normalize(list(mean), list(std))])
+
+
+# ------------------------------------------------------------------------------ distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # we initialised the process group (and tear it down)
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _setup_dist(device: torch.device) -> _Dist:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+    return _Dist()
+
+
+# ------------------------------------------------------------------------------ cache
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (names, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _data_fingerprint(images: ImageList, transform_key: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(transform_key.encode())
+    for p in images.paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _Cached:
+    logits: np.ndarray  # [N, L] fp16 (memory-mapped)
+    features: np.ndarray  # [N, D] fp16
+    ok: np.ndarray  # [N] bool: the image was read
+    labels: np.ndarray  # [N] int64, -1 unknown
+    meta: dict
+    path: str
+
+
+def _load_cache(path: str) -> Optional[_Cached]:
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CACHE_FORMAT:
+        return None
+    load = lambda n: np.load(os.path.join(path, n), mmap_mode="r")  # noqa: E731
+    return _Cached(load("logits.npy"), load("features.npy"), np.load(os.path.join(path, "ok.npy")),
+                   np.load(os.path.join(path, "labels.npy")), meta, path)
+
+
+def _save_npy(path, arr):
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ backbone pass
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        import contextlib
+
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _extract(model, dataset, indices, *, batch_size, workers, device, precision, channels_last, desc, progress):
+    """Run the backbone over dataset[indices]: (logits fp16, features fp16, ok, seconds, images)."""
+    sub = torch.utils.data.Subset(dataset, list(indices))
+    loader = torch.utils.data.DataLoader(
+        sub, batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None)
+    logits, feats, oks = [], [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sub), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _, ok in loader:
+            x = x.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, precision):
+                z, f = S.model_outputs(model, x)
+            # Copies to the host are queued; one sync per batch at most (the .cpu()).
+            logits.append(z.to(torch.float16).cpu())
+            feats.append(f.to(torch.float16).cpu())
+            oks.append(ok)
+            if bar is not None:
+                bar.update(len(ok))
+                el = time.perf_counter() - t0
+                bar.set_postfix_str(f"{bar.n / el:.0f} img/s" if el > 0 else "")
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if not logits:
+        return None, None, np.zeros(0, bool), seconds, 0
+    return (torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(oks).numpy().astype(bool),
+            seconds, len(sub))
+
+
+def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_root, fingerprint, rt: _Dist,
+               opts) -> tuple:
+    """Cached (logits, features) of one image set, computing them (sharded over ranks) if needed.
+    Returns (cache on rank 0 / None elsewhere, backbone seconds, images this rank ran)."""
+    key = hashlib.blake2b(f"{fingerprint}|{_data_fingerprint(images, transform_key)}|{opts['precision']}".encode(),
+                          digest_size=8).hexdigest()
+    path = os.path.join(cache_root, f"{_safe(images.name)}-{key}")
+    cached = _load_cache(path)
+    exists = cached is not None
+    if rt.world > 1:  # every rank must agree on whether to run
+        t = torch.tensor([int(exists)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        exists = bool(t.item())
+    if exists:
+        return (cached if rt.main else None), 0.0, 0
+    os.makedirs(path, exist_ok=True)
+    dataset = _ImageDataset(images.paths, transform, shape)
+    n = len(images)
+    idx = range(rt.rank, n, rt.world)
+    z, f, ok, seconds, count = _extract(model, dataset, idx, desc=f"{images.name}" + (f" [rank {rt.rank}]" if rt.world > 1 else ""),
+                                        **{k: opts[k] for k in ("batch_size", "workers", "device", "precision", "channels_last", "progress")})
+    if rt.world > 1:
+        shard = os.path.join(path, f"shard-{rt.rank}-of-{rt.world}.npz")
+        tmp = shard + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, logits=z if z is not None else np.zeros((0, 0), np.float16),
+                 features=f if f is not None else np.zeros((0, 0), np.float16), ok=ok)
+        os.replace(tmp, shard)
+        rt.barrier()
+        if rt.main:
+            parts = [np.load(os.path.join(path, f"shard-{r}-of-{rt.world}.npz")) for r in range(rt.world)]
+            L = max(p["logits"].shape[1] for p in parts if p["logits"].size) if n else 0
+            D = max(p["features"].shape[1] for p in parts if p["features"].size) if n else 0
+            z = np.empty((n, L), np.float16)
+            f = np.empty((n, D), np.float16)
+            ok = np.empty(n, bool)
+            for r, p in enumerate(parts):
+                if p["ok"].size:
+                    z[r::rt.world], f[r::rt.world], ok[r::rt.world] = p["logits"], p["features"], p["ok"]
+            for r in range(rt.world):
+                os.remove(os.path.join(path, f"shard-{r}-of-{rt.world}.npz"))
+    if rt.main:
+        _save_npy(os.path.join(path, "logits.npy"), z)
+        _save_npy(os.path.join(path, "features.npy"), f)
+        _save_npy(os.path.join(path, "ok.npy"), ok)
+        _save_npy(os.path.join(path, "labels.npy"), np.asarray(images.labels, dtype=np.int64))
+        meta = {"format": CACHE_FORMAT, "name": images.name, "source": images.source, "num_images": n,
+                "unreadable": [images.paths[i] for i in np.flatnonzero(~ok)], "model": fingerprint,
+                "transform": transform_key, "precision": opts["precision"], "world": rt.world,
+                "backbone_seconds": seconds}
+        with open(os.path.join(path, "meta.json.tmp"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+    rt.barrier()
+    return (_load_cache(path) if rt.main else None), seconds, count
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "set"
+
+
+# ------------------------------------------------------------------------------ result
+@dataclass
+class EvalResult:
+    """metrics[method][ood set] -> OODMetrics; averages[method] -> mean AUROC / FPR over sets."""
+
+    metrics: dict
+    averages: dict
+    id_accuracy: Optional[float]
+    grouped: bool
+    images_per_s: Optional[float]
+    scorer_seconds: dict
+    unreadable: dict  # set name -> [paths]
+    counts: dict  # set name -> images scored
+    scores: dict = field(default_factory=dict)  # method -> {set: np.ndarray}
+    files: dict = field(default_factory=dict)  # what was written where
+
+    def table(self, tpr_level: float = 0.95) -> str:
+        sets = list(next(iter(self.metrics.values()))) if self.metrics else []
+        fpr_name = f"FPR{round(tpr_level * 100):d}"
+        head = ["Method"] + sets + ["Average"]
+        rows = []
+        for method, per in self.metrics.items():
+            cells = [f"{100 * per[s].auroc:6.2f} / {100 * per[s].fpr_at_tpr:6.2f}" for s in sets]
+            a = self.averages[method]
+            cells.append(f"{100 * a['auroc']:6.2f} / {100 * a['fpr_at_tpr']:6.2f}")
+            rows.append([method] + cells)
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        out = [f"AUROC / {fpr_name} in % (ID positive)", line(head), "-+-".join("-" * w for w in widths)]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ main function
+def _default_scores(grouped: bool, have_fit: bool) -> list:
+    if grouped:
+        return ["mos"]
+    out = ["msp", "maxlogit", "energy", "odin:temperature=1000", "gradnorm"]
+    if have_fit:
+        out += ["kl_matching", "mahalanobis", "react-energy"]
+    return out
+
+
+def _as_images(spec, name, groups):
+    return spec if isinstance(spec, ImageList) else image_list(spec, name, groups=groups)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    id_data,
+    ood_data: Mapping[str, object],
+    *,
+    groups=None,
+    scores: Optional[Sequence] = None,
+    fit_data=None,
+    fit_on_id: bool = False,
+    class_names: Optional[Sequence[str]] = None,
+    out_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    transform=None,
+    image_size: int = 224,
+    resize: str = "squash",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    batch_size: int = 128,
+    workers: Optional[int] = None,
+    device=None,
+    precision: str = "bf16",
+    channels_last: bool = True,
+    tpr: float = 0.95,
+    positive: str = "id",
+    fpr_rule: str = "nearest",
+    aupr: str = "ap",
+    plots: bool = True,
+    progress: bool = True,
+    verbose: bool = True,
+) -> Optional[EvalResult]:
+    """Score an ID set and named OOD sets with every requested method; see the module docstring.
+
+    id_data / ood_data values: folders, list files or :class:`ImageList`. groups: the model's
+    grouping (its output must have groups.num_logits columns); None for a flat model.
+    scores: scorer specs (see :func:`mosx.scores.build_scorer`) or Scorer objects; default: "mos"
+    for a grouped model, the logit/feature baselines for a flat one.
+    fit_data: ID images for the scorers fitted on ID statistics (KL matching, Mahalanobis, ReAct);
+    fit_on_id=True fits them on the ID test set instead (optimistic; says so in the report).
+    class_names: expected class list; a mismatch with the ID folder's classes stops the run.
+    precision: "bf16" / "fp16" autocast or "fp32". Output files go to out_dir (table.txt,
+    results.json, results.csv, roc_<method>.png, hist_<method>.png) and the cache to cache_dir
+    (default out_dir/cache).
+    Returns the EvalResult on rank 0 (None on other ranks).
+    """
+    # ---- every check before any work
+    if not ood_data:
+        raise ValueError("evaluate: give at least one OOD set")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"evaluate: precision must be bf16, fp16 or fp32, got {precision!r}")
+    M._check_options("evaluate", positive, fpr_rule, aupr)
+    g = as_groups(groups) if groups is not None else None
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    id_images = _as_images(id_data, "id", g)
+    ood_images = {name: _as_images(spec, name, g) for name, spec in ood_data.items()}
+    for name, im in ood_images.items():
+        if len(im) == 0:
+            raise ValueError(f"evaluate: OOD set {name!r} is empty")
+    if "id" in ood_images:
+        raise ValueError("evaluate: 'id' is reserved for the ID set; rename that OOD set")
+    if class_names is not None and id_images.class_names is not None and list(class_names) != list(id_images.class_names):
+        diff = next(i for i, (a, b) in enumerate(zip(list(class_names) + [None] * len(id_images.class_names),
+                                                     id_images.class_names + [None] * len(class_names))) if a != b)
+        raise ValueError(
+            f"evaluate: the model's class list ({len(class_names)} classes) does not match the ID folder's "
+            f"({len(id_images.class_names)}); first difference at index {diff}: "
+            f"{(list(class_names) + [None])[min(diff, len(class_names))]!r} vs "
+            f"{(id_images.class_names + [None])[min(diff, len(id_images.class_names))]!r}")
+    specs = list(scores) if scores is not None else None
+    have_fit = fit_data is not None or fit_on_id
+    scorer_objs = {}
+    for spec in specs if specs is not None else _default_scores(g is not None, have_fit):
+        s = spec if isinstance(spec, S.Scorer) else S.build_scorer(str(spec), groups=g)
+        name = spec if isinstance(spec, str) else s.name
+        if "inputs" in s.needs:
+            raise ValueError(f"evaluate: scorer {name!r} perturbs the input, which the feature cache cannot "
+                             "serve; use mosx.scores directly (select_eps) for ODIN/Mahalanobis with eps > 0")
+        if s.needs_fit and not have_fit:
+            raise ValueError(f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
+                             "(--fit-data) or fit_on_id=True (--fit-on-id)")
+        base = s.base if isinstance(s, S.ReAct) else s
+        if g is not None and not isinstance(base, S.MOS) and (isinstance(s, S.ReAct) or "logits" in s.needs):
+            raise ValueError(f"evaluate: scorer {name!r} reads flat class logits but the model is grouped "
+                             f"({g.num_logits} = classes + others slots); evaluate a flat model for it")
+        if isinstance(base, S.MOS) and g is None:
+            raise ValueError("evaluate: the mos score needs the model's grouping (groups / --groups)")
+        scorer_objs[name] = s
+    fit_images = None
+    if fit_data is not None:
+        fit_images = _as_images(fit_data, "fit", g)
+
+    model = model.to(dev).eval()
+    if channels_last and dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    head = None
+    try:
+        head = S.linear_head(model)
+    except ValueError:
+        pass
+    if transform is None:
+        transform = make_transform(image_size, resize, mean, std)
+        transform_key = f"size={image_size},resize={resize},mean={tuple(mean)},std={tuple(std)}"
+    else:
+        transform_key = repr(transform)
+    # Output width against the grouping, before the pass: from the head, else one probe image.
+    probe = _ImageDataset(id_images.paths[:1], transform, (3, image_size, image_size))
+    x0, _, ok0 = probe[0]
+    shape = tuple(x0.shape)
+    width = head.weight.shape[0] if head is not None else None
+    if width is None and ok0:
+        with torch.no_grad():
+            width = S.model_outputs(model, x0[None].to(dev))[0].shape[1]
+    if g is not None and width is not None and width != g.num_logits:
+        raise ValueError(f"evaluate: the model outputs {width} logits but the grouping needs {g.num_logits} "
+                         f"({g.num_classes} classes + {g.num_groups} others slots)")
+    if g is None and id_images.class_names is not None and width is not None and width != len(id_images.class_names):
+        raise ValueError(f"evaluate: the model outputs {width} logits but the ID folder has "
+                         f"{len(id_images.class_names)} classes")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else min(4, max(0, (os.cpu_count() or 1) - 1))
+
+    rt = _setup_dist(dev)
+    try:
+        return _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorer_objs, transform,
+                    transform_key, shape, dev, rt, out_dir, cache_dir, batch_size, workers, precision,
+                    channels_last, tpr, positive, fpr_rule, aupr, plots, progress, verbose)
+    finally:
+        if rt.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, transform, transform_key, shape,
+         dev, rt, out_dir, cache_dir, batch_size, workers, precision, channels_last, tpr, positive, fpr_rule, aupr,
+         plots, progress, verbose):
+    if out_dir is None and cache_dir is None:
+        raise ValueError("evaluate: give out_dir or cache_dir (the logits/features cache lives on disk)")
+    cache_root = cache_dir or os.path.join(out_dir, "cache")
+    if rt.main:
+        os.makedirs(cache_root, exist_ok=True)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+    rt.barrier()
+    fp = model_fingerprint(model)
+    opts = dict(batch_size=batch_size, workers=workers, device=dev, precision=precision,
+                channels_last=channels_last, progress=progress and (rt.main or rt.world > 1))
+    sets = {"id": id_images, **ood_images}
+    if fit_images is not None:
+        sets["fit"] = fit_images
+    caches, backbone_s, ran = {}, 0.0, 0
+    for name, images in sets.items():
+        c, sec, cnt = _cache_set(model, images, transform, transform_key, shape, cache_root, fp, rt, opts)
+        caches[name] = c
+        backbone_s += sec
+        ran += cnt
+    # images/s over all ranks: images run everywhere over the slowest rank's time
+    if rt.world > 1:
+        t = torch.tensor([float(ran), backbone_s], dtype=torch.float64)
+        mx = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        ran, backbone_s = int(t[0]), float(mx[1])
+    ips = ran / backbone_s if ran and backbone_s > 0 else None
+    if not rt.main:
+        return None
+
+    def data_of(c: _Cached) -> dict:
+        keep = np.flatnonzero(c.ok)
+        all_ok = len(keep) == len(c.ok)
+        pick = (lambda a: a) if all_ok else (lambda a: a[keep])
+        return {"logits": pick(c.logits), "features": pick(c.features), "labels": torch.from_numpy(np.asarray(pick(c.labels))),
+                "head": head}
+
+    # ---- fit, then every score from the cache
+    timings = {}
+    fit_src = caches.get("fit") if fit_images is not None else (caches["id"] if fit_on_id else None)
+    if fit_src is not None and any(s.needs_fit for s in scorers.values()):
+        d = data_of(fit_src)
+        if (d["labels"] < 0).any():
+            d.pop("labels")  # unlabelled fit data: Mahalanobis uses predicted classes
+        d = {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+        for name, s in scorers.items():
+            if s.needs_fit:
+                t0 = time.perf_counter()
+                S.fit_all({name: s}, d, device=dev)
+                timings[name] = time.perf_counter() - t0
+    score_sets = {}
+    for set_name in ["id", *ood_images]:
+        d = data_of(caches[set_name])
+        d.pop("labels")
+        out = S.score_all(scorers, d, device=dev, timings=timings)
+        for m, v in out.items():
+            score_sets.setdefault(m, {})[set_name] = v
+    metrics, averages = {}, {}
+    for m, per in score_sets.items():
+        metrics[m] = {o: M.ood_metrics(per["id"], per[o], tpr=tpr, positive=positive, fpr_rule=fpr_rule, aupr=aupr)
+                      for o in ood_images}
+        vals = list(metrics[m].values())
+        averages[m] = {k: float(np.mean([getattr(v, k) for v in vals]))
+                       for k in ("auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error")}
+    # ---- ID accuracy
+    idc = caches["id"]
+    keep = np.flatnonzero(idc.ok)
+    labels = torch.from_numpy(np.asarray(idc.labels)[keep])
+    acc = None
+    if len(labels) and bool((labels >= 0).all()):
+        z = torch.from_numpy(np.asarray(idc.logits)[keep]).float()
+        if g is not None:
+            from .ops import group_predict
+
+            pred = group_predict(z, g)[0]
+        else:
+            pred = z.argmax(1)
+        acc = float((pred == labels).double().mean())
+    unreadable = {n: c.meta["unreadable"] for n, c in caches.items()}
+    counts = {n: int(c.ok.sum()) for n, c in caches.items()}
+    res = EvalResult(metrics, averages, acc, g is not None, ips, timings, unreadable, counts,
+                     scores={m: {s: v.numpy() for s, v in per.items()} for m, per in score_sets.items()})
+    for n, bad in unreadable.items():
+        if bad:
+            warnings.warn(f"{n}: {len(bad)} unreadable image(s) skipped, e.g. {bad[0]}")
+    if out_dir:
+        res.files = _write_outputs(res, out_dir, tpr, dict(positive=positive, fpr_rule=fpr_rule, aupr=aupr,
+                                                           fit="fit_data" if fit_images is not None else ("id (optimistic)" if fit_on_id else None)),
+                                   plots)
+    if verbose:
+        print(res.table(tpr))
+        extra = []
+        if acc is not None:
+            extra.append(f"ID accuracy ({'grouped' if g is not None else 'flat'}): {100 * acc:.2f}%")
+        if ips:
+            extra.append(f"backbone {ips:.1f} images/s")
+        extra.append("scorer time: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()))
+        skipped = sum(len(v) for v in unreadable.values())
+        if skipped:
+            extra.append(f"{skipped} unreadable image(s) skipped")
+        print("\n".join(extra))
+    return res
+
+
+def _write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool) -> dict:
+    files = {}
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(res.table(tpr) + "\n")
+    files["table"] = os.path.join(out_dir, "table.txt")
+    doc = {
+        "conventions": {**conventions, "tpr_level": tpr, "id_is_positive": conventions["positive"] == "id"},
+        "metrics": {m: {o: v.as_dict() for o, v in per.items()} for m, per in res.metrics.items()},
+        "average": res.averages,
+        "id_accuracy": res.id_accuracy,
+        "grouped_model": res.grouped,
+        "images_per_s": res.images_per_s,
+        "scorer_seconds": res.scorer_seconds,
+        "images_scored": res.counts,
+        "unreadable": res.unreadable,
+    }
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    files["json"] = os.path.join(out_dir, "results.json")
+    import csv
+
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "ood_set", "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error", "num_id", "num_ood"])
+        for m, per in res.metrics.items():
+            for o, v in per.items():
+                w.writerow([m, o, v.auroc, v.aupr_in, v.aupr_out, v.fpr_at_tpr, v.detection_error, v.num_id, v.num_ood])
+            a = res.averages[m]
+            w.writerow([m, "average", a["auroc"], a["aupr_in"], a["aupr_out"], a["fpr_at_tpr"], a["detection_error"], "", ""])
+    files["csv"] = os.path.join(out_dir, "results.csv")
+    if plots:
+        files["plots"] = _plots(res, out_dir)
+    return files
+
+
+def _plots(res: EvalResult, out_dir: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    written = []
+    for m, per in res.scores.items():
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for o in res.metrics[m]:
+            fpr, tpr_, _ = M.roc_curve(per["id"], per[o])
+            step = max(1, len(fpr) // 4000)  # plotting needs no more points than pixels
+            ax.plot(fpr[::step].numpy(), tpr_[::step].numpy(), label=f"{o} (AUROC {100 * res.metrics[m][o].auroc:.1f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="FPR (OOD kept as ID)", ylabel="TPR (ID kept)", title=f"ROC: {m}")
+        ax.legend(loc="lower right", fontsize=8)
+        p = os.path.join(out_dir, f"roc_{_safe(m)}.png")
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(p)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        all_s = np.concatenate([np.asarray(v, np.float64) for v in per.values()])
+        finite = all_s[np.isfinite(all_s)]
+        bins = np.linspace(finite.min(), finite.max(), 80) if finite.size and finite.min() < finite.max() else 20
+        for s, v in per.items():
+            ax.hist(np.asarray(v, np.float64), bins=bins, density=True, histtype="step", label=s)
+        ax.set(xlabel=f"{m} score (higher = more ID)", ylabel="density", title=f"Score histogram: {m}")
+        ax.legend(fontsize=8)
+        p = os.path.join(out_dir, f"hist_{_safe(m)}.png")
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+# ------------------------------------------------------------------------------ models from files
+def load_model(spec: str, *, arch: Optional[str] = None, weights: Optional[str] = None,
+               num_classes: Optional[int] = None):
+    """(model, info) from a mosx model file (`mosx train` output), a timm model name (with local
+    `weights`, since nothing is downloaded), or a BiT `.npz` (with `arch`, e.g. resnetv2_101x1_bit).
+    info: {"groups", "class_names"} where the file knows them."""
+    if os.path.isfile(spec) and spec.endswith(".npz"):
+        if arch is None:
+            raise ValueError(f"{spec}: a BiT .npz needs --arch (e.g. resnetv2_101x1_bit)")
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes or 1000)
+        model.load_pretrained(spec)
+        return model, {"groups": None, "class_names": None}
+    if os.path.isfile(spec):
+        d = torch.load(spec, map_location="cpu", weights_only=False)
+        if isinstance(d, dict) and str(d.get("format", "")).startswith("mosx.model/"):
+            from .train.models import load_model as load_mosx_model  # the trainer's file format
+
+            model, info = load_mosx_model(spec)
+            return model, {"groups": info.get("groups"), "class_names": info.get("class_names")}
+        if isinstance(d, torch.nn.Module):
+            return d, {"groups": None, "class_names": None}
+        if arch is None:
+            raise ValueError(f"{spec}: a plain state dict needs --arch (a timm model name)")
+        weights = spec
+        spec = arch
+    import timm
+
+    if not timm.list_models(spec) and spec not in timm.list_models():
+        raise ValueError(f"--model {spec!r}: not a file and not a timm model name")
+    model = timm.create_model(spec, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+    if weights is None:
+        raise ValueError(f"--model {spec!r}: timm weights are not downloaded here; give --weights PATH")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    model.load_state_dict(state)
+    return model, {"groups": None, "class_names": None}
+
+
+def _load_groups(spec: Optional[str]) -> Optional[Groups]:
+    if spec is None:
+        return None
+    if os.path.isfile(spec):
+        if spec.endswith(".json"):
+            return Groups.load(spec)
+        return Groups.from_list_file(spec)
+    try:
+        return Groups.from_sizes([int(s) for s in spec.split(",")])
+    except ValueError:
+        raise ValueError(f"--groups {spec!r}: a groups .json, a list file or comma-separated sizes") from None
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mosx eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="mosx model file, timm model name, BiT .npz or state dict")
+    p.add_argument("--arch", help="timm architecture for a .npz or a plain state dict")
+    p.add_argument("--weights", help="local weights for a timm model name")
+    p.add_argument("--num-classes", type=int, help="output width when building a timm model")
+    p.add_argument("--groups", help="grouping of a grouped model: groups .json, list file, or sizes '398,521,...'")
+    p.add_argument("--classes", help="file with the expected class names, one per line (checked against the ID folder)")
+    p.add_argument("--id", required=True, help="ID images: folder (class sub-folders) or list file")
+    p.add_argument("--ood", action="append", default=[], metavar="NAME=PATH", help="an OOD set (repeat)")
+    p.add_argument("--fit-data", help="ID images for fitted scorers (KL matching, Mahalanobis, ReAct)")
+    p.add_argument("--fit-on-id", action="store_true", help="fit those on the ID test set (optimistic)")
+    p.add_argument("--scores", help="comma-separated scorer specs; ';' between specs with parameters, "
+                                    "e.g. 'msp;energy:temperature=2;react-energy:percentile=90'")
+    p.add_argument("--out", required=True, help="output folder (table, JSON, CSV, PNG, cache)")
+    p.add_argument("--cache-dir", help="logits/features cache folder (default OUT/cache)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--resize", choices=("squash", "crop"), default="squash")
+    p.add_argument("--mean", type=float, nargs=3, default=(0.5, 0.5, 0.5))
+    p.add_argument("--std", type=float, nargs=3, default=(0.5, 0.5, 0.5))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, help="loader workers (default: up to 8 on GPU)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--tpr", type=float, default=0.95)
+    p.add_argument("--positive", choices=("id", "ood"), default="id")
+    p.add_argument("--fpr-rule", choices=("nearest", "first"), default="nearest")
+    p.add_argument("--aupr", choices=("ap", "trapezoid"), default="ap")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _split_scores(s: Optional[str]):
+    if not s:
+        return None
+    sep = ";" if ";" in s or "=" in s else ","
+    return [x.strip() for x in s.split(sep) if x.strip()]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    ood = {}
+    for item in args.ood:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            print(f"mosx eval: --ood expects NAME=PATH, got {item!r}", file=sys.stderr)
+            return 2
+        if name in ood:
+            print(f"mosx eval: OOD set {name!r} given twice", file=sys.stderr)
+            return 2
+        ood[name] = path
+    device = args.device
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        model, info = load_model(args.model, arch=args.arch, weights=args.weights, num_classes=args.num_classes)
+        groups = _load_groups(args.groups) or info.get("groups")
+        if args.groups and info.get("groups") is not None and _load_groups(args.groups) != info["groups"]:
+            raise ValueError("--groups differs from the grouping stored in the model file")
+        class_names = info.get("class_names")
+        if args.classes:
+            with open(args.classes) as f:
+                given = [ln.strip() for ln in f if ln.strip()]
+            if class_names is not None and given != list(class_names):
+                raise ValueError(f"--classes ({len(given)} names) does not match the class list stored in "
+                                 f"{args.model} ({len(class_names)} names)")
+            class_names = given
+        evaluate(model, args.id, ood, groups=groups, scores=_split_scores(args.scores), fit_data=args.fit_data,
+                 fit_on_id=args.fit_on_id, class_names=class_names, out_dir=args.out, cache_dir=args.cache_dir,
+                 image_size=args.image_size, resize=args.resize, mean=args.mean, std=args.std,
+                 batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+                 channels_last=not args.no_channels_last, tpr=args.tpr, positive=args.positive,
+                 fpr_rule=args.fpr_rule, aupr=args.aupr, plots=not args.no_plots, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mosx eval: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,250 @@
+"""The evaluator end to end on tiny image folders: cache, scores, metrics, files, errors, gloo."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import mosx
+from mosx import evaluate as E
+from mosx import metrics as M
+from mosx import scores as S
+
+SIZE = 16
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, outputs=3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, outputs)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _png(path, rgb, rng):
+    from PIL import Image
+
+    arr = np.clip(rng.normal(rgb, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    rng = np.random.default_rng(0)
+    colours = {"cat": (200, 40, 40), "dog": (40, 200, 40), "eel": (40, 40, 200)}
+    for c, rgb in colours.items():
+        os.makedirs(root / "id" / c)
+        for i in range(7):
+            _png(root / "id" / c / f"{i}.png", rgb, rng)
+    os.makedirs(root / "ood_far")
+    for i in range(9):
+        _png(root / "ood_far" / f"{i}.png", (128, 128, 128), rng)
+    (root / "ood_far" / "broken.png").write_bytes(b"not a png at all")
+    os.makedirs(root / "near")
+    with open(root / "near.txt", "w") as f:
+        for i in range(8):
+            _png(root / "near" / f"{i}.png", (180, 120, 40), rng)
+            f.write(f"near/{i}.png\n")
+    os.makedirs(root / "empty")
+    return root
+
+
+def net(outputs=3, seed=0):
+    torch.manual_seed(seed)
+    return TinyNet(outputs).eval()
+
+
+def common(tmp_path, **kw):
+    return dict(out_dir=str(tmp_path / "out"), image_size=SIZE, batch_size=5, workers=0, device="cpu",
+                precision="fp32", progress=False, verbose=False, **kw)
+
+
+def direct_logits(model, images):
+    tf = E.make_transform(SIZE)
+    from PIL import Image
+
+    xs = []
+    for p in images.paths:
+        try:
+            xs.append(tf(Image.open(p).convert("RGB")))
+        except Exception:
+            continue
+    with torch.no_grad():
+        return S.model_outputs(model, torch.stack(xs))
+
+
+def test_flat_model_end_to_end(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")}
+    scores = ["msp", "energy", "maxlogit", "gradnorm", "kl_matching", "mahalanobis", "react-energy"]
+    res = E.evaluate(model, str(folders / "id"), ood, scores=scores, fit_on_id=True, plots=False, **common(tmp_path))
+    assert list(res.metrics) == scores
+    assert res.unreadable["far"] == [str(folders / "ood_far" / "broken.png")]
+    assert res.counts == {"id": 21, "far": 9, "near": 8}
+
+    # cache contents = the model run directly (fp16 storage)
+    id_images = E.image_list(str(folders / "id"), "id")
+    z, f = direct_logits(model, id_images)
+    msp_direct = S.MSP().score(logits=z.half().float())
+    np.testing.assert_allclose(res.scores["msp"]["id"], msp_direct, atol=1e-6)
+    z_far, _ = direct_logits(model, E.image_list(str(folders / "ood_far"), "far"))
+    want = M.ood_metrics(msp_direct, S.MSP().score(logits=z_far.half().float()))
+    assert res.metrics["msp"]["far"].auroc == pytest.approx(want.auroc, abs=1e-9)
+    assert res.metrics["msp"]["far"].fpr_at_tpr == pytest.approx(want.fpr_at_tpr, abs=1e-9)
+    # accuracy of the flat model: argmax against the folder labels
+    labels = torch.tensor(id_images.labels)
+    assert res.id_accuracy == pytest.approx(float((z.half().float().argmax(1) == labels).double().mean()))
+    av = res.averages["energy"]["auroc"]
+    assert av == pytest.approx(np.mean([res.metrics["energy"][o].auroc for o in ood]))
+
+    out = tmp_path / "out"
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["metrics"]["msp"]["far"]["auroc"] == res.metrics["msp"]["far"].auroc
+    assert doc["unreadable"]["far"] and doc["conventions"]["fpr_rule"] == "nearest"
+    csv_rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + len(scores) * 3
+    # plots from the cache: no second backbone pass
+    calls = model.calls
+    res2 = E.evaluate(model, str(folders / "id"), ood, scores=["msp", "energy"], **common(tmp_path))
+    assert model.calls == calls
+    assert res2.metrics["msp"]["near"] == res.metrics["msp"]["near"]
+    for m in ("msp", "energy"):
+        assert (out / f"roc_{m}.png").stat().st_size > 1000 and (out / f"hist_{m}.png").stat().st_size > 1000
+    table = (out / "table.txt").read_text()
+    assert "FPR95" in table and "msp" in table and "Average" in table
+
+
+def test_rerun_reads_the_cache(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far")}
+    E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    calls = model.calls
+    assert calls >= 30
+    res = E.evaluate(model, str(folders / "id"), ood, scores=["energy:temperature=3", "maxlogit"], plots=False,
+                     **common(tmp_path))
+    assert model.calls == calls  # no backbone pass the second time
+    assert set(res.metrics) == {"energy:temperature=3", "maxlogit"}
+    # other weights: a new pass
+    with torch.no_grad():
+        model.fc.bias += 1
+    E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    assert model.calls > calls
+
+
+def test_grouped_model_and_mos(folders, tmp_path):
+    groups = mosx.Groups.from_sizes([2, 1])  # cat, dog | eel: 5 logits
+    model = net(groups.num_logits)
+    res = E.evaluate(model, str(folders / "id"), {"far": str(folders / "ood_far")}, groups=groups,
+                     plots=False, **common(tmp_path))
+    assert list(res.metrics) == ["mos"] and res.grouped
+    z, _ = direct_logits(model, E.image_list(str(folders / "id"), "id"))
+    z = z.half().float()
+    np.testing.assert_allclose(res.scores["mos"]["id"], mosx.group_softmax_score(z, groups), atol=1e-6)
+    pred = mosx.group_predict(z, groups)[0]
+    assert res.id_accuracy == pytest.approx(float((pred == torch.arange(3).repeat_interleave(7)).double().mean()))
+
+
+def test_bad_input_stops_before_work(folders, tmp_path):
+    model = net()
+    idp, far = str(folders / "id"), {"far": str(folders / "ood_far")}
+    with pytest.raises(ValueError, match="no images found"):
+        E.evaluate(model, idp, {"e": str(folders / "empty")}, **common(tmp_path))
+    with pytest.raises(ValueError, match="at least one OOD set"):
+        E.evaluate(model, idp, {}, **common(tmp_path))
+    with pytest.raises(ValueError, match="outputs 3 logits but the grouping needs 5"):
+        E.evaluate(model, idp, far, groups=[2, 1], **common(tmp_path))
+    with pytest.raises(ValueError, match="class list"):
+        E.evaluate(model, idp, far, class_names=["cat", "dog", "emu"], **common(tmp_path))
+    with pytest.raises(ValueError, match="fit_data"):
+        E.evaluate(model, idp, far, scores=["mahalanobis"], **common(tmp_path))
+    with pytest.raises(ValueError, match="flat class logits"):
+        E.evaluate(net(5), idp, far, groups=[2, 1], scores=["msp"], **common(tmp_path))
+    with pytest.raises(ValueError, match="unknown scorer"):
+        E.evaluate(model, idp, far, scores=["magic"], **common(tmp_path))
+    with pytest.raises(ValueError, match="perturbs the input"):
+        E.evaluate(model, idp, far, scores=["odin:eps=0.01"], **common(tmp_path))
+    assert model.calls == 0
+
+
+def test_list_file_formats(folders, tmp_path):
+    groups = mosx.Groups.from_sizes([2, 1])
+    lines = {"plain.txt": "id/cat/0.png\n", "cls.txt": "id/cat/0.png 0\nid/eel/1.png 2\n",
+             "mos.txt": "id/cat/0.png 0 0\nid/eel/1.png 1 0\nid/dog/2.png 0 1\n"}
+    for n, text in lines.items():
+        (folders / n).write_text(text)
+    assert E.image_list(str(folders / "plain.txt"), "x").labels == [-1]
+    assert E.image_list(str(folders / "cls.txt"), "x").labels == [0, 2]
+    assert E.image_list(str(folders / "mos.txt"), "x", groups=groups).labels == [0, 2, 1]
+    (folders / "bad.txt").write_text("a.png 1\nb.png\n")
+    with pytest.raises(ValueError, match="mix formats"):
+        E.image_list(str(folders / "bad.txt"), "x")
+
+
+def test_cli(folders, tmp_path):
+    model = net()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    out = tmp_path / "cli"
+    rc = E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
+                 "--ood", f"near={folders / 'near.txt'}", "--scores", "msp,energy", "--out", str(out),
+                 "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
+                 "--batch-size", "4"])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["metrics"]) == {"msp", "energy"} and set(doc["metrics"]["msp"]) == {"far", "near"}
+    assert E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", "nonsense", "--out", str(out)]) == 2
+    from mosx.cli import main as cli_main
+
+    assert cli_main(["eval", "--model", str(path), "--id", str(folders / "id"), "--ood",
+                     f"e={folders / 'empty'}", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------ distributed (gloo)
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, root, out, result_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model = net()
+    res = E.evaluate(model, os.path.join(root, "id"), {"far": os.path.join(root, "ood_far"),
+                                                       "near": os.path.join(root, "near.txt")},
+                     scores=["msp", "energy"], out_dir=out, image_size=SIZE, batch_size=4, workers=0,
+                     device="cpu", precision="fp32", progress=False, verbose=False, plots=False)
+    if rank == 0:
+        torch.save({"scores": res.scores, "metrics": {m: {o: v.as_dict() for o, v in p.items()} for m, p in res.metrics.items()},
+                    "counts": res.counts, "unreadable": res.unreadable}, result_file)
+    else:
+        assert res is None
+
+
+def test_distributed_gloo_two_processes(folders, tmp_path):
+    import torch.multiprocessing as mp
+
+    result_file = str(tmp_path / "dist.pt")
+    # fork: the workers need not import torch again (they use one thread each, so no OpenMP state is
+    # inherited in use).
+    mp.start_processes(_worker, args=(2, _free_port(), str(folders), str(tmp_path / "dist"), result_file),
+                       nprocs=2, join=True, start_method="fork")
+    got = torch.load(result_file, weights_only=False)
+    single = E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
+                        scores=["msp", "energy"], plots=False, **common(tmp_path))
+    assert got["counts"] == single.counts and got["unreadable"] == single.unreadable
+    for m in ("msp", "energy"):
+        for s in ("id", "far", "near"):  # every image scored once, in the original order
+            np.testing.assert_allclose(got["scores"][m][s], single.scores[m][s], atol=1e-4)
+        for o in ("far", "near"):  # metrics over all ranks' images = metrics of the gathered scores
+            want = M.ood_metrics(got["scores"][m]["id"], got["scores"][m][o])
+            assert got["metrics"][m][o] == want.as_dict()
+            assert got["metrics"][m][o]["auroc"] == pytest.approx(single.metrics[m][o].auroc, abs=1e-3)
