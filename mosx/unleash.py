@@ -241,11 +241,14 @@ class _MaskedMixin:
 
 
 def _freeze(module: nn.Module, train_weights: bool) -> None:
-    # Frozen weights (the UMAP CIFAR-10 setting) freeze the layer's bias as well.
+    # Frozen weights (the UMAP CIFAR-10 setting) freeze the layer's bias as well. Training them
+    # leaves requires_grad as it was: a layer frozen before (e.g. a frozen backbone) stays frozen.
+    if train_weights:
+        return
     for name in ("weight", "bias"):
         p = module._parameters.get(name)
         if p is not None:
-            p.requires_grad_(train_weights)
+            p.requires_grad_(False)
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -325,8 +328,9 @@ def apply_masks(model: nn.Module, keep: float = 0.8, layers: LayerSelector = Non
     layers: None (every conv and linear layer), qualified module names, or a predicate
     (name, module) -> bool. nn.Conv2d / nn.Linear (and subclasses that keep their forward) become
     MaskedConv2d / MaskedLinear sharing the original parameters; other conv/linear classes get a
-    WeightMask parametrization. The weights (and biases of masked layers) train only with
-    train_weights=True; other parameters are left as they are. score_init: "magnitude" (|w|, the
+    WeightMask parametrization. train_weights=False freezes the masked layers' weights and
+    biases (only the scores train); True leaves their requires_grad as it was. Other parameters
+    are left as they are. score_init: "magnitude" (|w|, the
     initial mask is magnitude pruning) or "kaiming_uniform" (edge-popup's; drawn from a CPU
     generator seeded with `seed`). Layers already masked are skipped.
     """
@@ -354,9 +358,11 @@ def apply_masks(model: nn.Module, keep: float = 0.8, layers: LayerSelector = Non
 
 
 def _freeze_parametrized(module: nn.Module, train_weights: bool) -> None:
-    module.parametrizations.weight.original.requires_grad_(train_weights)
-    if getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
-        module.bias.requires_grad_(train_weights)
+    if train_weights:
+        return
+    module.parametrizations.weight.original.requires_grad_(False)
+    if isinstance(getattr(module, "bias", None), nn.Parameter):
+        module.bias.requires_grad_(False)
 
 
 def masked_layers(model: nn.Module) -> list:

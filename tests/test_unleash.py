@@ -148,6 +148,12 @@ def test_train_weights_gets_masked_gradient(gen):
     m = net[0].mask()
     assert net[0].weight.grad is not None
     assert torch.all(net[0].weight.grad[~m] == 0) and (net[0].weight.grad[m] != 0).any()
+    # A weight frozen beforehand (e.g. a frozen backbone) stays frozen; its scores still train.
+    frozen = nn.Sequential(nn.Linear(6, 4))
+    frozen[0].weight.requires_grad_(False)
+    apply_masks(frozen, keep=0.5, train_weights=True)
+    assert not frozen[0].weight.requires_grad and frozen[0].bias.requires_grad
+    assert frozen[0].scores.requires_grad
 
 
 def test_layer_selection(gen):
