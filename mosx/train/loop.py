@@ -395,6 +395,7 @@ def _train(cfg, rt, data, val_data, groups, log):
                 epoch, lists = sampler.step_indices(step)
                 for idx in lists:
                     i = torch.as_tensor(idx, device=rt.device)
+                    # epoch e reads augmented view e % V of every sample (the cache cycles)
                     yield feats[epoch % views].index_select(0, i), targets.index_select(0, i)
         net = model.head
     else:
@@ -404,8 +405,7 @@ def _train(cfg, rt, data, val_data, groups, log):
     ddp = None
     if rt.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                  broadcast_buffers=False)
+        ddp = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         net = ddp
     if cfg.compile:
         net = torch.compile(net)
@@ -454,6 +454,8 @@ def _train(cfg, rt, data, val_data, groups, log):
     for step in range(start_step, cfg.steps):
         lr = sched.apply(step)
         lam, perm = mixup.draw(micro)
+        if perm is not None and rt.device.type == "cuda":  # one small async copy per step
+            perm = perm.pin_memory().to(rt.device, non_blocking=True)
         for a in range(accum):
             x, y = next(it)
             x = x.to(rt.device, non_blocking=True)
