@@ -21,6 +21,7 @@ reduction "mean") b is in the units of the summed group loss, the sum over group
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -34,6 +35,8 @@ __all__ = [
     "flood",
     "estimate_flood_level",
     "random_weight_masks",
+    "randomly_masked",
+    "changed_samples",
     "MaskedConv2d",
     "MaskedLinear",
     "WeightMask",
@@ -130,6 +133,27 @@ def _to(x, device):
     return x
 
 
+@contextlib.contextmanager
+def randomly_masked(model: nn.Module, keep: float = 0.965, *, seed: int = 0,
+                    layers: LayerSelector = None):
+    """Context manager: inside, the chosen layers' weights are multiplied by
+    random_weight_masks(model, keep, seed, layers) (yielded); on exit every weight is restored bit
+    for bit, also after an exception."""
+    masks = random_weight_masks(model, keep, seed=seed, layers=layers)
+    modules = dict(model.named_modules())
+    weights = [_dense_weight(modules[name]) for name in masks]
+    saved = [w.detach().clone() for w in weights]
+    try:
+        with torch.no_grad():
+            for w, mask in zip(weights, masks.values()):
+                w.masked_fill_(~mask.to(w.device), 0)
+        yield masks
+    finally:
+        with torch.no_grad():
+            for w, orig in zip(weights, saved):
+                w.copy_(orig)
+
+
 def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, keep: float = 0.965,
                          *, seed: int = 0, layers: LayerSelector = None,
                          max_batches: Optional[int] = None, device=None) -> float:
@@ -142,20 +166,14 @@ def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, 
     per-sample losses [N]; b is the mean over all samples. Weights and train/eval modes are
     restored exactly afterwards, also when an exception interrupts the loop.
     """
-    masks = random_weight_masks(model, keep, seed=seed, layers=layers)
-    modules = dict(model.named_modules())
-    weights = [_dense_weight(modules[name]) for name in masks]
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    saved = [w.detach().clone() for w in weights]
     modes = {m: m.training for m in model.modules()}
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        with torch.no_grad():
-            for w, mask in zip(weights, masks.values()):
-                w.masked_fill_(~mask.to(w.device), 0)
+        with randomly_masked(model, keep, seed=seed, layers=layers), torch.no_grad():
             model.eval()
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
@@ -174,9 +192,6 @@ def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, 
                                      f"per-sample losses, got shape {tuple(loss.shape)}")
                 count += n
     finally:
-        with torch.no_grad():
-            for w, orig in zip(weights, saved):
-                w.copy_(orig)
         for m, mode in modes.items():
             m.training = mode
     if count == 0:
@@ -466,3 +481,22 @@ def gate_samples(losses: torch.Tensor, drop: Optional[torch.Tensor] = None,
         raise ValueError("gate_samples: a sample cannot be both dropped and reversed")
     flipped = torch.where(r, 2 * losses.detach() - losses, losses)  # value kept, gradient negated
     return torch.where(d, torch.zeros_like(losses), flipped)
+
+
+def changed_samples(logits: torch.Tensor, masked_logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[N] bool: the `fraction` of samples whose softmax prediction moves most under a weight mask,
+    by KL(p || p_masked) (ties to the lower index). The per-sample UM variant of the authors'
+    history drops these (gate_samples(losses, drop=...)); it was never run in the paper. Compute
+    masked_logits inside `randomly_masked(model, keep)`."""
+    if logits.shape != masked_logits.shape or logits.dim() != 2:
+        raise ValueError(f"changed_samples: logits {tuple(logits.shape)} and masked_logits "
+                         f"{tuple(masked_logits.shape)} must be the same [N, C] shape")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"changed_samples: fraction must be in [0, 1], got {fraction}")
+    logp = torch.log_softmax(logits.detach().float(), 1)
+    logq = torch.log_softmax(masked_logits.detach().float(), 1)
+    kl = (logp.exp() * (logp - logq)).sum(1)
+    n = kl.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool, device=kl.device)
+    chosen[torch.sort(kl, descending=True, stable=True).indices[: round(fraction * n)]] = True
+    return chosen

@@ -9,9 +9,9 @@ from torch.nn import functional as F
 
 import mosx
 from mosx.masking import keep_count
-from mosx.unleash import (MaskedConv2d, MaskedLinear, WeightMask, apply_masks, estimate_flood_level,
-                          flood, fold_masks, gate_samples, mask_scores, masked_layers,
-                          random_weight_masks)
+from mosx.unleash import (MaskedConv2d, MaskedLinear, WeightMask, apply_masks, changed_samples,
+                          estimate_flood_level, flood, fold_masks, gate_samples, mask_scores,
+                          masked_layers, random_weight_masks, randomly_masked)
 
 
 def top_k_mask(scores, keep):
@@ -303,3 +303,22 @@ def test_gate_samples(gen):
         gate_samples(losses.view(5, 1))
     with pytest.raises(ValueError, match="shape"):
         gate_samples(losses, drop=torch.ones(4, dtype=torch.bool))
+
+
+def test_randomly_masked_and_changed_samples(gen):
+    net = small_net(gen).eval()
+    x = torch.randn(10, 3, 9, 9, generator=gen)
+    before = [p.clone() for p in net.parameters()]
+    with torch.no_grad():
+        logits = net(x)
+        with randomly_masked(net, 0.7, seed=4) as masks:
+            assert torch.equal(net[7].weight, before[-2] * masks["7"])
+            masked = net(x)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    chosen = changed_samples(logits, masked, 0.3)
+    kl = F.kl_div(F.log_softmax(masked, 1), F.log_softmax(logits, 1), log_target=True,
+                  reduction="none").sum(1)
+    assert int(chosen.sum()) == 3
+    assert torch.equal(chosen.nonzero().view(-1).sort().values, kl.topk(3).indices.sort().values)
+    with pytest.raises(ValueError, match="same"):
+        changed_samples(logits, masked[:5], 0.3)
