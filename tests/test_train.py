@@ -338,6 +338,8 @@ def test_feature_cache_matches_full_pipeline_when_frozen(tmp_path, gen):
             "groups": "sizes:2,2", "ckpt_every": 0, "lr": 0.5}
     full = train(make_config("cpu-demo", **base, out=str(tmp_path / "full")), data=(x, y))
     cached = train(make_config("cpu-demo", **base, cache_features=True, out=str(tmp_path / "cache")), data=(x, y))
+    assert torch.equal(cached.model.head.weight.detach(),
+                       torch.load(tmp_path / "cache" / "model.pt", weights_only=False)["state_dict"]["head.weight"])
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "cache" / "model.pt", weights_only=False)["state_dict"]
     assert torch.equal(a["backbone.stages.0.0.weight"], b["backbone.stages.0.0.weight"])

@@ -48,6 +48,7 @@ class TrainResult:
     groups: object = None
     model_path: str | None = None
     resumed_from: int | None = None
+    model: object = None            # the trained Classifier (masks folded), on the training device
 
 
 # ---------------------------------------------------------------------- runtime
@@ -522,7 +523,7 @@ def _train(cfg, rt, data, val_data, groups, log):
         say(f"{steps_run} steps in {seconds:.1f}s ({ips:.1f} images/s), final loss {final}")
     return TrainResult(out=out, steps=cfg.steps, losses=history, final_loss=final, val_accuracy=val_acc,
                        seconds=seconds, images_per_s=ips, cache_seconds=cache_seconds, flood_level=flood_b,
-                       groups=groups, model_path=model_path, resumed_from=resumed)
+                       groups=groups, model_path=model_path, resumed_from=resumed, model=model)
 
 
 @torch.no_grad()
