@@ -236,6 +236,32 @@ def test_batched_tensor_path_equals_per_item_path(gen, dtype, train_mode):
     assert torch.allclose(got[0], want[0], atol=1e-5)
 
 
+def test_open_data_accepts_image_sets_and_datasets(gen):
+    from mosx.train.data import DatasetData, TensorData, open_data
+
+    class ImageSetLike(torch.utils.data.Dataset):  # the shape of mosx.data.ImageSet
+        def __init__(self):
+            self.images = torch.randint(0, 256, (6, 1, 5, 5), generator=gen, dtype=torch.uint8)
+            self.labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return self.images[i].float() / 255, self.labels[i]
+    s = ImageSetLike()
+    d = open_data(s)
+    assert isinstance(d, TensorData) and d.x.dtype == torch.uint8 and d.num_classes == 3
+    generic = torch.utils.data.Subset(s, [0, 1, 2, 3])
+    g = open_data(generic)
+    assert isinstance(g, DatasetData) and g.targets == [0, 1, 2, 0] and g.num_classes == 3
+    assert torch.equal(g.load(2)[0], s[2][0])
+    with pytest.raises(ValueError, match="x has 6 samples but y has 5"):
+        open_data((s.images, s.labels[:5]))
+    with pytest.raises(FileNotFoundError):
+        open_data("/nonexistent/data")
+
+
 def test_step_sampler_partitions_global_batches():
     one = StepBatchSampler(20, 8, 4, 1, 0, seed=1, steps=5)
     two = [StepBatchSampler(20, 8, 4, 2, r, seed=1, steps=5) for r in range(2)]

@@ -155,9 +155,11 @@ def open_data(spec, root: str | None = None):
         return spec
     if isinstance(spec, torch.utils.data.TensorDataset):
         return TensorData(*spec.tensors[:2])
-    if hasattr(spec, "tensors") and callable(spec.tensors):  # mosx.data.ImageSet: (images in [0, 1], labels)
-        x, y = spec.tensors()
-        return TensorData(x, y, getattr(spec, "class_names", None), source=getattr(spec, "name", "tensors"))
+    if isinstance(getattr(spec, "images", None), torch.Tensor) and isinstance(getattr(spec, "labels", None),
+                                                                          torch.Tensor):
+        # mosx.data.ImageSet: uint8 images (normalised by the recipe's transform) and labels
+        return TensorData(spec.images, spec.labels, getattr(spec, "class_names", None),
+                          source=getattr(spec, "name", "tensors"))
     if isinstance(spec, torch.utils.data.Dataset):
         return DatasetData(spec)
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
