@@ -54,9 +54,30 @@ class ImageList:
     labels: list
     class_names: Optional[list] = None  # for class folders: the sorted folder names
     source: str = ""
+    dataset: Optional[torch.utils.data.Dataset] = None  # in-memory data instead of files (paths None)
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.labels)
+
+    def item_name(self, i: int) -> str:
+        return self.paths[i] if self.paths is not None else f"{self.name}[{i}]"
+
+    @classmethod
+    def from_dataset(cls, ds: torch.utils.data.Dataset, name: str) -> "ImageList":
+        """A map-style Dataset of images or (image, label) items. Labels come from its `labels` or
+        `targets` attribute when it has one (else unknown). Items that are tensors are used as they
+        are (no transform unless one is given); PIL images get the evaluator's transform."""
+        n = len(ds)
+        labels = getattr(ds, "labels", None)
+        if labels is None:
+            labels = getattr(ds, "targets", None)
+        if labels is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) > 1:
+            labels = ds.tensors[1]
+        labels = [-1] * n if labels is None else [int(v) for v in labels]
+        if len(labels) != n:
+            raise ValueError(f"{name}: dataset has {n} items but {len(labels)} labels")
+        return cls(name, None, labels, class_names=getattr(ds, "class_names", None),
+                   source=type(ds).__name__, dataset=ds)
 
 
 def _is_image(name: str) -> bool:
@@ -142,24 +163,35 @@ def _is_int(s):
 
 # ------------------------------------------------------------------------------ dataset
 class _ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, index, ok): a file that cannot be read gives ok=False and a zero image."""
+    """(image tensor, index, ok): an item that cannot be read gives ok=False and a zero image."""
 
-    def __init__(self, paths, transform, shape):
-        self.paths, self.transform, self.shape = paths, transform, shape
+    def __init__(self, images: "ImageList", transform, shape, tensor_transform=None):
+        self.images, self.transform, self.shape = images, transform, shape
+        self.tensor_transform = tensor_transform
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         try:
-            with open(self.paths[i], "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
-            return self.transform(img), i, True
+            return self._load(i), i, True
         except Exception:  # unreadable or corrupt: counted and reported, never fatal
             return torch.zeros(self.shape), i, False
+
+    def _load(self, i):
+        from PIL import Image
+
+        if self.images.dataset is None:
+            with open(self.images.paths[i], "rb") as f:
+                img = Image.open(f)
+                img = img.convert("RGB")
+            return self.transform(img)
+        item = self.images.dataset[i]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(x, Image.Image):
+            return self.transform(x.convert("RGB"))
+        x = torch.as_tensor(x)
+        return self.tensor_transform(x) if self.tensor_transform is not None else x
 
 
 def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
@@ -182,6 +214,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     owned: bool = False  # we initialised the process group (and tear it down)
+    device: torch.device = torch.device("cpu")  # where collective tensors live
 
     @property
     def main(self):
@@ -195,13 +228,20 @@ class _Dist:
 def _setup_dist(device: torch.device) -> _Dist:
     import torch.distributed as dist
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size())
+        return _Dist(dist.get_rank(), dist.get_world_size(), device=_collective_device(device))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return _Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+        return _Dist(dist.get_rank(), dist.get_world_size(), owned=True, device=_collective_device(device))
     return _Dist()
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    return device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ cache
@@ -218,6 +258,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def _data_fingerprint(images: ImageList, transform_key: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(transform_key.encode())
+    if images.dataset is not None:
+        ds = images.dataset
+        held = [getattr(ds, "images", None)] if isinstance(getattr(ds, "images", None), torch.Tensor) else \
+            list(ds.tensors) if isinstance(ds, torch.utils.data.TensorDataset) else None
+        h.update(f"{type(ds).__name__}:{len(ds)}:{images.labels}".encode())
+        if held is not None:  # in-memory tensors: hash their bytes
+            for t in held:
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:  # anything else: hash every item (no backbone involved, but it reads all data)
+            loader = _ImageDataset(images, lambda im: torch.as_tensor(np.asarray(im)), (1,))
+            for i in range(len(loader)):
+                x, _, ok = loader[i]
+                h.update(x.contiguous().view(torch.uint8).numpy().tobytes() if ok else b"?")
+        return h.hexdigest()
     for p in images.paths:
         try:
             st = os.stat(p)
@@ -273,13 +327,17 @@ def _extract(model, dataset, indices, *, batch_size, workers, device, precision,
         sub, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None)
-    logits, feats, oks = [], [], []
+    n = len(sub)
+    logits = feats = None  # host buffers, allocated once the widths are known
+    oks = np.zeros(n, bool)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(sub), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
+    lo = 0
     with torch.no_grad():
         for x, _, ok in loader:
             x = x.to(device, non_blocking=True)
@@ -287,25 +345,32 @@ def _extract(model, dataset, indices, *, batch_size, workers, device, precision,
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, precision):
                 z, f = S.model_outputs(model, x)
-            # Copies to the host are queued; one sync per batch at most (the .cpu()).
-            logits.append(z.to(torch.float16).cpu())
-            feats.append(f.to(torch.float16).cpu())
-            oks.append(ok)
+            if logits is None:
+                logits = torch.empty((n, z.shape[1]), dtype=torch.float16, pin_memory=cuda)
+                feats = torch.empty((n, f.shape[1]), dtype=torch.float16, pin_memory=cuda)
+            hi = lo + len(ok)
+            # Asynchronous copies into pinned memory on a GPU: no sync per batch, so loading,
+            # the backbone and the copies overlap.
+            logits[lo:hi].copy_(z.to(torch.float16), non_blocking=cuda)
+            feats[lo:hi].copy_(f.to(torch.float16), non_blocking=cuda)
+            oks[lo:hi] = ok.numpy()
+            lo = hi
             if bar is not None:
                 bar.update(len(ok))
                 el = time.perf_counter() - t0
                 bar.set_postfix_str(f"{bar.n / el:.0f} img/s" if el > 0 else "")
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    if not logits:
-        return None, None, np.zeros(0, bool), seconds, 0
-    return (torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(oks).numpy().astype(bool),
-            seconds, len(sub))
+    if logits is None:
+        return None, None, oks, seconds, 0
+    return logits.numpy(), feats.numpy(), oks, seconds, n
 
 
 def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_root, fingerprint, rt: _Dist,
-               opts) -> tuple:
+               opts, tensor_transform=None) -> tuple:
     """Cached (logits, features) of one image set, computing them (sharded over ranks) if needed.
     Returns (cache on rank 0 / None elsewhere, backbone seconds, images this rank ran)."""
     key = hashlib.blake2b(f"{fingerprint}|{_data_fingerprint(images, transform_key)}|{opts['precision']}".encode(),
@@ -314,13 +379,13 @@ def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_
     cached = _load_cache(path)
     exists = cached is not None
     if rt.world > 1:  # every rank must agree on whether to run
-        t = torch.tensor([int(exists)])
+        t = torch.tensor([int(exists)], device=rt.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         exists = bool(t.item())
     if exists:
         return (cached if rt.main else None), 0.0, 0
     os.makedirs(path, exist_ok=True)
-    dataset = _ImageDataset(images.paths, transform, shape)
+    dataset = _ImageDataset(images, transform, shape, tensor_transform)
     n = len(images)
     idx = range(rt.rank, n, rt.world)
     z, f, ok, seconds, count = _extract(model, dataset, idx, desc=f"{images.name}" + (f" [rank {rt.rank}]" if rt.world > 1 else ""),
@@ -350,7 +415,7 @@ def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_
         _save_npy(os.path.join(path, "ok.npy"), ok)
         _save_npy(os.path.join(path, "labels.npy"), np.asarray(images.labels, dtype=np.int64))
         meta = {"format": CACHE_FORMAT, "name": images.name, "source": images.source, "num_images": n,
-                "unreadable": [images.paths[i] for i in np.flatnonzero(~ok)], "model": fingerprint,
+                "unreadable": [images.item_name(int(i)) for i in np.flatnonzero(~ok)], "model": fingerprint,
                 "transform": transform_key, "precision": opts["precision"], "world": rt.world,
                 "backbone_seconds": seconds}
         with open(os.path.join(path, "meta.json.tmp"), "w") as fh:
@@ -408,7 +473,11 @@ def _default_scores(grouped: bool, have_fit: bool) -> list:
 
 
 def _as_images(spec, name, groups):
-    return spec if isinstance(spec, ImageList) else image_list(spec, name, groups=groups)
+    if isinstance(spec, ImageList):
+        return spec
+    if isinstance(spec, torch.utils.data.Dataset):
+        return ImageList.from_dataset(spec, name)
+    return image_list(spec, name, groups=groups)
 
 
 def evaluate(
@@ -424,6 +493,7 @@ def evaluate(
     out_dir: Optional[str] = None,
     cache_dir: Optional[str] = None,
     transform=None,
+    tensor_transform=None,
     image_size: int = 224,
     resize: str = "squash",
     mean=(0.5, 0.5, 0.5),
@@ -443,7 +513,9 @@ def evaluate(
 ) -> Optional[EvalResult]:
     """Score an ID set and named OOD sets with every requested method; see the module docstring.
 
-    id_data / ood_data values: folders, list files or :class:`ImageList`. groups: the model's
+    id_data / ood_data values: folders, list files, :class:`ImageList` or map-style Datasets
+    (e.g. mosx.data's ImageSet; tensor items pass through `tensor_transform`, default none).
+    groups: the model's
     grouping (its output must have groups.num_logits columns); None for a flat model.
     scores: scorer specs (see :func:`mosx.scores.build_scorer`) or Scorer objects; default: "mos"
     for a grouped model, the logit/feature baselines for a flat one.
@@ -462,7 +534,9 @@ def evaluate(
         raise ValueError(f"evaluate: precision must be bf16, fp16 or fp32, got {precision!r}")
     M._check_options("evaluate", positive, fpr_rule, aupr)
     g = as_groups(groups) if groups is not None else None
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:  # under torchrun each rank takes its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     id_images = _as_images(id_data, "id", g)
     ood_images = {name: _as_images(spec, name, g) for name, spec in ood_data.items()}
     for name, im in ood_images.items():
@@ -502,8 +576,10 @@ def evaluate(
         fit_images = _as_images(fit_data, "fit", g)
 
     model = model.to(dev).eval()
-    if channels_last and dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
     head = None
     try:
         head = S.linear_head(model)
@@ -514,9 +590,10 @@ def evaluate(
         transform_key = f"size={image_size},resize={resize},mean={tuple(mean)},std={tuple(std)}"
     else:
         transform_key = repr(transform)
+    if tensor_transform is not None:
+        transform_key += f"|tensor:{tensor_transform!r}"
     # Output width against the grouping, before the pass: from the head, else one probe image.
-    probe = _ImageDataset(id_images.paths[:1], transform, (3, image_size, image_size))
-    x0, _, ok0 = probe[0]
+    x0, _, ok0 = _ImageDataset(id_images, transform, (3, image_size, image_size), tensor_transform)[0]
     shape = tuple(x0.shape)
     width = head.weight.shape[0] if head is not None else None
     if width is None and ok0:
@@ -533,8 +610,8 @@ def evaluate(
 
     rt = _setup_dist(dev)
     try:
-        return _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorer_objs, transform,
-                    transform_key, shape, dev, rt, out_dir, cache_dir, batch_size, workers, precision,
+        return _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorer_objs,
+                    (transform, tensor_transform), transform_key, shape, dev, rt, out_dir, cache_dir, batch_size, workers, precision,
                     channels_last, tpr, positive, fpr_rule, aupr, plots, progress, verbose)
     finally:
         if rt.owned:
@@ -560,13 +637,14 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
         sets["fit"] = fit_images
     caches, backbone_s, ran = {}, 0.0, 0
     for name, images in sets.items():
-        c, sec, cnt = _cache_set(model, images, transform, transform_key, shape, cache_root, fp, rt, opts)
+        c, sec, cnt = _cache_set(model, images, transform[0], transform_key, shape, cache_root, fp, rt, opts,
+                                 tensor_transform=transform[1])
         caches[name] = c
         backbone_s += sec
         ran += cnt
     # images/s over all ranks: images run everywhere over the slowest rank's time
     if rt.world > 1:
-        t = torch.tensor([float(ran), backbone_s], dtype=torch.float64)
+        t = torch.tensor([float(ran), backbone_s], dtype=torch.float64, device=rt.device)
         mx = t.clone()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)

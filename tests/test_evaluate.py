@@ -248,3 +248,48 @@ def test_distributed_gloo_two_processes(folders, tmp_path):
             want = M.ood_metrics(got["scores"][m]["id"], got["scores"][m][o])
             assert got["metrics"][m][o] == want.as_dict()
             assert got["metrics"][m][o]["auroc"] == pytest.approx(single.metrics[m][o].auroc, abs=1e-3)
+
+
+def test_in_memory_datasets(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    x_id = torch.rand(30, 3, SIZE, SIZE, generator=gen)
+    y_id = torch.arange(30) % 3
+    x_ood = torch.rand(12, 3, SIZE, SIZE, generator=gen) * 0.3
+    id_ds = torch.utils.data.TensorDataset(x_id, y_id)
+    ood_ds = torch.utils.data.TensorDataset(x_ood)
+    model = net()
+    res = E.evaluate(model, id_ds, {"dark": ood_ds}, scores=["msp", "mahalanobis"], fit_data=id_ds, plots=False,
+                     **common(tmp_path))
+    with torch.no_grad():
+        z, f = S.model_outputs(model, x_id)
+        zo, fo = S.model_outputs(model, x_ood)
+    msp = S.MSP().score(logits=z.half().float())
+    np.testing.assert_allclose(res.scores["msp"]["id"], msp, atol=1e-6)
+    maha = S.Mahalanobis().fit(features=f.half().float(), labels=y_id)
+    np.testing.assert_allclose(res.scores["mahalanobis"]["dark"], maha.score(features=fo.half().float()), rtol=1e-4, atol=1e-4)
+    assert res.id_accuracy == pytest.approx(float((z.half().float().argmax(1) == y_id).double().mean()))
+    calls = model.calls
+    E.evaluate(model, id_ds, {"dark": ood_ds}, scores=["energy"], plots=False, **common(tmp_path))
+    assert model.calls == calls  # the in-memory data hash hits the cache
+    x_ood[0] += 1  # changed data: a new pass over that set
+    E.evaluate(model, id_ds, {"dark": ood_ds}, scores=["energy"], plots=False, **common(tmp_path))
+    assert model.calls == calls + 12
+
+
+def test_cli_with_a_trainer_model_file(folders, tmp_path):
+    tm = pytest.importorskip("mosx.train.models")
+    groups = mosx.Groups.from_sizes([2, 1])
+    model, _ = tm.build_model("small-cnn-4", groups.num_logits)
+    torch.nn.init.normal_(model.head.weight)
+    path = str(tmp_path / "model.pt")
+    tm.save_model(path, model, arch="small-cnn-4", num_features=model.head.in_features, groups=groups,
+                  loss="group", class_names=["cat", "dog", "eel"])
+    out = tmp_path / "cli"
+    args = ["--model", path, "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--out", str(out),
+            "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots"]
+    assert E.main(args) == 0  # grouping and class list come from the file
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["metrics"]) == ["mos"] and doc["grouped_model"] and doc["id_accuracy"] is not None
+    (tmp_path / "classes.txt").write_text("cat\ndog\nemu\n")
+    assert E.main(args + ["--classes", str(tmp_path / "classes.txt")]) == 2
+    assert E.main(args + ["--groups", "1,2"]) == 2
