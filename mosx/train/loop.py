@@ -395,7 +395,8 @@ def _train(cfg, rt, data, val_data, groups, log):
             for step in range(start_step, cfg.steps):
                 epoch, lists = sampler.step_indices(step)
                 for idx in lists:
-                    i = torch.as_tensor(idx, device=rt.device)
+                    i = torch.tensor(idx)
+                    i = i.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else i
                     # epoch e reads augmented view e % V of every sample (the cache cycles)
                     yield feats[epoch % views].index_select(0, i), targets.index_select(0, i)
         net = model.head
