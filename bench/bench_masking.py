@@ -3,7 +3,8 @@
 Sizes: a ResNet-50 3x3 conv of the last stage (512*512*9 = 2.4M weights) and a 1x1 conv of 1M.
 Forward + backward of the masked weight with frozen weights (scores train), as in UMAP.
     pytest bench/bench_masking.py --benchmark-only
-Runs on the CPU, and on the GPU when one is present and the CUDA kernels are built.
+Runs on the CPU, and on the GPU when one is present and the CUDA kernels are built. On the GPU,
+MOSX_MASK_SELECT=aten times the ATen (kthvalue) selection instead of mosx's radix select.
 """
 
 import pytest
