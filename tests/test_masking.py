@@ -110,11 +110,11 @@ def test_empty_layer(device):
     assert out.shape == (0, 3) and mask.shape == (0, 3)
 
 
-def test_large_layer_float32_and_float64_agree(gen):
-    # A layer beyond one parallel chunk: the float32 key path and the float64 tie path must agree
-    # when the scores are exactly representable in both.
-    s32 = torch.randint(-50, 51, (300, 257), generator=gen).float()
-    w32 = torch.randn(300, 257, generator=gen)
+def test_large_layer_float32_and_float64_agree(device, gen):
+    # A layer beyond one CPU chunk / many GPU blocks, ties spread over all of them: float32 and
+    # float64 selections must agree when the scores are exactly representable in both.
+    s32 = torch.randint(-50, 51, (300, 257), generator=gen).float().to(device)
+    w32 = torch.randn(300, 257, generator=gen).to(device)
     m32 = masked_weight(w32, s32, 0.8, return_mask=True)[1]
     m64 = masked_weight(w32.double(), s32.double(), 0.8, return_mask=True)[1]
     assert torch.equal(m32, m64)
