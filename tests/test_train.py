@@ -4,6 +4,7 @@ exact resume after SIGKILL, DDP on gloo, the feature cache, and `mosx train` end
 Runs use tiny models and data with one CPU thread so they are fast and bit-reproducible.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -326,6 +327,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, gen):
     b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
     assert states_equal(a, b)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == steps
+    logged = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(4, steps + 1, 4))  # nothing twice, nothing missing
     # the logged losses after the resume point match too
     assert [v for s, v in res.losses if s > step_at_kill] == [v for s, v in ref.losses if s > step_at_kill]
     # the run did learn something: weights moved from their initial values

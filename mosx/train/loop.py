@@ -413,11 +413,20 @@ def _train(cfg, rt, data, val_data, groups, log):
         net = torch.compile(net)
 
     # ---- the loop
-    logf = open(os.path.join(out, "log.jsonl"), "a") if rt.main else None
+    logf = None
+    if rt.main:  # a fresh run starts the log; a resumed one drops what the killed run logged after its checkpoint
+        log_path = os.path.join(out, "log.jsonl")
+        kept = []
+        if start_step > 0 and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
+        logf = open(log_path, "w")
+        logf.writelines(kept)
     bar = None
     if rt.main and cfg.progress and cfg.steps > start_step:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=1.0)
 
     def sink(step, loss, lr, ips):
         history.append((step, loss))
