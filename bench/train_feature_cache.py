@@ -13,7 +13,6 @@ Real data (Fashion-MNIST from Debian's dataset-fashion-mnist, /usr/share/dataset
 import argparse
 import gzip
 import json
-import os
 import sys
 import tempfile
 import time

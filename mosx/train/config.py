@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 __all__ = ["TrainConfig", "PRESETS", "make_config", "build_parser", "config_from_args"]

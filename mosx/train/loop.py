@@ -6,7 +6,6 @@ and exact resume.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -231,14 +230,6 @@ def _load_init(model: Classifier, path: str):
         raise ValueError(f"--init {path}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def _call_with_supported(fn, *args, **kwargs):
-    """Call fn with the keyword arguments its signature accepts (the masking API is optional)."""
-    sig = inspect.signature(fn)
-    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
-    return fn(*args, **kwargs)
-
-
 def _unwrap(m):
     return m.module if hasattr(m, "module") else m
 
@@ -359,9 +350,8 @@ def _train(cfg, rt, data, val_data, groups, log):
                        y.to(rt.device))
 
         with rt.autocast():
-            flood_b = float(_call_with_supported(unleash.estimate_flood_level, model, est_batches(),
-                                                 lambda logits, y: loss_fn(logits, y),
-                                                 keep=cfg.um_estimate, seed=cfg.seed))
+            flood_b = unleash.estimate_flood_level(model, est_batches(), lambda logits, y: loss_fn(logits, y),
+                                                   keep=cfg.um_estimate, seed=cfg.seed)
         if rt.world > 1:  # one b for all processes: the mean of their estimates
             t = torch.tensor([flood_b], device=rt.device, dtype=torch.float64)
             dist.all_reduce(t)
