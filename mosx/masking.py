@@ -11,7 +11,9 @@
 * Backward is straight-through, as in edge-popup where the mask is computed from ``scores.abs()``:
   ``grad_scores = grad * weight * sign(scores)`` (sign(0) = 0; the sign is the derivative of the
   |.| that the ranking applies), for every entry, kept or not, so pruned weights can come back;
-  ``grad_weight = where(mask, grad, 0)``.
+  ``grad_weight = where(mask, grad, 0)``. A score that is exactly 0 gets no gradient (as with
+  edge-popup's autograd through ``abs``): initialise scores away from 0 (mosx.unleash's
+  "magnitude" init gives 0 to weights that are exactly 0, e.g. a zero-initialised head).
 
 The numerical derivative w.r.t. the scores is zero almost everywhere (the mask is piecewise
 constant), so only the weight path can be checked with finite differences; the score path is the
