@@ -376,39 +376,23 @@ def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_
     key = hashlib.blake2b(f"{fingerprint}|{_data_fingerprint(images, transform_key)}|{opts['precision']}".encode(),
                           digest_size=8).hexdigest()
     path = os.path.join(cache_root, f"{_safe(images.name)}-{key}")
-    cached = _load_cache(path)
+    cached = _load_cache(path) if rt.main else None
     exists = cached is not None
-    if rt.world > 1:  # every rank must agree on whether to run
+    if rt.world > 1:  # rank 0's cache decides (no shared file system needed)
         t = torch.tensor([int(exists)], device=rt.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.broadcast(t, 0)
         exists = bool(t.item())
     if exists:
-        return (cached if rt.main else None), 0.0, 0
-    os.makedirs(path, exist_ok=True)
+        return cached, 0.0, 0
+    if rt.main:
+        os.makedirs(path, exist_ok=True)
     dataset = _ImageDataset(images, transform, shape, tensor_transform)
     n = len(images)
     idx = range(rt.rank, n, rt.world)
     z, f, ok, seconds, count = _extract(model, dataset, idx, desc=f"{images.name}" + (f" [rank {rt.rank}]" if rt.world > 1 else ""),
                                         **{k: opts[k] for k in ("batch_size", "workers", "device", "precision", "channels_last", "progress")})
     if rt.world > 1:
-        shard = os.path.join(path, f"shard-{rt.rank}-of-{rt.world}.npz")
-        tmp = shard + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, logits=z if z is not None else np.zeros((0, 0), np.float16),
-                 features=f if f is not None else np.zeros((0, 0), np.float16), ok=ok)
-        os.replace(tmp, shard)
-        rt.barrier()
-        if rt.main:
-            parts = [np.load(os.path.join(path, f"shard-{r}-of-{rt.world}.npz")) for r in range(rt.world)]
-            L = max(p["logits"].shape[1] for p in parts if p["logits"].size) if n else 0
-            D = max(p["features"].shape[1] for p in parts if p["features"].size) if n else 0
-            z = np.empty((n, L), np.float16)
-            f = np.empty((n, D), np.float16)
-            ok = np.empty(n, bool)
-            for r, p in enumerate(parts):
-                if p["ok"].size:
-                    z[r::rt.world], f[r::rt.world], ok[r::rt.world] = p["logits"], p["features"], p["ok"]
-            for r in range(rt.world):
-                os.remove(os.path.join(path, f"shard-{r}-of-{rt.world}.npz"))
+        z, f, ok = _gather_rows(rt, n, [z, f, ok])
     if rt.main:
         _save_npy(os.path.join(path, "logits.npy"), z)
         _save_npy(os.path.join(path, "features.npy"), f)
@@ -423,6 +407,28 @@ def _cache_set(model, images: ImageList, transform, transform_key, shape, cache_
         os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
     rt.barrier()
     return (_load_cache(path) if rt.main else None), seconds, count
+
+
+def _gather_rows(rt: _Dist, n: int, arrays: list) -> list:
+    """Rank r holds rows r, r + world, ...: gather every rank's arrays on rank 0 in the original order
+    (None elsewhere). Goes through torch.distributed, so ranks need not share a file system."""
+    parts = [None] * rt.world if rt.main else None
+    torch.distributed.gather_object(arrays, parts, dst=0)
+    if not rt.main:
+        return [None] * len(arrays)
+    out = []
+    for k in range(len(arrays)):
+        pieces = [p[k] for p in parts]
+        ref = next((a for a in pieces if a is not None and len(a)), None)
+        if ref is None:
+            out.append(None)
+            continue
+        full = np.empty((n,) + ref.shape[1:], ref.dtype)
+        for r, a in enumerate(pieces):
+            if a is not None and len(a):
+                full[r::rt.world] = a
+        out.append(full)
+    return out
 
 
 def _safe(name: str) -> str:
@@ -558,9 +564,6 @@ def evaluate(
     for spec in specs if specs is not None else _default_scores(g is not None, have_fit):
         s = spec if isinstance(spec, S.Scorer) else S.build_scorer(str(spec), groups=g)
         name = spec if isinstance(spec, str) else s.name
-        if "inputs" in s.needs:
-            raise ValueError(f"evaluate: scorer {name!r} perturbs the input, which the feature cache cannot "
-                             "serve; use mosx.scores directly (select_eps) for ODIN/Mahalanobis with eps > 0")
         if s.needs_fit and not have_fit:
             raise ValueError(f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
                              "(--fit-data) or fit_on_id=True (--fit-on-id)")
@@ -650,8 +653,6 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         ran, backbone_s = int(t[0]), float(mx[1])
     ips = ran / backbone_s if ran and backbone_s > 0 else None
-    if not rt.main:
-        return None
 
     def data_of(c: _Cached) -> dict:
         keep = np.flatnonzero(c.ok)
@@ -663,7 +664,7 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
     # ---- fit, then every score from the cache
     timings = {}
     fit_src = caches.get("fit") if fit_images is not None else (caches["id"] if fit_on_id else None)
-    if fit_src is not None and any(s.needs_fit for s in scorers.values()):
+    if rt.main and fit_src is not None and any(s.needs_fit for s in scorers.values()):
         d = data_of(fit_src)
         if (d["labels"] < 0).any():
             d.pop("labels")  # unlabelled fit data: Mahalanobis uses predicted classes
@@ -673,12 +674,31 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
                 t0 = time.perf_counter()
                 S.fit_all({name: s}, d, device=dev)
                 timings[name] = time.perf_counter() - t0
+    # ---- scorers that perturb the input (ODIN / Mahalanobis with eps > 0): a gradient pass per set
+    input_scorers = {k: v for k, v in scorers.items() if "inputs" in v.needs}
+    perturbed = {}
+    if input_scorers:
+        if rt.world > 1:  # the statistics were fitted on rank 0
+            box = [input_scorers if rt.main else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            input_scorers = box[0]
+        for m, s in input_scorers.items():
+            t0 = time.perf_counter()
+            for set_name in ["id", *ood_images]:
+                perturbed.setdefault(m, {})[set_name] = _perturbed_scores(
+                    model, sets[set_name], s, rt, opts, transform, shape, f"{m} {set_name}")
+            timings[m] = timings.get(m, 0.0) + time.perf_counter() - t0
+    if not rt.main:
+        return None
     score_sets = {}
+    cached_scorers = {k: v for k, v in scorers.items() if k not in input_scorers}
     for set_name in ["id", *ood_images]:
         d = data_of(caches[set_name])
         d.pop("labels")
-        out = S.score_all(scorers, d, device=dev, timings=timings)
-        for m, v in out.items():
+        out = S.score_all(cached_scorers, d, device=dev, timings=timings) if cached_scorers else {}
+        keep = np.flatnonzero(caches[set_name].ok)
+        for m in scorers:
+            v = out[m] if m in out else torch.from_numpy(perturbed[m][set_name][keep])
             score_sets.setdefault(m, {})[set_name] = v
     metrics, averages = {}, {}
     for m, per in score_sets.items():
@@ -725,6 +745,45 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
             extra.append(f"{skipped} unreadable image(s) skipped")
         print("\n".join(extra))
     return res
+
+
+def _perturbed_scores(model, images, scorer, rt: _Dist, opts, transform, shape, desc):
+    """Scores of a scorer that needs inputs + model (a gradient per batch), sharded over ranks;
+    the full [N] float32 array on rank 0 (None elsewhere). Rows of unreadable images are 0."""
+    dev = opts["device"]
+    dataset = _ImageDataset(images, transform[0], shape, transform[1])
+    sub = torch.utils.data.Subset(dataset, list(range(rt.rank, len(images), rt.world)))
+    loader = torch.utils.data.DataLoader(sub, batch_size=opts["batch_size"], shuffle=False,
+                                         num_workers=opts["workers"], pin_memory=dev.type == "cuda")
+    out = np.zeros(len(sub), np.float32)
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # gradients w.r.t. the input only
+        p.requires_grad_(False)
+    bar = None
+    if opts["progress"]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sub), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        lo = 0
+        for x, _, ok in loader:
+            x = x.to(dev, non_blocking=True)
+            if opts["channels_last"] and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(dev, opts["precision"]):
+                sc = scorer.score(inputs=x, model=model)
+            out[lo:lo + len(ok)] = sc.float().cpu().numpy()
+            lo += len(ok)
+            if bar is not None:
+                bar.update(len(ok))
+    finally:
+        for p, r in zip(model.parameters(), grads):
+            p.requires_grad_(r)
+        if bar is not None:
+            bar.close()
+    if rt.world > 1:
+        return _gather_rows(rt, len(images), [out])[0]
+    return out
 
 
 def _write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool) -> dict:

@@ -377,7 +377,10 @@ class Mahalanobis(Scorer):
     """Mahalanobis (Lee et al., 2018), on the features feeding the final layer: class means and one
     tied covariance; score = -min_c (f - mu_c)^T Sigma^+ (f - mu_c) (pseudo-inverse as the reference
     code; `regularization` adds that fraction of the mean variance to the diagonal first).
-    Computed for all classes as one product in whitened coordinates.
+    Computed for all classes as one product in whitened coordinates, in `dtype`: float64 by default,
+    because that expansion cancels when classes lie far apart relative to their spread (float32
+    then loses about 1e-7 of the squared distance between class means); float32 is about twice as
+    fast on a CPU.
 
     eps > 0 adds the paper's input perturbation x^ = x - eps * sign(grad_x d_c*(x)), c* the closest
     class; that needs `inputs` and `model` (features found by :func:`model_outputs`).
@@ -388,11 +391,14 @@ class Mahalanobis(Scorer):
     name = "mahalanobis"
     fit_needs = ("features", "labels")
 
-    def __init__(self, eps: float = 0.0, regularization: float = 0.0):
+    def __init__(self, eps: float = 0.0, regularization: float = 0.0, dtype: torch.dtype = torch.float64):
         super().__init__()
         if eps < 0 or regularization < 0:
             raise ValueError("mahalanobis: eps and regularization must be >= 0")
-        self.eps, self.regularization = float(eps), float(regularization)
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)  # spec strings
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"mahalanobis: dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.eps, self.regularization, self.dtype = float(eps), float(regularization), dtype
 
     @property
     def needs(self):
@@ -425,16 +431,19 @@ class Mahalanobis(Scorer):
         # Pseudo-inverse cut-off as numpy/torch pinv: relative to the largest eigenvalue.
         keep = evals > evals.max().clamp_min(0) * cov.shape[0] * torch.finfo(torch.float64).eps
         self._whiten = evecs[:, keep] / evals[keep].sqrt()  # Sigma^+ = W W^T
-        self._means_w = means @ self._whiten
+        # Distances are expanded as |g|^2 - 2 g.m + |m|^2 (one matrix product); centring on the mean
+        # of the class means keeps those terms small, so float32 does not cancel catastrophically.
+        self._center = means.mean(0)
+        self._means_w = (means - self._center) @ self._whiten
         self._means_sq = (self._means_w**2).sum(1)
         self._classes = present.nonzero().squeeze(1)
         self._dim = f.shape[1]
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C'] squared Mahalanobis distances to every fitted class mean."""
-        f = _matrix(features, "features", self.name, self._dim)
+        f = _matrix(features, "features", self.name, self._dim).to(self.dtype)
         w = self._whiten.to(f.device, f.dtype)
-        g = f @ w
+        g = (f - self._center.to(f.device, f.dtype)) @ w
         d = (g * g).sum(1, keepdim=True) - 2.0 * g @ self._means_w.to(f.device, f.dtype).T
         return (d + self._means_sq.to(f.device, f.dtype)).clamp_min(0)
 

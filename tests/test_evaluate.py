@@ -169,8 +169,6 @@ def test_bad_input_stops_before_work(folders, tmp_path):
         E.evaluate(net(5), idp, far, groups=[2, 1], scores=["msp"], **common(tmp_path))
     with pytest.raises(ValueError, match="unknown scorer"):
         E.evaluate(model, idp, far, scores=["magic"], **common(tmp_path))
-    with pytest.raises(ValueError, match="perturbs the input"):
-        E.evaluate(model, idp, far, scores=["odin:eps=0.01"], **common(tmp_path))
     assert model.calls == 0
 
 
@@ -220,7 +218,7 @@ def _worker(rank, world, port, root, out, result_file):
     model = net()
     res = E.evaluate(model, os.path.join(root, "id"), {"far": os.path.join(root, "ood_far"),
                                                        "near": os.path.join(root, "near.txt")},
-                     scores=["msp", "energy"], out_dir=out, image_size=SIZE, batch_size=4, workers=0,
+                     scores=["msp", "energy", "odin:temperature=10,eps=0.005"], out_dir=out, image_size=SIZE, batch_size=4, workers=0,
                      device="cpu", precision="fp32", progress=False, verbose=False, plots=False)
     if rank == 0:
         torch.save({"scores": res.scores, "metrics": {m: {o: v.as_dict() for o, v in p.items()} for m, p in res.metrics.items()},
@@ -239,9 +237,9 @@ def test_distributed_gloo_two_processes(folders, tmp_path):
                        nprocs=2, join=True, start_method="fork")
     got = torch.load(result_file, weights_only=False)
     single = E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
-                        scores=["msp", "energy"], plots=False, **common(tmp_path))
+                        scores=["msp", "energy", "odin:temperature=10,eps=0.005"], plots=False, **common(tmp_path))
     assert got["counts"] == single.counts and got["unreadable"] == single.unreadable
-    for m in ("msp", "energy"):
+    for m in ("msp", "energy", "odin:temperature=10,eps=0.005"):
         for s in ("id", "far", "near"):  # every image scored once, in the original order
             np.testing.assert_allclose(got["scores"][m][s], single.scores[m][s], atol=1e-4)
         for o in ("far", "near"):  # metrics over all ranks' images = metrics of the gathered scores
@@ -293,3 +291,34 @@ def test_cli_with_a_trainer_model_file(folders, tmp_path):
     (tmp_path / "classes.txt").write_text("cat\ndog\nemu\n")
     assert E.main(args + ["--classes", str(tmp_path / "classes.txt")]) == 2
     assert E.main(args + ["--groups", "1,2"]) == 2
+
+
+def test_input_perturbation_scorers(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far")}
+    specs = ["odin:temperature=10,eps=0.01", "mahalanobis:eps=0.01", "mahalanobis"]
+    res = E.evaluate(model, str(folders / "id"), ood, scores=specs, fit_on_id=True, plots=False, **common(tmp_path))
+    tf = E.make_transform(SIZE)
+    from PIL import Image
+
+    def images(name):
+        il = E.image_list(str(folders / name), name)
+        xs = []
+        for p in il.paths:
+            try:
+                xs.append(tf(Image.open(p).convert("RGB")))
+            except Exception:
+                pass
+        return torch.stack(xs)
+
+    x_id, x_far = images("id"), images("ood_far")
+    odin = S.ODIN(10, 0.01)
+    np.testing.assert_allclose(res.scores[specs[0]]["far"], odin.score(inputs=x_far, model=model), atol=1e-6)
+    # fit on exactly the cached fp16 features: this untrained net's features barely vary, so one fp16
+    # ulp moves the covariance visibly
+    (cache,) = (tmp_path / "out" / "cache").glob("id-*")
+    f_id = torch.from_numpy(np.load(cache / "features.npy")).float()
+    labels = torch.arange(3).repeat_interleave(7)
+    maha = S.Mahalanobis(eps=0.01).fit(features=f_id, labels=labels)
+    np.testing.assert_allclose(res.scores[specs[1]]["id"], maha.score(inputs=x_id, model=model), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(res.scores[specs[1]]["id"], res.scores[specs[2]]["id"])

@@ -141,6 +141,17 @@ def test_mahalanobis(gen, device, n, d, c):
         m.score(features=f[:, :-1].to(device))
 
 
+def test_mahalanobis_float32_option(gen):
+    f_fit, f = rand(gen, 200, 6).float(), rand(gen, 30, 6).float()
+    y = torch.arange(200) % 4
+    a = S.Mahalanobis().fit(features=f_fit, labels=y).score(features=f)
+    b = S.build_scorer("mahalanobis:dtype=float32").fit(features=f_fit, labels=y).score(features=f)
+    assert a.dtype == torch.float64 and b.dtype == torch.float32
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dtype"):
+        S.Mahalanobis(dtype=torch.float16)
+
+
 def test_mahalanobis_labels_from_logits_and_regularization(gen):
     f_fit, f = rand(gen, 100, 5), rand(gen, 10, 5)
     z_fit = rand(gen, 100, 3)
