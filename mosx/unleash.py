@@ -203,8 +203,20 @@ def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, 
 def _init_scores(weight: torch.Tensor, score_init: str, generator: Optional[torch.Generator]) -> torch.Tensor:
     w = weight.detach()
     if score_init == "magnitude":
-        # |w|: the initial mask is magnitude pruning of the trained weights.
-        return w.abs().clone()
+        # |w|: the initial mask is magnitude pruning of the trained weights. Weights that are
+        # exactly 0 (a zero-initialised head) get small random scores below every nonzero |w|:
+        # a zero score would get no straight-through gradient and never move.
+        s = w.abs().clone()
+        zero = s == 0
+        if bool(zero.any()):
+            nonzero = s[~zero]
+            if nonzero.numel():
+                top = float(nonzero.min()) * 0.5
+            else:
+                top = 1.0 / math.sqrt(w[0].numel() if w.dim() > 1 else max(w.numel(), 1))
+            r = torch.rand(w.shape, generator=generator, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+            s = torch.where(zero, (0.5 + 0.5 * r) * top, s)
+        return s
     if score_init == "kaiming_uniform":
         # edge-popup's initialisation (bound of nn.init.kaiming_uniform_ with a = sqrt(5)).
         fan_in = w[0].numel() if w.dim() > 1 else w.numel()
@@ -346,7 +358,8 @@ def apply_masks(model: nn.Module, keep: float = 0.8, layers: LayerSelector = Non
     WeightMask parametrization. train_weights=False freezes the masked layers' weights and
     biases (only the scores train); True leaves their requires_grad as it was. Other parameters
     are left as they are. score_init: "magnitude" (|w|, the
-    initial mask is magnitude pruning) or "kaiming_uniform" (edge-popup's; drawn from a CPU
+    initial mask is magnitude pruning; exact zeros get small random scores below every nonzero
+    |w|) or "kaiming_uniform" (edge-popup's; drawn from a CPU
     generator seeded with `seed`). Layers already masked are skipped.
     """
     keep = _check_keep(keep, "apply_masks")

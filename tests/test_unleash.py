@@ -119,6 +119,32 @@ def test_magnitude_init_is_magnitude_pruning(gen):
     assert torch.equal(net[0].mask(), top_k_mask(lin.weight, 0.25))
 
 
+def test_magnitude_init_gives_zero_weights_movable_scores(gen):
+    lin = nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(6, 8, generator=gen))
+        lin.weight[:2] = 0
+    zero_head = nn.Linear(6, 3)
+    nn.init.zeros_(zero_head.weight)
+    net = nn.Sequential(lin, zero_head)
+    apply_masks(net, keep=0.5, train_weights=True, seed=0)
+    s = net[0].scores.detach()
+    assert torch.all(s[:2] > 0) and torch.all(s[:2] < s[2:].min())  # ranking of |w| kept
+    assert torch.equal(s[2:], lin.weight[2:].abs())
+    assert torch.all(net[1].scores > 0)
+    # grad_scores = grad * w * sign(s): zero weights give none until they train away from 0;
+    # then the kept head weights' scores move (with zero scores, sign 0 would block them).
+    x = torch.randn(4, 8, generator=gen)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).square().sum().backward()
+    assert torch.all(net[1].scores.grad == 0)
+    opt.step()
+    opt.zero_grad()
+    net(x).square().sum().backward()
+    kept = net[1].mask()
+    assert torch.all(net[1].scores.grad[kept] != 0)
+
+
 def test_frozen_weights_train_only_scores(gen):
     net = small_net(gen)
     weights_before = [p.detach().clone() for p in net.parameters()]
