@@ -38,7 +38,7 @@ from . import metrics as M
 from . import scores as S
 from .groups import Groups, as_groups
 
-__all__ = ["evaluate", "EvalResult", "ImageList", "image_list", "main"]
+__all__ = ["evaluate", "combine", "EvalResult", "ImageList", "image_list", "load_model", "make_transform", "main"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CACHE_FORMAT = "mosx.evalcache/1"
@@ -442,14 +442,33 @@ class EvalResult:
 
     metrics: dict
     averages: dict
-    id_accuracy: Optional[float]
-    grouped: bool
-    images_per_s: Optional[float]
+    id_accuracy: Optional[float]  # a dict {model label: accuracy} for combined results
+    grouped: bool  # (dict {label: grouped} when combined)
+    images_per_s: Optional[float]  # (dict when combined)
     scorer_seconds: dict
     unreadable: dict  # set name -> [paths]
     counts: dict  # set name -> images scored
     scores: dict = field(default_factory=dict)  # method -> {set: np.ndarray}
     files: dict = field(default_factory=dict)  # what was written where
+
+    def summary(self, tpr_level: float = 0.95) -> str:
+        """The table plus accuracy, throughput, scorer times and skipped images."""
+        out = [self.table(tpr_level)]
+        accs = self.id_accuracy if isinstance(self.id_accuracy, dict) else \
+            {("grouped" if self.grouped else "flat"): self.id_accuracy}
+        for k, a in accs.items():
+            if a is not None:
+                out.append(f"ID accuracy ({k}): {100 * a:.2f}%")
+        ips = self.images_per_s if isinstance(self.images_per_s, dict) else {"": self.images_per_s}
+        for k, v in ips.items():
+            if v:
+                out.append(f"backbone{' (' + k + ')' if k else ''}: {v:.1f} images/s")
+        out.append("scorer time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.scorer_seconds.items()))
+        skipped = sum(len(v) for v in self.unreadable.values())
+        if skipped:
+            out.append(f"{skipped} unreadable image(s) skipped: "
+                       + ", ".join(f"{k} {len(v)}" for k, v in self.unreadable.items() if v))
+        return "\n".join(out)
 
     def table(self, tpr_level: float = 0.95) -> str:
         sets = list(next(iter(self.metrics.values()))) if self.metrics else []
@@ -733,18 +752,28 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
                                                            fit="fit_data" if fit_images is not None else ("id (optimistic)" if fit_on_id else None)),
                                    plots)
     if verbose:
-        print(res.table(tpr))
-        extra = []
-        if acc is not None:
-            extra.append(f"ID accuracy ({'grouped' if g is not None else 'flat'}): {100 * acc:.2f}%")
-        if ips:
-            extra.append(f"backbone {ips:.1f} images/s")
-        extra.append("scorer time: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()))
-        skipped = sum(len(v) for v in unreadable.values())
-        if skipped:
-            extra.append(f"{skipped} unreadable image(s) skipped")
-        print("\n".join(extra))
+        print(res.summary(tpr))
     return res
+
+
+def combine(results: Mapping[str, EvalResult]) -> EvalResult:
+    """One result from several models' results on the same sets (e.g. {"grouped": .., "flat": ..}):
+    methods side by side (a method name present twice gets " (label)" appended); accuracy, images/s,
+    grouped flag as {label: value}."""
+    names = [m for r in results.values() for m in r.metrics]
+    metrics, averages, scores, timings = {}, {}, {}, {}
+    for label, r in results.items():
+        for m in r.metrics:
+            key = f"{m} ({label})" if names.count(m) > 1 else m
+            metrics[key], averages[key] = r.metrics[m], r.averages[m]
+            if m in r.scores:
+                scores[key] = r.scores[m]
+            if m in r.scorer_seconds:
+                timings[key] = r.scorer_seconds[m]
+    first = next(iter(results.values()))
+    return EvalResult(metrics, averages, {k: r.id_accuracy for k, r in results.items()},
+                      {k: r.grouped for k, r in results.items()}, {k: r.images_per_s for k, r in results.items()},
+                      timings, first.unreadable, first.counts, scores=scores)
 
 
 def _perturbed_scores(model, images, scorer, rt: _Dist, opts, transform, shape, desc):
@@ -919,6 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="timm architecture for a .npz or a plain state dict")
     p.add_argument("--weights", help="local weights for a timm model name")
     p.add_argument("--num-classes", type=int, help="output width when building a timm model")
+    p.add_argument("--flat-model", help="a second, flat model scored in the same run (baselines beside MOS); "
+                                         "same loading rules as --model (--flat-arch/--flat-weights)")
+    p.add_argument("--flat-arch")
+    p.add_argument("--flat-weights")
+    p.add_argument("--flat-scores", help="scorer specs for the flat model (default: the baselines)")
     p.add_argument("--groups", help="grouping of a grouped model: groups .json, list file, or sizes '398,521,...'")
     p.add_argument("--classes", help="file with the expected class names, one per line (checked against the ID folder)")
     p.add_argument("--id", required=True, help="ID images: folder (class sub-folders) or list file")
@@ -982,12 +1016,34 @@ def main(argv=None) -> int:
                 raise ValueError(f"--classes ({len(given)} names) does not match the class list stored in "
                                  f"{args.model} ({len(class_names)} names)")
             class_names = given
-        evaluate(model, args.id, ood, groups=groups, scores=_split_scores(args.scores), fit_data=args.fit_data,
-                 fit_on_id=args.fit_on_id, class_names=class_names, out_dir=args.out, cache_dir=args.cache_dir,
-                 image_size=args.image_size, resize=args.resize, mean=args.mean, std=args.std,
-                 batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
-                 channels_last=not args.no_channels_last, tpr=args.tpr, positive=args.positive,
-                 fpr_rule=args.fpr_rule, aupr=args.aupr, plots=not args.no_plots, progress=not args.no_progress)
+        common = dict(fit_data=args.fit_data, fit_on_id=args.fit_on_id, class_names=class_names,
+                      image_size=args.image_size, resize=args.resize, mean=args.mean, std=args.std,
+                      batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+                      channels_last=not args.no_channels_last, tpr=args.tpr, positive=args.positive,
+                      fpr_rule=args.fpr_rule, aupr=args.aupr, progress=not args.no_progress)
+        if not args.flat_model:
+            evaluate(model, args.id, ood, groups=groups, scores=_split_scores(args.scores), out_dir=args.out,
+                     cache_dir=args.cache_dir, plots=not args.no_plots, **common)
+            return 0
+        flat, finfo = load_model(args.flat_model, arch=args.flat_arch, weights=args.flat_weights,
+                                 num_classes=args.num_classes)
+        if finfo.get("groups") is not None:
+            raise ValueError("--flat-model holds a grouped model; give the flat baseline there")
+        if class_names is not None and finfo.get("class_names") is not None and list(finfo["class_names"]) != list(class_names):
+            raise ValueError("--flat-model's class list differs from --model's")
+        cache = args.cache_dir or os.path.join(args.out, "cache")
+        runs = {}
+        for label, (m, g, sc) in {"grouped" if groups is not None else "model": (model, groups, args.scores),
+                                  "flat": (flat, None, args.flat_scores)}.items():
+            runs[label] = evaluate(m, args.id, ood, groups=g, scores=_split_scores(sc), out_dir=None, cache_dir=cache,
+                                   plots=False, verbose=False, **common)
+        if runs["flat"] is not None:  # rank 0
+            res = combine(runs)
+            os.makedirs(args.out, exist_ok=True)
+            res.files = _write_outputs(res, args.out, args.tpr, dict(positive=args.positive, fpr_rule=args.fpr_rule,
+                                                                     aupr=args.aupr, fit=args.fit_data or ("id (optimistic)" if args.fit_on_id else None)),
+                                       not args.no_plots)
+            print(res.summary(args.tpr))
     except (ValueError, FileNotFoundError) as e:
         print(f"mosx eval: {e}", file=sys.stderr)
         return 2

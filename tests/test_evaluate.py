@@ -322,3 +322,26 @@ def test_input_perturbation_scorers(folders, tmp_path):
     maha = S.Mahalanobis(eps=0.01).fit(features=f_id, labels=labels)
     np.testing.assert_allclose(res.scores[specs[1]]["id"], maha.score(inputs=x_id, model=model), rtol=1e-4, atol=1e-4)
     assert not np.allclose(res.scores[specs[1]]["id"], res.scores[specs[2]]["id"])
+
+
+def test_cli_grouped_and_flat_models_in_one_table(folders, tmp_path, capsys):
+    groups = mosx.Groups.from_sizes([2, 1])
+    grouped, flat = net(groups.num_logits, seed=1), net(3, seed=2)
+    gpath, fpath = tmp_path / "g.pt", tmp_path / "f.pt"
+    torch.save(grouped, gpath)
+    torch.save(flat, fpath)
+    out = tmp_path / "both"
+    rc = E.main(["--model", str(gpath), "--groups", "2,1", "--flat-model", str(fpath), "--flat-scores", "msp,energy",
+                 "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--out", str(out),
+                 "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
+                 "--precision", "fp32"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ID accuracy (grouped)" in printed and "ID accuracy (flat)" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["metrics"]) == ["mos", "msp", "energy"]
+    assert set(doc["id_accuracy"]) == {"grouped", "flat"}
+    single = E.evaluate(flat, str(folders / "id"), {"far": str(folders / "ood_far")}, scores=["msp"], plots=False,
+                        **common(tmp_path))
+    assert doc["metrics"]["msp"]["far"]["auroc"] == pytest.approx(single.metrics["msp"]["far"].auroc, abs=1e-12)
+    assert doc["id_accuracy"]["flat"] == pytest.approx(single.id_accuracy)
