@@ -1,16 +1,20 @@
 """Speed of mosx.metrics on 10M scores (5M ID + 5M OOD).
 
     pytest bench/bench_metrics.py --benchmark-only
-Runs on the CPU, and on the GPU when one is present. Continuous scores (all distinct) and heavily
+Runs on the CPU, and on the GPU when one is present. MOSX_BENCH_QUICK=1: 100k scores, one round. Continuous scores (all distinct) and heavily
 tied scores (rounded to 3 decimals) are both timed.
 """
+
+import os
 
 import pytest
 import torch
 
 import mosx.metrics as M
 
-N = 5_000_000
+QUICK = os.environ.get("MOSX_BENCH_QUICK", "0") == "1"  # CI: small sizes, one round
+N = 50_000 if QUICK else 5_000_000
+ROUNDS = 1 if QUICK else 3
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -25,21 +29,21 @@ def scores(device, kind):
 
 @pytest.mark.parametrize("kind", ["distinct", "tied"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_ood_metrics_10M(benchmark, device, kind):
+def test_ood_metrics(benchmark, device, kind):
     ids, oods = scores(device, kind)
-    benchmark.group = f"metrics 10M {device}"
-    m = benchmark.pedantic(M.ood_metrics, args=(ids, oods), rounds=3, warmup_rounds=1)
+    benchmark.group = f"metrics {2 * N} {device}"
+    m = benchmark.pedantic(M.ood_metrics, args=(ids, oods), rounds=ROUNDS, warmup_rounds=0 if QUICK else 1)
     assert 0.7 < m.auroc < 0.8  # N(1,1) vs N(0,1): AUROC = Phi(1/sqrt 2) = 0.760
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sklearn_roc_auc_10M_for_reference(benchmark, device):
+def test_sklearn_roc_auc_for_reference(benchmark, device):
     # The usual way: scikit-learn on the host, one metric only.
     skm = pytest.importorskip("sklearn.metrics")
     import numpy as np
 
     ids, oods = scores(device, "distinct")
-    benchmark.group = f"metrics 10M {device}"
+    benchmark.group = f"metrics {2 * N} {device}"
 
     def run():
         s = torch.cat([ids, oods]).cpu().numpy()

@@ -2,7 +2,10 @@
 1,008 for MOS) and 2,048-d features, read through mosx.scores.score_all as the evaluator does.
 
     pytest bench/bench_scores.py --benchmark-only
+MOSX_BENCH_QUICK=1: 500 rows, 256-d features, one round.
 """
+
+import os
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ import torch
 import mosx
 from mosx import scores as S
 
-N, C, D = 10_000, 1000, 2048
+QUICK = os.environ.get("MOSX_BENCH_QUICK", "0") == "1"  # CI: small sizes, one round
+N, C, D = (500, 1000, 256) if QUICK else (10_000, 1000, 2048)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -41,5 +45,5 @@ def test_score_10k_rows(benchmark, cache, spec, device):
     S.fit_all({spec: s}, data, device=device)
     data.pop("labels")
     benchmark.group = f"scores {N} rows {device}"
-    out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=2, warmup_rounds=1)
+    out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=1 if QUICK else 2, warmup_rounds=0 if QUICK else 1)
     assert out.shape == (N,) and torch.isfinite(out).all()

@@ -555,6 +555,8 @@ def evaluate(
     # ---- every check before any work
     if not ood_data:
         raise ValueError("evaluate: give at least one OOD set")
+    if out_dir is None and cache_dir is None:
+        raise ValueError("evaluate: give out_dir or cache_dir (the logits/features cache lives on disk)")
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"evaluate: precision must be bf16, fp16 or fp32, got {precision!r}")
     M._check_options("evaluate", positive, fpr_rule, aupr)
@@ -577,6 +579,9 @@ def evaluate(
             f"({len(id_images.class_names)}); first difference at index {diff}: "
             f"{(list(class_names) + [None])[min(diff, len(class_names))]!r} vs "
             f"{(id_images.class_names + [None])[min(diff, len(id_images.class_names))]!r}")
+    if g is not None and id_images.class_names is not None and len(id_images.class_names) != g.num_classes:
+        raise ValueError(f"evaluate: the grouping has {g.num_classes} classes but the ID folder has "
+                         f"{len(id_images.class_names)}")
     specs = list(scores) if scores is not None else None
     have_fit = fit_data is not None or fit_on_id
     scorer_objs = {}
@@ -643,8 +648,6 @@ def evaluate(
 def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, transform, transform_key, shape,
          dev, rt, out_dir, cache_dir, batch_size, workers, precision, channels_last, tpr, positive, fpr_rule, aupr,
          plots, progress, verbose):
-    if out_dir is None and cache_dir is None:
-        raise ValueError("evaluate: give out_dir or cache_dir (the logits/features cache lives on disk)")
     cache_root = cache_dir or os.path.join(out_dir, "cache")
     if rt.main:
         os.makedirs(cache_root, exist_ok=True)

@@ -161,6 +161,10 @@ def test_bad_input_stops_before_work(folders, tmp_path):
         E.evaluate(model, idp, {}, **common(tmp_path))
     with pytest.raises(ValueError, match="outputs 3 logits but the grouping needs 5"):
         E.evaluate(model, idp, far, groups=[2, 1], **common(tmp_path))
+    with pytest.raises(ValueError, match="grouping has 4 classes but the ID folder has 3"):
+        E.evaluate(net(6), idp, far, groups=[2, 2], **common(tmp_path))
+    with pytest.raises(ValueError, match="out_dir or cache_dir"):
+        E.evaluate(model, idp, far, out_dir=None, progress=False)
     with pytest.raises(ValueError, match="class list"):
         E.evaluate(model, idp, far, class_names=["cat", "dog", "emu"], **common(tmp_path))
     with pytest.raises(ValueError, match="fit_data"):
