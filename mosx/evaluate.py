@@ -690,7 +690,6 @@ def _run(model, head, g, id_images, ood_images, fit_images, fit_on_id, scorers, 
         d = data_of(fit_src)
         if (d["labels"] < 0).any():
             d.pop("labels")  # unlabelled fit data: Mahalanobis uses predicted classes
-        d = {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for k, v in d.items()}
         for name, s in scorers.items():
             if s.needs_fit:
                 t0 = time.perf_counter()

@@ -73,6 +73,36 @@ def _matrix(x, name: str, who: str, cols: Optional[int] = None) -> torch.Tensor:
     return x.to(_compute_dtype(x))
 
 
+def _check_2d(x, name: str, who: str) -> None:
+    """Shape/dtype checks on a tensor or array without loading it (it may be a large memmap)."""
+    if x is None:
+        raise ValueError(f"{who}: needs `{name}`")
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"{who}: {name} must be 2-D, got shape {shape}")
+    dt = x.dtype
+    floating = dt.is_floating_point if isinstance(dt, torch.dtype) else getattr(dt, "kind", "") == "f"
+    if not floating:
+        raise TypeError(f"{who}: {name} must be floating point, got {dt}")
+
+
+def _row_chunks(x, device, chunk: int = 65536, dtype=torch.float64):
+    """Row blocks of a tensor or array (e.g. a memmap of the fp16 cache) as `dtype` on `device`."""
+    for lo in range(0, x.shape[0], chunk):
+        t = x[lo:lo + chunk]
+        if not isinstance(t, torch.Tensor):
+            import numpy as np
+
+            t = torch.from_numpy(np.array(t))
+        yield lo, t.to(device=device, dtype=dtype)
+
+
+def _fit_device(x, device):
+    if device is not None:
+        return torch.device(device)
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
 def _same_rows(who: str, **named):
     rows = {k: v.shape[0] for k, v in named.items()}
     if len(set(rows.values())) > 1:
@@ -350,14 +380,19 @@ class KLMatching(Scorer):
 
     name = "kl_matching"
     fit_needs = ("logits",)
+    streaming_fit = True  # fit() reads its data in row blocks: arrays/memmaps need not fit in memory
 
-    def _fit(self, logits=None, **_):
-        z = _matrix(logits, "logits", self.name).to(torch.float64)
-        p = torch.softmax(z, dim=1)
-        pred = p.argmax(dim=1)
-        C = z.shape[1]
-        sums = torch.zeros(C, C, dtype=torch.float64, device=z.device).index_add_(0, pred, p)
-        counts = torch.bincount(pred, minlength=C)
+    def _fit(self, logits=None, device=None, **_):
+        _check_2d(logits, "logits", self.name)
+        dev = _fit_device(logits, device)
+        C = logits.shape[1]
+        sums = torch.zeros(C, C, dtype=torch.float64, device=dev)
+        counts = torch.zeros(C, dtype=torch.int64, device=dev)
+        for _, z in _row_chunks(logits, dev):
+            p = torch.softmax(z, dim=1)
+            pred = p.argmax(dim=1)
+            sums.index_add_(0, pred, p)
+            counts += torch.bincount(pred, minlength=C)
         present = counts > 0
         q = sums[present] / counts[present, None].to(torch.float64)
         # log 0 -> a huge finite value so that 0 * log q stays 0 in the product.
@@ -390,6 +425,7 @@ class Mahalanobis(Scorer):
 
     name = "mahalanobis"
     fit_needs = ("features", "labels")
+    streaming_fit = True  # fit() reads its data in row blocks: arrays/memmaps need not fit in memory
 
     def __init__(self, eps: float = 0.0, regularization: float = 0.0, dtype: torch.dtype = torch.float64):
         super().__init__()
@@ -404,27 +440,39 @@ class Mahalanobis(Scorer):
     def needs(self):
         return ("features",) if self.eps == 0 else ("inputs", "model")
 
-    def _fit(self, features=None, labels=None, logits=None, **_):
-        f = _matrix(features, "features", self.name).to(torch.float64)
+    def _fit(self, features=None, labels=None, logits=None, device=None, **_):
+        _check_2d(features, "features", self.name)
+        dev = _fit_device(features, device)
+        n, D = features.shape
         if labels is None:
             if logits is None:
                 raise ValueError("mahalanobis: fit needs `labels` (or `logits` to use predictions)")
-            labels = _matrix(logits, "logits", self.name).argmax(dim=1)
-        labels = torch.as_tensor(labels, device=f.device)
-        if labels.shape != (f.shape[0],) or labels.is_floating_point():
-            raise ValueError(f"mahalanobis: labels must be [N] = [{f.shape[0]}] class ids, got {tuple(labels.shape)} {labels.dtype}")
+            _check_2d(logits, "logits", self.name)
+            labels = torch.cat([z.argmax(dim=1) for _, z in _row_chunks(logits, dev, dtype=torch.float32)])
+        if not isinstance(labels, torch.Tensor):
+            import numpy as np
+
+            labels = torch.from_numpy(np.array(labels))
+        labels = labels.to(dev)
+        if labels.shape != (n,) or labels.is_floating_point():
+            raise ValueError(f"mahalanobis: labels must be [N] = [{n}] class ids, got {tuple(labels.shape)} {labels.dtype}")
         labels = labels.long()
         if labels.min() < 0:
             raise ValueError("mahalanobis: labels must be >= 0")
         C = int(labels.max()) + 1
         counts = torch.bincount(labels, minlength=C)
         present = counts > 0
-        sums = torch.zeros(C, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, labels, f)
-        means = sums[present] / counts[present, None].to(torch.float64)
-        full = torch.zeros_like(sums)
-        full[present] = means
-        centred = f - full[labels]
-        cov = centred.T @ centred / f.shape[0]
+        # Two passes in row blocks (float64): class means, then the scatter around them.
+        sums = torch.zeros(C, D, dtype=torch.float64, device=dev)
+        for lo, f in _row_chunks(features, dev):
+            sums.index_add_(0, labels[lo:lo + f.shape[0]], f)
+        full = sums / counts.clamp_min(1)[:, None].to(torch.float64)
+        means = full[present]
+        cov = torch.zeros(D, D, dtype=torch.float64, device=dev)
+        for lo, f in _row_chunks(features, dev):
+            centred = f - full[labels[lo:lo + f.shape[0]]]
+            cov.addmm_(centred.T, centred)
+        cov /= n
         if self.regularization > 0:
             cov = cov + self.regularization * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         evals, evecs = torch.linalg.eigh(cov)
@@ -437,7 +485,7 @@ class Mahalanobis(Scorer):
         self._means_w = (means - self._center) @ self._whiten
         self._means_sq = (self._means_w**2).sum(1)
         self._classes = present.nonzero().squeeze(1)
-        self._dim = f.shape[1]
+        self._dim = D
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C'] squared Mahalanobis distances to every fitted class mean."""
@@ -624,12 +672,17 @@ def fit_all(scorers: Mapping[str, Scorer], data: Mapping, *, device=None) -> dic
         return dict(scorers)
     n = _rows(data, _ROW_KEYS)
     dev = torch.device(device) if device is not None else None
-    loaded = {k: (_chunk(v, 0, n, dev or (v.device if isinstance(v, torch.Tensor) else "cpu"))
-                  if k in _ROW_KEYS and v is not None else v) for k, v in data.items()}
+    loaded = None
     for name, s in todo.items():
-        missing = [k for k in s.fit_needs if loaded.get(k) is None and not (k == "labels" and loaded.get("logits") is not None)]
+        missing = [k for k in s.fit_needs if data.get(k) is None and not (k == "labels" and data.get("logits") is not None)]
         if missing:
             raise ValueError(f"fit_all: scorer {name!r} needs {missing} to fit")
+        if getattr(s, "streaming_fit", False):
+            s.fit(**data, device=dev)  # reads the (possibly memory-mapped) data in row blocks
+            continue
+        if loaded is None:  # everything in memory once, for the scorers that need it whole
+            loaded = {k: (_chunk(v, 0, n, dev or (v.device if isinstance(v, torch.Tensor) else "cpu"))
+                          if k in _ROW_KEYS and v is not None else v) for k, v in data.items()}
         s.fit(**loaded)
     return dict(scorers)
 

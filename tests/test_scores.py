@@ -405,3 +405,28 @@ def test_shape_and_fit_errors(gen):
         S.score_all({"g": S.GradNorm()}, {"logits": z, "features": f[:4]})
     with pytest.raises(ValueError, match=r"needs \['labels'\]"):
         S.fit_all({"maha": S.Mahalanobis()}, {"features": f})
+
+
+def test_streaming_fit_from_a_memmap(gen, tmp_path):
+    # more rows than one block (65,536): the fitted statistics must equal an in-memory fit
+    n, d, c = 70_000, 6, 5
+    f = (rand(gen, n, d) + torch.arange(n).remainder(c)[:, None]).half()
+    z = rand(gen, n, c).half()
+    y = torch.arange(n) % c
+    for name, arr in (("f", f), ("z", z)):
+        mm = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=np.float16, shape=tuple(arr.shape))
+        mm[:] = arr.numpy()
+        mm.flush()
+    f_mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    z_mm = np.load(tmp_path / "z.npy", mmap_mode="r")
+    a = S.Mahalanobis().fit(features=f_mm, labels=y.numpy())
+    b = S.Mahalanobis().fit(features=f.double(), labels=y)
+    probe = rand(gen, 50, d)
+    torch.testing.assert_close(a.score(features=probe), b.score(features=probe), rtol=1e-9, atol=1e-9)
+    k1 = S.KLMatching().fit(logits=z_mm)
+    k2 = S.KLMatching().fit(logits=z.double())
+    torch.testing.assert_close(k1._log_templates, k2._log_templates, rtol=1e-9, atol=1e-9)
+    # through fit_all, with labels from the logits' argmax
+    m = S.fit_all({"m": S.Mahalanobis()}, {"features": f_mm, "logits": z_mm})["m"]
+    want = S.Mahalanobis().fit(features=f.double(), labels=z.float().argmax(1))
+    torch.testing.assert_close(m.score(features=probe), want.score(features=probe), rtol=1e-9, atol=1e-9)
