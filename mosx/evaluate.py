@@ -526,7 +526,7 @@ def evaluate(
     batch_size: int = 128,
     workers: Optional[int] = None,
     device=None,
-    precision: str = "bf16",
+    precision: str = "auto",
     channels_last: bool = True,
     tpr: float = 0.95,
     positive: str = "id",
@@ -547,7 +547,8 @@ def evaluate(
     fit_data: ID images for the scorers fitted on ID statistics (KL matching, Mahalanobis, ReAct);
     fit_on_id=True fits them on the ID test set instead (optimistic; says so in the report).
     class_names: expected class list; a mismatch with the ID folder's classes stops the run.
-    precision: "bf16" / "fp16" autocast or "fp32". Output files go to out_dir (table.txt,
+    precision: "bf16" / "fp16" autocast or "fp32"; "auto" = bf16 on a GPU, fp32 on a CPU (where
+    bf16 convolutions are slow without native support). Output files go to out_dir (table.txt,
     results.json, results.csv, roc_<method>.png, hist_<method>.png) and the cache to cache_dir
     (default out_dir/cache).
     Returns the EvalResult on rank 0 (None on other ranks).
@@ -557,13 +558,15 @@ def evaluate(
         raise ValueError("evaluate: give at least one OOD set")
     if out_dir is None and cache_dir is None:
         raise ValueError("evaluate: give out_dir or cache_dir (the logits/features cache lives on disk)")
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"evaluate: precision must be bf16, fp16 or fp32, got {precision!r}")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"evaluate: precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     M._check_options("evaluate", positive, fpr_rule, aupr)
     g = as_groups(groups) if groups is not None else None
     if device is None:  # under torchrun each rank takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
     id_images = _as_images(id_data, "id", g)
     ood_images = {name: _as_images(spec, name, g) for name, spec in ood_data.items()}
     for name, im in ood_images.items():
@@ -972,7 +975,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, help="loader workers (default: up to 8 on GPU)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast for the backbone; auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--tpr", type=float, default=0.95)
     p.add_argument("--positive", choices=("id", "ood"), default="id")
