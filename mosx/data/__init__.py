@@ -192,12 +192,21 @@ def main(argv=None) -> int:
             print("ok" if not bad else f"checksum mismatch: {', '.join(bad)}")
             return 1 if bad else 0
         elif a.cmd == "scripts":
-            from . import glyphs
-            for title, table in (("ID scripts", glyphs.ID_SCRIPTS), ("held-out scripts (OOD)", glyphs.OOD_SCRIPTS)):
-                print(title)
-                for s in glyphs.scan_fonts(None, table):
-                    fams = ", ".join(f"{f} ({len(v)})" for f, v in s.families.items()) or "no fonts"
-                    print(f"  {s.name:<19} {fams}")
+            from . import cache as _cache, glyphs
+            fc = glyphs.FontCache()
+            ids = glyphs.scan_fonts(None, glyphs.ID_SCRIPTS)
+            ids = [s for s in ids if len({glyphs.design_of(f) for f in s.families}) >= 2]
+            ranked, templates = glyphs.rank_letters(ids, fc, _cache.RANK_LIMIT)
+            held = [s for s in glyphs.scan_fonts(None, glyphs.OOD_SCRIPTS) if s.families]
+            held_ranked, _ = glyphs.rank_letters(held, fc, _cache.OOD_RANK_LIMIT, avoid=templates)
+            for title, scripts, letters in (("ID scripts (groups), in build order", ids, ranked),
+                                            ("held-out scripts (OOD set 'scripts')", held, held_ranked)):
+                print(f"{title}: script, distinct letters, typeface families (styles)")
+                for s in scripts:
+                    fams = ", ".join(f"{f} ({len(v)})" for f, v in s.families.items())
+                    print(f"  {s.name:<19} {len(letters.get(s.name, [])):>3}  {fams}")
+            print(f"at most {sum(len(v) for v in ranked.values())} ID classes "
+                  f"(letters per ID script capped at {_cache.RANK_LIMIT})")
     except (MissingDataError, ValueError) as e:
         print(f"mosx data: {e}", file=sys.stderr)
         return 2

@@ -358,6 +358,8 @@ def build_cached(config: BenchmarkConfig, root: str | None = None, *, force: boo
     try:
         build(config, tmp, progress=progress)
         if os.path.exists(final):
+            if not force and os.path.exists(os.path.join(final, "manifest.json")):
+                return final  # another process finished the same build first: keep theirs
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: readers never see a half-written build
     finally:
