@@ -178,12 +178,18 @@ class _Curve:
         last = torch.ones(n, dtype=torch.bool, device=s.device)
         torch.ne(s[1:], s[:-1], out=last[:-1])
         idx = last.nonzero().squeeze(1)
-        tp = torch.cumsum(is_id, 0, dtype=torch.float64)[idx]
-        fp = (idx + 1).to(torch.float64) - tp
-        zero = tp.new_zeros(1)
-        self.tp = torch.cat([zero, tp])
-        self.fp = torch.cat([zero, fp])
-        self.thresholds = s[idx]
+        g = idx.numel()
+        # Written straight into buffers with the origin slot: 10M-row temporaries cost page faults.
+        self.tp = torch.zeros(g + 1, dtype=torch.float64, device=s.device)
+        self.cnt = torch.zeros(g + 1, dtype=torch.float64, device=s.device)  # tp + fp
+        if g == n:  # all scores distinct: no gather needed
+            torch.cumsum(is_id, 0, dtype=torch.float64, out=self.tp[1:])
+            self.thresholds = s
+        else:
+            torch.index_select(torch.cumsum(is_id, 0, dtype=torch.float64), 0, idx, out=self.tp[1:])
+            self.thresholds = s[idx]
+        self.cnt[1:] = idx + 1
+        self.fp = self.cnt - self.tp
 
     def flipped(self):
         """(tp, fp, P, N) of the curve with OOD as the positive class and -score as the score."""
@@ -196,7 +202,7 @@ class _Curve:
 
 def _auroc(tp, fp, P, N):
     # Trapezoids between consecutive points; every term is an integer in float64 (exact below 2**53).
-    area = (torch.diff(fp) * (tp[1:] + tp[:-1])).sum()
+    area = torch.dot(torch.diff(fp), torch.add(tp[1:], tp[:-1]))
     return area / (2.0 * P * N)
 
 
@@ -204,13 +210,12 @@ def _pr_area(dtp, precision, prev_precision, P, kind):
     """Area under a precision-recall curve given, per point, the positives it adds (recall steps),
     its precision and the precision of the point before it (1 before the first point)."""
     if kind == "ap":
-        return (dtp * precision).sum() / P
+        return torch.dot(dtp, precision) / P
     return (dtp * (precision + prev_precision)).sum() / (2.0 * P)
 
 
 def _aupr_in(c: "_Curve", kind):
-    tp1 = c.tp[1:]
-    precision = tp1 / (tp1 + c.fp[1:])  # every point holds >= 1 sample, so no 0 / 0
+    precision = c.tp[1:] / c.cnt[1:]  # every point holds >= 1 sample, so no 0 / 0
     prev = torch.cat([precision.new_ones(1), precision[:-1]]) if kind == "trapezoid" else None
     return _pr_area(torch.diff(c.tp), precision, prev, c.P, kind)
 
@@ -218,8 +223,7 @@ def _aupr_in(c: "_Curve", kind):
 def _aupr_out(c: "_Curve", kind):
     # OOD positive, walking the distinct values upwards: the point at value v_i holds the OOD
     # samples with score <= v_i (N - fp[i-1]) among all samples with score <= v_i.
-    tp0, fp0 = c.tp[:-1], c.fp[:-1]
-    precision = (c.N - fp0) / ((c.P + c.N) - (tp0 + fp0))
+    precision = (c.N - c.fp[:-1]) / ((c.P + c.N) - c.cnt[:-1])
     prev = torch.cat([precision[1:], precision.new_ones(1)]) if kind == "trapezoid" else None
     return _pr_area(torch.diff(c.fp), precision, prev, c.N, kind)
 
