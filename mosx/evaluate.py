@@ -591,6 +591,8 @@ def evaluate(
     for spec in specs if specs is not None else _default_scores(g is not None, have_fit):
         s = spec if isinstance(spec, S.Scorer) else S.build_scorer(str(spec), groups=g)
         name = spec if isinstance(spec, str) else s.name
+        if name in scorer_objs:
+            name = repr(s) if repr(s) not in scorer_objs else f"{name} #{len(scorer_objs)}"
         if s.needs_fit and not have_fit:
             raise ValueError(f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
                              "(--fit-data) or fit_on_id=True (--fit-on-id)")
@@ -964,8 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", action="append", default=[], metavar="NAME=PATH", help="an OOD set (repeat)")
     p.add_argument("--fit-data", help="ID images for fitted scorers (KL matching, Mahalanobis, ReAct)")
     p.add_argument("--fit-on-id", action="store_true", help="fit those on the ID test set (optimistic)")
-    p.add_argument("--scores", help="comma-separated scorer specs; ';' between specs with parameters, "
-                                    "e.g. 'msp;energy:temperature=2;react-energy:percentile=90'")
+    p.add_argument("--scores", help="scorer specs name[:key=value,...], comma-separated, e.g. "
+                                    "'msp,energy:temperature=2,odin:temperature=1000,eps=0.0014,react-energy:percentile=90' "
+                                    "(known: mos, msp, maxlogit, energy, odin, kl_matching, mahalanobis, gradnorm, react-<name>)")
     p.add_argument("--out", required=True, help="output folder (table, JSON, CSV, PNG, cache)")
     p.add_argument("--cache-dir", help="logits/features cache folder (default OUT/cache)")
     p.add_argument("--image-size", type=int, default=224)
@@ -988,10 +991,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_scores(s: Optional[str]):
+    """'msp,energy:temperature=2,odin:temperature=1000,eps=0.001' -> specs: a comma-separated piece
+    of the form key=value (no ':') continues the previous spec's parameters; ';' always separates."""
     if not s:
         return None
-    sep = ";" if ";" in s or "=" in s else ","
-    return [x.strip() for x in s.split(sep) if x.strip()]
+    out = []
+    for group in s.split(";"):
+        start = len(out)
+        for piece in (p.strip() for p in group.split(",")):
+            if not piece:
+                continue
+            if len(out) > start and "=" in piece and ":" not in piece:
+                out[-1] += "," + piece
+            else:
+                out.append(piece)
+    return out
 
 
 def main(argv=None) -> int:

@@ -190,18 +190,26 @@ def test_list_file_formats(folders, tmp_path):
         E.image_list(str(folders / "bad.txt"), "x")
 
 
+def test_score_list_parsing():
+    assert E._split_scores("msp,energy:temperature=2,odin:temperature=1000,eps=0.001,maxlogit") == [
+        "msp", "energy:temperature=2", "odin:temperature=1000,eps=0.001", "maxlogit"]
+    assert E._split_scores("energy:temperature=2;eps=1") == ["energy:temperature=2", "eps=1"]
+    assert E._split_scores("") is None
+
+
 def test_cli(folders, tmp_path):
     model = net()
     path = tmp_path / "model.pt"
     torch.save(model, path)
     out = tmp_path / "cli"
     rc = E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
-                 "--ood", f"near={folders / 'near.txt'}", "--scores", "msp,energy", "--out", str(out),
+                 "--ood", f"near={folders / 'near.txt'}", "--scores", "msp,energy:temperature=2,odin:temperature=5,eps=0", "--out", str(out),
                  "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
                  "--batch-size", "4"])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    assert set(doc["metrics"]) == {"msp", "energy"} and set(doc["metrics"]["msp"]) == {"far", "near"}
+    assert set(doc["metrics"]) == {"msp", "energy:temperature=2", "odin:temperature=5,eps=0"}
+    assert set(doc["metrics"]["msp"]) == {"far", "near"}
     assert E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", "nonsense", "--out", str(out)]) == 2
     from mosx.cli import main as cli_main
 
