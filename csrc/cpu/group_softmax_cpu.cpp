@@ -46,12 +46,26 @@ namespace {
     p = p * r + 5.0000001201e-1f;                                                       \
     p = p * r * r + r + 1.0f;                                                           \
     const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;                         \
-    float scale;                                                                        \
-    std::memcpy(&scale, &bits, sizeof(scale));                                          \
-    float y = p * scale;                                                                \
+    float y = p * __builtin_bit_cast(float, bits);                                      \
     y = x < -87.0f ? 0.0f : y;                                                          \
     y = x > 88.0f ? std::numeric_limits<float>::infinity() : y;                         \
     return x != x ? x : y;                                                              \
+  }                                                                                     \
+  /* exp for x <= 0 or x = -inf (no NaN, no +inf): the same polynomial, two selects. */ \
+  static inline float mosx_exp_nonpos(float x) {                                        \
+    const float xc = x > -87.0f ? x : -87.0f;                                           \
+    const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;            \
+    const float r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;                      \
+    float p = 1.9875691500e-4f;                                                         \
+    p = p * r + 1.3981999507e-3f;                                                       \
+    p = p * r + 8.3334519073e-3f;                                                       \
+    p = p * r + 4.1665795894e-2f;                                                       \
+    p = p * r + 1.6666665459e-1f;                                                       \
+    p = p * r + 5.0000001201e-1f;                                                       \
+    p = p * r * r + r + 1.0f;                                                           \
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;                         \
+    const float y = p * __builtin_bit_cast(float, bits);                                \
+    return x > -87.0f ? y : 0.0f;                                                       \
   }
 
 namespace f32_base {
@@ -75,6 +89,7 @@ MOSX_DEFINE_FAST_EXP
 namespace f64 {
 using real = double;
 static inline double mosx_exp(double x) { return std::exp(x); }
+static inline double mosx_exp_nonpos(double x) { return std::exp(x); }
 #include "row_ops.h"
 }  // namespace f64
 

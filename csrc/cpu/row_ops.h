@@ -6,25 +6,42 @@
 // portable and an AVX2 variant picked at run time. It therefore has no include guard and includes
 // nothing itself. The loops are simple enough for the compiler to vectorise (`omp simd`
 // reductions; `mosx_exp` is branch-free for float), which is where the speed comes from.
+// Each including namespace defines mosx_exp (exact IEEE special cases) and mosx_exp_nonpos (for
+// arguments <= 0 or -inf only: cheaper, used once a slice is known to be finite).
 //
 // Semantics follow torch.softmax: a slice holding NaN, +inf, or only -inf gives NaN.
 
-// log-sum-exp of one slice x[0..n).
-static inline real slice_lse(const real* x, int64_t n) {
-  real m = -std::numeric_limits<real>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  // Blocked sum: short vector partial sums keep the float rounding error near that of a pairwise
-  // sum for wide groups (thousands of classes) at no extra cost.
+// Blocked sum of exp(x[j] - m): short vector partial sums keep the float rounding error near
+// that of a pairwise sum for wide groups (thousands of classes) at no extra cost.
+static inline real sum_exp_shifted(const real* x, int64_t n, real m, bool finite) {
   real s = 0;
   for (int64_t j0 = 0; j0 < n; j0 += 256) {
     const int64_t j1 = j0 + 256 < n ? j0 + 256 : n;
     real part = 0;
+    if (finite) {
 #pragma omp simd reduction(+ : part)
-    for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j] - m);
+      for (int64_t j = j0; j < j1; ++j) part += mosx_exp_nonpos(x[j] - m);
+    } else {
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j] - m);
+    }
     s += part;
   }
-  // A NaN anywhere makes s NaN; an all -inf slice makes x - m NaN: both propagate like softmax.
+  return s;
+}
+
+// log-sum-exp of one slice x[0..n).
+static inline real slice_lse(const real* x, int64_t n) {
+  // One pass for the max and a probe that is NaN iff the slice holds a NaN or an inf (x * 0).
+  // Finite slices (the normal case) then take the cheap exp for arguments <= 0.
+  real m = -std::numeric_limits<real>::infinity(), probe = 0;
+#pragma omp simd reduction(max : m) reduction(+ : probe)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    probe += x[j] * real(0);
+  }
+  // Non-finite slices take the exact path: a NaN, +inf, or only -inf gives NaN like softmax.
+  const real s = sum_exp_shifted(x, n, m, probe == probe);
   return m + std::log(s);
 }
 
@@ -35,8 +52,13 @@ static inline void row_lse(const real* x, const int64_t* o, int64_t num_groups, 
 
 // y[j] = c * exp(x[j] - lse) over one slice: softmax, scaled. Used by every backward pass.
 static inline void slice_scaled_softmax(const real* x, int64_t n, real lse, real c, real* y) {
+  if (lse == lse) {
+    // lse is finite or +inf only if every x is finite or -inf, and then x - lse <= 0.
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] = c * mosx_exp(x[j] - lse);
+    for (int64_t j = 0; j < n; ++j) y[j] = c * mosx_exp_nonpos(x[j] - lse);
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = c * lse;  // NaN slice stays NaN
+  }
 }
 
 // MOS score of one row: -min_k exp(x[o_k] - lse_k). Reports the first group attaining the
