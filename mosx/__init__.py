@@ -14,6 +14,7 @@ from .ops import (
     group_softmax,
     group_softmax_score,
 )
+from .masking import masked_weight
 from . import reference
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "group_predict",
     "group_softmax",
     "group_softmax_score",
+    "masked_weight",
     "reference",
     "IMAGENET_TAXONOMY_SIZES",
 ]
