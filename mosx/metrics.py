@@ -25,9 +25,12 @@ Other conventions in use, selectable by keyword:
   MOS reference) or ``aupr="trapezoid"`` (trapezoid rule over scikit-learn's precision-recall curve,
   as OpenOOD does with ``auc(recall, precision)``).
 
-Exactness: one sort of all scores, counts accumulated in float64 (exact up to 2**53 samples), one
-curve point per distinct score value, so ties are handled exactly (AUROC counts a tied ID/OOD pair as
-one half). Runs wherever the scores live (CPU or GPU); no Python loop over samples.
+Exactness: all scores sorted once (on a GPU one torch.sort; on a CPU two value sorts and a linear
+merge, which is several times faster than an index sort), counts accumulated in float64 (exact up to
+2**53 samples), one curve point per distinct score value, so ties are handled exactly (AUROC counts a
+tied ID/OOD pair as one half). Runs wherever the scores live; no Python loop over samples.
+Measured on the 2-core development machine (shared, heavily loaded): 10M distinct float32 scores
+take about 1.9 s of CPU time for every metric at once (bench/bench_metrics.py).
 
 The detection error is min over thresholds of 0.5 * (1 - TPR) + 0.5 * FPR (equal priors), as in the
 Mahalanobis reference code; it does not depend on the convention.
