@@ -172,6 +172,28 @@ def test_letter_codepoints_and_spread_order():
 
 
 @needs_fonts
+def test_render_glyph_matches_big_canvas_reference():
+    from PIL import Image, ImageDraw
+    fc = glyphs.FontCache()
+    checked = 0
+    for s in glyphs.scan_fonts(None, glyphs.ID_SCRIPTS[:6] + glyphs.OOD_SCRIPTS[:4]):
+        for fonts in s.families.values():
+            f = fonts[-1]
+            for cp in glyphs.letter_codepoints(s.ranges)[::9]:
+                if not fc.has(f, cp):
+                    continue
+                big = Image.new("L", (420, 420), 0)
+                ImageDraw.Draw(big).text((150, 150), chr(cp), font=fc.font(f.path), fill=255)
+                box = big.getbbox()
+                got = glyphs.render_glyph(fc, f, cp)
+                assert (got is None) == (box is None)
+                if got is not None:
+                    np.testing.assert_array_equal(np.asarray(got), np.asarray(big.crop(box)))
+                    checked += 1
+    assert checked > 50
+
+
+@needs_fonts
 def test_augment_strength_zero_is_centred_and_seeded():
     fc = glyphs.FontCache()
     font = glyphs.scan_fonts(None, glyphs.ID_SCRIPTS)[0].families["NotoSans"][0]

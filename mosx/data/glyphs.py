@@ -268,9 +268,11 @@ def render_glyph(cache: FontCache, font: FontFile, cp: int):
     """The letter drawn white on black at RENDER_SIZE, cropped to its ink; None when blank."""
     from PIL import Image, ImageDraw
     f = cache.font(font.path)
-    pad = RENDER_SIZE
-    img = Image.new("L", (RENDER_SIZE * 3, RENDER_SIZE * 3), 0)
-    ImageDraw.Draw(img).text((pad, pad), chr(cp), font=f, fill=255)
+    # canvas = the glyph's layout box plus a margin, so wide or overhanging glyphs are never cut
+    x0, y0, x1, y1 = f.getbbox(chr(cp))
+    pad = 4
+    img = Image.new("L", (max(1, x1 - x0) + 2 * pad, max(1, y1 - y0) + 2 * pad), 0)
+    ImageDraw.Draw(img).text((pad - x0, pad - y0), chr(cp), font=f, fill=255)
     box = img.getbbox()
     if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
         return None
