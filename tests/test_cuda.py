@@ -32,6 +32,7 @@ def _layouts():
         "many_medium": [40] * 60,                                 # lane-serial medium groups
         "wide": [6000, 4100, 3, 1],                               # groups spanning several chunks
         "tiny": [1],                                              # L = 2
+        "over_2047_groups": [1] * 1500 + [2] * 600,               # offsets read from global memory
     }
 
 
@@ -258,6 +259,13 @@ def test_bad_offsets_and_labels_never_fault():
         losses, lse = ops.group_cross_entropy(x, off, t, torch.arange(12, device="cuda"), -100)
         ops.group_cross_entropy_backward(torch.ones_like(losses), x, off, t, torch.arange(12, device="cuda"), lse, -100)
         torch.cuda.synchronize()
+    # more groups than fit in shared memory: the host-side clamp of the offsets
+    x = torch.randn(2, 5000, device="cuda")
+    off = torch.arange(0, 5001, 2, device="cuda")
+    off[7], off[100] = 4999, -3
+    ops.group_softmax_score(x, off)
+    ops.group_softmax(x, off, False)
+    torch.cuda.synchronize()
     g = Groups.from_sizes([2, 2])
     tg = g.tensors("cuda")
     x = torch.zeros(3, 6, device="cuda")

@@ -27,11 +27,14 @@
 //  * Deterministic: no atomics; every reduction has a fixed order; ties and NaNs are resolved by
 //    total orders (first group / first index wins, NaN wins as in torch.max).
 //  * Safe with bad input that cannot be checked without a device sync: offsets are clamped to
-//    [0, L] and every loop and index is bounded, so invalid offsets give garbage, never an
-//    out-of-bounds access; invalid target labels give NaN losses / gradients instead of errors.
+//    [0, L] and made non-decreasing, and every loop and index is bounded, so invalid offsets give
+//    garbage, never an out-of-bounds access or a shared-memory race; invalid target labels give
+//    NaN losses / gradients instead of errors.
 //  * int64 row indexing (N * L > 2^31 works); L itself must fit in int32.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/cummax.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -126,7 +129,9 @@ struct Offsets {
   }
 };
 
-// Called by every thread of the block before the row loop.
+// Called by every thread of the block before the row loop. The staged copy is clamped to [0, L]
+// and made non-decreasing (running max), so even invalid offsets give disjoint groups: no two
+// lanes ever write the same shared-memory element. (The host does the same for the global path.)
 __device__ Offsets setup_offsets(const int64_t* offsets, int K, int L, int* smem_offsets) {
   if (smem_offsets != nullptr) {
     for (int k = threadIdx.x; k <= K; k += blockDim.x) {
@@ -135,6 +140,23 @@ __device__ Offsets setup_offsets(const int64_t* offsets, int K, int L, int* smem
       if (k == 0) v = 0;
       if (k == K) v = L;
       smem_offsets[k] = static_cast<int>(v);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      int carry = 0;
+      for (int base = 0; base <= K; base += 32) {
+        const int k = base + lane;
+        int v = k <= K ? smem_offsets[k] : 0;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int o = __shfl_up_sync(kFull, v, d);
+          if (lane >= d) v = max(v, o);
+        }
+        v = max(v, carry);
+        if (k <= K) smem_offsets[k] = v;
+        carry = __shfl_sync(kFull, v, 31);
+      }
     }
     __syncthreads();
   }
@@ -880,6 +902,13 @@ struct LaunchPlan {
   bool offs_in_smem;
 };
 
+// Offsets as the kernels read them: contiguous; with more groups than fit in shared memory,
+// also clamped to [0, L] and made non-decreasing here (the kernels do it in shared memory).
+at::Tensor kernel_offsets(const at::Tensor& offsets, int64_t L) {
+  if (offsets.numel() <= kOffsetsInSmem) return offsets.contiguous();
+  return std::get<0>(at::cummax(at::clamp(offsets, 0, L), 0)).contiguous();
+}
+
 LaunchPlan plan_launch(int64_t N, int64_t K, int nin) {
   LaunchPlan p;
   p.offs_in_smem = K + 1 <= kOffsetsInSmem;
@@ -919,7 +948,7 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& off
   const auto [L, K] = check_common(logits_in, offsets_in, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor x = unit_inner_stride(logits_in);
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const int64_t N = x.size(0);
   at::Tensor y = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return y;
@@ -948,7 +977,7 @@ at::Tensor group_softmax_backward_cuda(const at::Tensor& grad_in, const at::Tens
   check_same_device(grad_in, "grad_out", out_in, op);
   c10::cuda::CUDAGuard guard(out_in.device());
   const at::Tensor g = grad_in.contiguous(), y = out_in.contiguous();
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const int64_t N = y.size(0);
   at::Tensor gx = at::empty({N, L}, y.options());
   if (N == 0) return gx;
@@ -974,7 +1003,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
   const auto [L, K] = check_common(logits_in, offsets_in, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor x = unit_inner_stride(logits_in);
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const int64_t N = x.size(0);
   const auto acc = x.options().dtype(acc_dtype(x));
   at::Tensor score = at::empty({N}, acc);
@@ -1013,7 +1042,7 @@ at::Tensor group_softmax_score_backward_cuda(const at::Tensor& grad_score,
   check_same_device(min_group_in, "min_group", x, op);
   check_same_device(min_lse_in, "min_lse", x, op);
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const at::Tensor g = grad_score.to(acc_dtype(x)).contiguous();
   const at::Tensor mg = min_group_in.contiguous(), ml = min_lse_in.to(acc_dtype(x)).contiguous();
   at::Tensor gx = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -1043,7 +1072,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
   check_same_device(logit_class_in, "logit_class", logits_in, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor x = unit_inner_stride(logits_in);
-  const at::Tensor offsets = offsets_in.contiguous(), lc = logit_class_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L), lc = logit_class_in.contiguous();
   const int64_t N = x.size(0);
   at::Tensor cls = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor prob = at::empty({N}, x.options().dtype(acc_dtype(x)));
@@ -1085,7 +1114,7 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
   check_targets(logits_in, offsets_in, targets_in, class_logit_in, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor x = unit_inner_stride(logits_in);
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const at::Tensor t = targets_in.contiguous();
   const at::Tensor cl = targets_in.dim() == 3 ? class_logit_in : class_logit_in.contiguous();
   const int64_t N = x.size(0), M = t.size(0);
@@ -1127,7 +1156,7 @@ at::Tensor group_cross_entropy_backward_cuda(const at::Tensor& grad_losses_in,
   check_same_device(grad_losses_in, "grad_losses", x, op);
   check_same_device(lse_in, "lse", x, op);
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const at::Tensor t = targets_in.contiguous();
   const at::Tensor cl = targets_in.dim() == 3 ? class_logit_in : class_logit_in.contiguous();
   const at::Tensor g = grad_losses_in.to(acc_dtype(x)).contiguous();
