@@ -521,6 +521,40 @@ def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
+def _percentile_fp16(x, q: float, device=None) -> torch.Tensor:
+    """Exact q-th percentile (linear interpolation) of an fp16 tensor/array of any size, read in row
+    blocks: fp16 has 65,536 bit patterns, so one bincount of them gives every order statistic."""
+    dev = _fit_device(x, device)
+    counts = torch.zeros(65536, dtype=torch.int64, device=dev)
+    for lo in range(0, x.shape[0], 65536):
+        t = x[lo:lo + 65536]
+        if not isinstance(t, torch.Tensor):
+            import numpy as np
+
+            t = torch.from_numpy(np.array(t))
+        bits = t.to(dev).reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+        counts += torch.bincount(bits, minlength=65536)
+    values = torch.arange(65536, dtype=torch.int32, device=dev).to(torch.int16).view(torch.float16).to(torch.float64)
+    nan = torch.isnan(values)
+    if bool(counts[nan].any()):
+        raise ValueError(f"react: the features contain {int(counts[nan].sum())} NaN value(s)")
+    order = torch.argsort(torch.where(nan, torch.inf, values), stable=True)
+    cum = torch.cumsum(counts[order], 0)
+    n = int(cum[-1])
+    if n == 0:
+        raise ValueError("react: no features to take a percentile of")
+    pos = (q / 100.0) * (n - 1)
+    ranks = torch.tensor([math.floor(pos), min(math.floor(pos) + 1, n - 1)], device=dev)
+    # the k-th smallest (0-based) is the first value whose cumulative count exceeds k
+    v = values[order[torch.searchsorted(cum, ranks, side="right")]]
+    return v[0] + (v[1] - v[0]) * (pos - math.floor(pos))
+
+
+def _is_half(x) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt == torch.float16 or str(dt) == "float16"
+
+
 class ReAct(Scorer):
     """ReAct (Sun et al., NeurIPS 2021): clip the features feeding the final linear layer at the
     `percentile`-th percentile of ID features (all entries), recompute the logits with that layer,
@@ -556,13 +590,26 @@ class ReAct(Scorer):
     def fitted(self) -> bool:
         return self.threshold is not None and self.base.fitted
 
-    def _fit(self, features=None, head=None, **data):
-        f = _matrix(features, "features", self.name)
-        if self.threshold is None or self._threshold_fitted:
-            self.threshold = float(_percentile(f, self.percentile))
-            self._threshold_fitted = True
+    @property
+    def streaming_fit(self) -> bool:
+        # Only the percentile is needed: fp16 caches are read in blocks (exact, via a bit histogram).
+        return not self.base.needs_fit
+
+    def _fit(self, features=None, head=None, device=None, **data):
         if head is not None:
             self.head = head
+        refit = self.threshold is None or self._threshold_fitted
+        if refit and _is_half(features) and not self.base.needs_fit:
+            _check_2d(features, "features", self.name)
+            self.threshold = float(_percentile_fp16(features, self.percentile, device))
+            self._threshold_fitted = True
+            return
+        f = _matrix(features, "features", self.name)
+        if device is not None:
+            f = f.to(device)
+        if refit:
+            self.threshold = float(_percentile(f, self.percentile))
+            self._threshold_fitted = True
         if self.base.needs_fit:  # e.g. KL matching: fit its templates on the clipped logits
             h = self._head(None)
             clipped = f.clamp(max=self.threshold)

@@ -430,3 +430,22 @@ def test_streaming_fit_from_a_memmap(gen, tmp_path):
     m = S.fit_all({"m": S.Mahalanobis()}, {"features": f_mm, "logits": z_mm})["m"]
     want = S.Mahalanobis().fit(features=f.double(), labels=z.float().argmax(1))
     torch.testing.assert_close(m.score(features=probe), want.score(features=probe), rtol=1e-9, atol=1e-9)
+
+
+def test_react_percentile_of_fp16_features_streams_exactly(gen, tmp_path):
+    f = (torch.randn(70_000, 4, generator=gen) * 3).relu().half()  # many ties at 0, > one block
+    f[5, 1] = -0.0
+    mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=tuple(f.shape))
+    mm[:] = f.numpy()
+    mm.flush()
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    for q in (0.0, 10.0, 37.5, 50.0, 90.0, 99.9, 100.0):
+        want = np.percentile(f.double().numpy(), q)
+        assert S._percentile_fp16(mm, q) == pytest.approx(want, abs=1e-12)
+        assert S._percentile_fp16(f, q) == pytest.approx(want, abs=1e-12)
+    r = S.fit_all({"r": S.ReAct(S.Energy(), 90)}, {"features": mm})["r"]
+    assert r.threshold == pytest.approx(np.percentile(f.double().numpy(), 90), abs=1e-12)
+    bad = f.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        S._percentile_fp16(bad, 50)
