@@ -15,7 +15,7 @@ from .ops import (
     group_softmax_score,
 )
 from .masking import masked_weight
-from . import reference
+from . import metrics, reference, scores
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,8 @@ __all__ = [
     "group_softmax",
     "group_softmax_score",
     "masked_weight",
+    "metrics",
     "reference",
+    "scores",
     "IMAGENET_TAXONOMY_SIZES",
 ]
