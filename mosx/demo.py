@@ -632,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-classes", help="comma-separated class counts (default 20,50,100,200,400)")
     p.add_argument("--unleash", action="store_true",
                    help="after the main table: Unleashing Mask (UM, UMAP) fine-tuning, before/after table")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --unleash: reuse the models of an earlier run in --out with the same settings")
     p.add_argument("--um-epochs", type=float)
     p.add_argument("--um-lr", type=float)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -650,6 +652,24 @@ def settings_from_args(a) -> DemoSettings:
     return make_settings(a.preset, **over)
 
 
+def _previous_run(s: DemoSettings, out: str) -> dict | None:
+    """demo_results.json of an earlier run in `out` made with the same settings (None if there is none)."""
+    path = os.path.join(out, "demo_results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        prev = json.load(f)
+    now = json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}))
+    keep = ("progress", "device")  # how a run shows progress or where it ran does not change its models
+    if {k: v for k, v in prev.get("settings", {}).items() if k not in keep} != {k: v for k, v in now.items() if k not in keep}:
+        _say(f"--reuse: {path} was made with other settings; running the demo again")
+        return None
+    if not all(os.path.exists(prev["training"][k]["model"]) for k in ("flat", "grouped")):
+        return None
+    _say(f"--reuse: models of {path}")
+    return prev
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from mosx.data import MissingDataError
@@ -666,7 +686,9 @@ def main(argv=None) -> int:
         if a.scaling:
             run_scaling(s, a.out)
         else:
-            base = run_demo(s, a.out)
+            base = _previous_run(s, a.out) if a.reuse else None
+            if base is None:
+                base = run_demo(s, a.out)
             if a.unleash:
                 run_unleash(s, a.out, base)
     except (MissingDataError, DemoError) as e:

@@ -206,12 +206,8 @@ def test_unleash_smoke(runs):
     """--unleash on the smoke run's models: b estimated per model, before / UM / UMAP rows."""
     if not _unleash_available():
         pytest.skip("this build of mosx._C lacks the masked_weight op (rebuild: pip install -e .)")
-    s = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--um-epochs", "0.5"]))
-    s = demo.make_settings("tiny", **{**{k: getattr(s, k) for k in ("classes", "scripts", "train_per_class",
-                                                                       "test_per_class", "ood_per_set", "fit_per_class",
-                                                                       "batch_size", "epochs", "seed", "um_epochs")},
-                                       "data_root": os.path.join(os.path.dirname(runs[0]), "data"),
-                                       "device": "cpu", "progress": False})
+    data = os.path.join(os.path.dirname(runs[1]), "data")
+    s = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--data-root", data, "--um-epochs", "0.5"]))
     res = demo.run_unleash(s, runs[1], _results(runs[1]))
     stages = {(r["method"], r["stage"]) for r in res["rows"]}
     for label in ("MSP", "Energy", "MOS"):
@@ -219,3 +215,14 @@ def test_unleash_smoke(runs):
     for kind in ("flat", "grouped"):
         assert res["models"][kind]["flood_level"] > 0
     assert os.path.exists(os.path.join(runs[1], "unleash", "unleash_table.txt"))
+
+
+@needs_fonts
+def test_reuse_finds_only_a_run_with_the_same_settings(runs):
+    data = os.path.join(os.path.dirname(runs[0]), "data")
+    s = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--data-root", data]))
+    prev = demo._previous_run(s, runs[0])
+    assert prev is not None and prev["methods"] == _results(runs[0])["methods"]
+    other = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--data-root", data, "--seed", "4"]))
+    assert demo._previous_run(other, runs[0]) is None
+    assert demo._previous_run(s, os.path.join(runs[0], "nowhere")) is None
