@@ -198,6 +198,25 @@ void store_row(scalar_t* y, int64_t i, int64_t n, const real* buf) {
 #define MOSX_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// Calls fn(i, row, dst) for every row i of x, rows split across threads. `row` is row i as
+// `real` values; `dst` is where an [L] result for row i goes (y's row itself, or a buffer that is
+// converted into it afterwards), or null when y is null (ops without an [N, L] output).
+template <typename scalar_t, typename F>
+void for_each_row(const at::Tensor& x, scalar_t* y, const F& fn) {
+  using real = acc_type_t<scalar_t>;
+  const int64_t N = x.size(0), L = x.size(1), rs = x.stride(0);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
+    std::vector<real> in(L), out(y ? L : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const real* row = load_row(xp, rs, i, L, in.data());
+      real* dst = y ? row_dest(y, i, L, out.data()) : nullptr;
+      fn(i, row, dst);
+      if (y) store_row(y, i, L, dst);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // group_softmax / group_log_softmax
 
@@ -210,17 +229,8 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const at::Tensor& offs
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L), out(L);
-      for (int64_t i = begin; i < end; ++i) {
-        const real* row = load_row(xp, rs, i, L, in.data());
-        real* dst = row_dest(yp, i, L, out.data());
-        ops.softmax(row, o.data(), K, log, dst);
-        store_row(yp, i, L, dst);
-      }
+    for_each_row(x, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const real* row, real* dst) {
+      ops.softmax(row, o.data(), K, log, dst);
     });
   });
   return y;
@@ -274,17 +284,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax_score", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     real* sp = score.mutable_data_ptr<real>();
     int64_t* gp = min_group.mutable_data_ptr<int64_t>();
     real* lp = min_lse.mutable_data_ptr<real>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L);
-      for (int64_t i = begin; i < end; ++i) {
-        const real* row = load_row(xp, rs, i, L, in.data());
-        sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
-      }
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+      sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
     });
   });
   return {score, min_group, min_lse};
@@ -309,22 +313,13 @@ at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const real* gp = g.const_data_ptr<real>();
     const int64_t* mgp = mg.const_data_ptr<int64_t>();
     const real* mlp = ml.const_data_ptr<real>();
-    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L), out(L);
-      for (int64_t i = begin; i < end; ++i) {
-        TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
-                    " is not a group index in [0, ", K, ")");
-        const real* row = load_row(xp, rs, i, L, in.data());
-        real* dst = row_dest(gxp, i, L, out.data());
-        ops.score_backward(gp[i], row, o.data(), L, mgp[i], mlp[i], dst);
-        store_row(gxp, i, L, dst);
-      }
+    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const real* row, real* dst) {
+      TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
+                  " is not a group index in [0, ", K, ")");
+      ops.score_backward(gp[i], row, o.data(), L, mgp[i], mlp[i], dst);
     });
   });
   return gx;
@@ -353,20 +348,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cpu(const at::Tenso
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const int64_t* lcp = lc.const_data_ptr<int64_t>();
     int64_t* cp = cls.mutable_data_ptr<int64_t>();
     real* pp = prob.mutable_data_ptr<real>();
     int64_t* gp = group.mutable_data_ptr<int64_t>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L);
-      for (int64_t i = begin; i < end; ++i) {
-        const real* row = load_row(xp, rs, i, L, in.data());
-        int64_t pos;
-        ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
-        cp[i] = lcp[pos];
-      }
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+      int64_t pos;
+      ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
+      cp[i] = lcp[pos];
     });
   });
   return {cls, prob, group};
@@ -438,25 +427,19 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cpu(const at::Tensor& log
   at::Tensor lse = at::empty({N, K}, acc);
   if (N == 0) return {losses, lse};
   const TargetSlots slot = make_slots(t, cl, o, N, L, ignore_index, op);
-  MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx", [&] {
+  MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_cross_entropy", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     real* lossp = losses.mutable_data_ptr<real>();
     real* lsep = lse.mutable_data_ptr<real>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L);
-      for (int64_t i = begin; i < end; ++i) {
-        const real* row = load_row(xp, rs, i, L, in.data());
-        real* lse_row = lsep + i * K;
-        ops.lse(row, o.data(), K, lse_row);
-        for (int64_t m = 0; m < M; ++m) {
-          real* loss_row = lossp + (m * N + i) * K;
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t s = slot(m, i, k);
-            loss_row[k] = s < 0 ? real(0) : lse_row[k] - row[s];
-          }
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+      real* lse_row = lsep + i * K;
+      ops.lse(row, o.data(), K, lse_row);
+      for (int64_t m = 0; m < M; ++m) {
+        real* loss_row = lossp + (m * N + i) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = slot(m, i, k);
+          loss_row[k] = s < 0 ? real(0) : lse_row[k] - row[s];
         }
       }
     });
@@ -491,32 +474,23 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const real* gp = g.const_data_ptr<real>();
     const real* lsep = lse.const_data_ptr<real>();
-    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    const int64_t rs = x.stride(0);
-    at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-      std::vector<real> in(L), out(L);
-      for (int64_t i = begin; i < end; ++i) {
-        const real* row = load_row(xp, rs, i, L, in.data());
-        real* dst = row_dest(gxp, i, L, out.data());
-        for (int64_t k = 0; k < K; ++k) {
-          // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
-          int64_t slots[2];
-          real coef[2], total = 0;
-          for (int64_t m = 0; m < M; ++m) {
-            slots[m] = slot(m, i, k);
-            coef[m] = slots[m] < 0 ? real(0) : gp[(m * N + i) * K + k];
-            total += coef[m];
-          }
-          const int64_t start = o[k];
-          ops.scaled_softmax(row + start, o[k + 1] - start, lsep[i * K + k], total, dst + start);
-          for (int64_t m = 0; m < M; ++m) {
-            if (slots[m] >= 0) dst[slots[m]] -= coef[m];
-          }
+    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const real* row, real* dst) {
+      for (int64_t k = 0; k < K; ++k) {
+        // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
+        int64_t slots[2];
+        real coef[2], total = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          slots[m] = slot(m, i, k);
+          coef[m] = slots[m] < 0 ? real(0) : gp[(m * N + i) * K + k];
+          total += coef[m];
         }
-        store_row(gxp, i, L, dst);
+        const int64_t start = o[k];
+        ops.scaled_softmax(row + start, o[k + 1] - start, lsep[i * K + k], total, dst + start);
+        for (int64_t m = 0; m < M; ++m) {
+          if (slots[m] >= 0) dst[slots[m]] -= coef[m];
+        }
       }
     });
   });
