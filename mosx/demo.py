@@ -503,6 +503,7 @@ def _scaling_plot(result: dict, path: str) -> None:
         ax.plot(xs, [100 * r[label]["fpr95"] for r in result["rows"]], "o-", lw=2.0 if label == "MOS" else 1.2,
                 label=label)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the measured sizes as ticks
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax.set(xlabel="number of ID classes", ylabel="FPR95 (%), average over OOD sets",
