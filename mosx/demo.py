@@ -465,22 +465,28 @@ def run_scaling(s: DemoSettings, out: str) -> dict:
     result = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
               "rows": rows, "seconds": time.perf_counter() - t_start}
     table = format_scaling(result)
-    with open(os.path.join(out, "scaling_table.txt"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "scaling.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "scaling.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["classes", "groups", "method", "fpr95_average", "auroc_average", "accuracy"])
-        for r in rows:
-            for label in SCALING_SCORES.values():
-                acc = r["accuracy_grouped"] if label == "MOS" else r["accuracy_flat"]
-                w.writerow([r["classes"], r["groups"], label, r[label]["fpr95"], r[label]["auroc"], acc])
+    csv_rows = [[r["classes"], r["groups"], label, r[label]["fpr95"], r[label]["auroc"],
+                 r["accuracy_grouped"] if label == "MOS" else r["accuracy_flat"]]
+                for r in rows for label in SCALING_SCORES.values()]
+    _write_results(out, "scaling", table, result,
+                   ["classes", "groups", "method", "fpr95_average", "auroc_average", "accuracy"], csv_rows)
     _scaling_plot(result, os.path.join(out, "scaling.png"))
     print(table)
     print(f"scaling outputs in {out}: scaling_table.txt, scaling.json, scaling.csv, scaling.png "
           f"({result['seconds']:.0f}s)")
     return result
+
+
+def _write_results(out: str, stem: str, table: str, result: dict, header: list, csv_rows: list) -> None:
+    """<stem>_table.txt, <stem>.json and <stem>.csv in out: the experiment's three output files."""
+    with open(os.path.join(out, f"{stem}_table.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(csv_rows)
 
 
 def format_scaling(result: dict) -> str:
@@ -574,15 +580,10 @@ def run_unleash(s: DemoSettings, out: str, base: dict | None = None) -> dict:
     result = {"models": info, "rows": table_rows, "seconds": time.perf_counter() - t_start,
               "settings": {"um_keep": s.um_keep, "umap_keep": s.umap_keep, "um_epochs": s.um_epochs, "um_lr": s.um_lr}}
     table = format_unleash(result)
-    with open(os.path.join(uout, "unleash_table.txt"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(uout, "unleash.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(uout, "unleash.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "model", "stage", "auroc_average", "fpr95_average", "id_accuracy"])
-        for r in table_rows:
-            w.writerow([r["method"], r["model"], r["stage"], r["auroc"], r["fpr95"], r["accuracy"]])
+    _write_results(uout, "unleash", table, result,
+                   ["method", "model", "stage", "auroc_average", "fpr95_average", "id_accuracy"],
+                   [[r["method"], r["model"], r["stage"], r["auroc"], r["fpr95"], r["accuracy"]]
+                    for r in table_rows])
     print(table)
     print(f"unleash outputs in {uout} ({result['seconds']:.0f}s)")
     return result

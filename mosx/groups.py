@@ -82,20 +82,7 @@ class Groups:
     @classmethod
     def from_slices(cls, slices) -> "Groups":
         """From the reference code's `group_slices`: a [K, 2] table of [start, end) per group."""
-        s = torch.as_tensor(slices).tolist() if not isinstance(slices, list) else slices
-        if not s or any(len(r) != 2 for r in s):
-            raise ValueError(f"Groups.from_slices: expected a [K, 2] table of [start, end), got {slices!r:.80}")
-        if s[0][0] != 0:
-            raise ValueError(f"Groups.from_slices: the first group must start at logit 0, got {s[0][0]}")
-        for k, (a, b) in enumerate(s):
-            if b - a < 2:
-                raise ValueError(
-                    f"Groups.from_slices: group {k} spans [{a}, {b}), it needs an others slot and >= 1 class")
-            if k + 1 < len(s) and s[k + 1][0] != b:
-                raise ValueError(
-                    f"Groups.from_slices: group {k + 1} starts at {s[k + 1][0]} but group {k} ends at {b}; "
-                    "slices must be contiguous and in order")
-        return cls.from_sizes([b - a - 1 for a, b in s])
+        return cls.from_sizes(_sizes_of_slices(slices))
 
     @classmethod
     def from_offsets(cls, offsets) -> "Groups":
@@ -103,6 +90,7 @@ class Groups:
         if len(o) < 2:
             raise ValueError(f"Groups.from_offsets: need K + 1 >= 2 offsets, got {len(o)}")
         return cls.from_slices([[o[k], o[k + 1]] for k in range(len(o) - 1)])
+
 
     @classmethod
     def from_list_file(cls, path: str | os.PathLike) -> "Groups":
@@ -270,9 +258,27 @@ def as_groups(groups) -> Groups:
         raise ValueError(f"groups: a tensor must be [K, 2] slices or [K] sizes, got shape {tuple(groups.shape)}")
     if isinstance(groups, (list, tuple)):
         if groups and isinstance(groups[0], (list, tuple)):
-            return Groups.from_slices([list(r) for r in groups])
+            return _sizes_cached(tuple(_sizes_of_slices([list(r) for r in groups])))
         return _sizes_cached(tuple(int(s) for s in groups))
     raise TypeError(f"groups must be a mosx.Groups, a list of group sizes or a [K, 2] slices tensor, got {type(groups).__name__}")
+
+
+def _sizes_of_slices(slices) -> list:
+    """Validated class counts of a [K, 2] table of [start, end) logit slices."""
+    s = torch.as_tensor(slices).tolist() if not isinstance(slices, list) else slices
+    if not s or any(len(r) != 2 for r in s):
+        raise ValueError(f"Groups.from_slices: expected a [K, 2] table of [start, end), got {slices!r:.80}")
+    if s[0][0] != 0:
+        raise ValueError(f"Groups.from_slices: the first group must start at logit 0, got {s[0][0]}")
+    for k, (a, b) in enumerate(s):
+        if b - a < 2:
+            raise ValueError(
+                f"Groups.from_slices: group {k} spans [{a}, {b}), it needs an others slot and >= 1 class")
+        if k + 1 < len(s) and s[k + 1][0] != b:
+            raise ValueError(
+                f"Groups.from_slices: group {k + 1} starts at {s[k + 1][0]} but group {k} ends at {b}; "
+                "slices must be contiguous and in order")
+    return [b - a - 1 for a, b in s]
 
 
 _SIZES_CACHE: dict = {}
@@ -289,6 +295,4 @@ def _sizes_cached(sizes: tuple) -> Groups:
 
 def _slices_cached(slices: torch.Tensor) -> Groups:
     # One host read of a small [K, 2] table; then the same cache as sizes.
-    s = slices.detach().to("cpu", torch.int64)
-    g = Groups.from_slices(s.tolist())
-    return _sizes_cached(g.sizes)
+    return _sizes_cached(tuple(_sizes_of_slices(slices.detach().to("cpu", torch.int64).tolist())))
