@@ -5,9 +5,9 @@ What it does (every step seeded, so a rerun with the same settings gives the sam
 1. builds (or reuses) the offline benchmark of :mod:`mosx.data`: letters of many scripts, one class per
    letter, one group per script, train and test drawn from different typeface families; OOD sets from
    held-out scripts to Fashion-MNIST, textures, digits and silhouettes;
-2. trains a small CNN from scratch (flat softmax), then, as the MOS paper does on a pretrained
-   backbone, freezes it and trains two heads on it with the same recipe (:mod:`mosx.train`): a flat
-   softmax and a group softmax (MOS) over the scripts;
+2. trains a small CNN from scratch (flat softmax), then, as the MOS paper does on a backbone pretrained
+   with a flat softmax on the ID classes (BiT-S on ImageNet-1k), freezes it and trains two heads on it
+   with the same recipe (:mod:`mosx.train`): a flat softmax and a group softmax (MOS) over the scripts;
 3. scores the ID test set and every OOD set with every method of :mod:`mosx.scores` through the
    evaluator (:func:`mosx.evaluate.evaluate`, one backbone pass per image): the baselines on the flat
    model, MOS on the grouped one, as in the MOS paper;
@@ -66,10 +66,12 @@ class DemoSettings:
     data_seed: int = 0
     data_root: str | None = None        # default ~/.cache/mosx/data (env MOSX_DATA)
     # model and recipe (mosx.train, preset cpu-demo)
-    width: int = 16                     # small-cnn width
-    epochs: float = 3.0                 # backbone training (stage 1)
+    arch: str = "plain-cnn"             # backbone: plain-cnn or small-cnn (mosx.train.models)
+    width: int = 16                     # backbone width (model name f"{arch}-{width}")
+    epochs: float = 6.0                 # backbone training (stage 1)
     batch_size: int = 128
     lr: float = 0.1
+    weight_decay: float = 5e-4          # stage 1 only; the heads follow the paper (no weight decay)
     head_epochs: float = 10.0           # flat / grouped heads on the frozen backbone (stage 2)
     head_lr: float = 0.1
     mixup: float = 0.1                  # the MOS recipe's Beta(0.1, 0.1) mixup
@@ -87,6 +89,10 @@ class DemoSettings:
 
     def steps(self, n_train: int) -> int:
         return max(1, round(self.epochs * n_train / self.batch_size))
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.arch}-{self.width}"
 
 
 PRESETS = {
@@ -123,6 +129,8 @@ def _validate(s: DemoSettings) -> None:
     need(s.epochs > 0 and s.um_epochs > 0 and s.head_epochs > 0, "epochs, head_epochs and um_epochs must be > 0")
     need(s.batch_size >= 2, f"batch_size must be >= 2, got {s.batch_size}")
     need(s.width >= 1, f"width must be >= 1, got {s.width}")
+    need(s.arch in ("plain-cnn", "small-cnn"), f"arch must be plain-cnn or small-cnn, got {s.arch!r}")
+    need(s.weight_decay >= 0, f"weight_decay must be >= 0, got {s.weight_decay}")
     need(s.fit_per_class >= 1, f"fit_per_class must be >= 1, got {s.fit_per_class}")
     need(s.classes * s.train_per_class >= s.batch_size,
          f"{s.classes} classes x {s.train_per_class} training images is less than one batch of {s.batch_size}")
@@ -164,31 +172,13 @@ def train_config(s: DemoSettings, loss: str, n_train: int, out: str, **over):
     from mosx.train import make_config
     steps = s.steps(n_train)
     size = s.image_size
-    kw = dict(model=f"small-cnn-{s.width}", loss=loss, steps=steps, batch_size=s.batch_size, lr=s.lr,
+    kw = dict(model=s.model_name, loss=loss, steps=steps, batch_size=s.batch_size, lr=s.lr,
               warmup_steps=min(20, max(1, steps // 10)), milestones=(int(steps * 0.75), int(steps * 0.9)),
               mixup_alpha=s.mixup, resize=size + max(1, size // 8), crop=size, eval_resize=size, flip=False,
               seed=s.seed, device=resolve_device(s.device), out=out, progress=s.progress, ckpt_every=0,
               log_every=max(1, min(20, steps)), workers=0)
     kw.update(over)
     return make_config("cpu-demo", **kw)
-
-
-def initial_weights(s: DemoSettings, num_outputs: int, path: str) -> str:
-    """Seeded starting weights, written to `path` for the trainer's `init`: the same random backbone for
-    the flat and the grouped model and a randomly initialised head (PyTorch's default for Linear).
-
-    Why not the trainer's zero head: it suits the paper's case (a pretrained backbone, head only),
-    but a backbone trained from scratch gets no gradient through a zero head at first; the grouped
-    loss then settles on the constant per-group prior ("others" everywhere) and stays there."""
-    import torch
-    from mosx.train import build_model
-    torch.manual_seed(s.seed)
-    model, _ = build_model(f"small-cnn-{s.width}", num_outputs, in_chans=1)  # backbone first: same for both
-    torch.manual_seed(s.seed + 1)
-    model.head.reset_parameters()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def train_data(bench):
@@ -230,6 +220,12 @@ def _train(cfg, data, groups):
     return r, time.perf_counter() - t0
 
 
+def backbone_config(s: DemoSettings, n_train: int, out: str):
+    """Stage 1's recipe: the whole network from scratch with a flat softmax and weight decay; a random
+    head (a backbone trained from scratch gets no gradient through a zero head at the first step)."""
+    return train_config(s, "flat", n_train, out, weight_decay=s.weight_decay, head_init="random")
+
+
 def head_config(s: DemoSettings, loss: str, n_train: int, out: str, backbone: str):
     """Stage 2's recipe, identical for the flat and the grouped head: the backbone's weights loaded and
     frozen, features cached once, a zero-initialised head trained with SGD, warm-up, step decay, mixup."""
@@ -242,18 +238,21 @@ def head_config(s: DemoSettings, loss: str, n_train: int, out: str, backbone: st
 def train_models(s: DemoSettings, bench, out: str, data=None, step_log: bool = False):
     """The two models, as in the MOS paper: one backbone, two heads trained the same way on it.
 
-    Stage 1 trains the small CNN from scratch with a flat softmax (seeded random start). Stage 2 freezes
-    that backbone and trains a flat head and a group-softmax head with the same recipe (the paper's:
-    head only, zero-initialised head, mixup; through the trainer's frozen-backbone feature cache).
+    Stage 1 trains the small CNN from scratch with a flat softmax (seeded random start, random head),
+    as BiT-S was pretrained with a flat softmax on ImageNet-1k, the ID data of the MOS paper. Stage 2
+    freezes that backbone and trains a flat head and a group-softmax head with the same recipe (the
+    paper's: head only, zero-initialised head, mixup; through the trainer's frozen-backbone feature
+    cache).
     Returns ({"flat": model, "grouped": model}, training info, seconds per stage)."""
     data = data if data is not None else train_data(bench)
     n_train = len(bench.train)
     say = _say if step_log else (lambda msg: None)
     info, seconds, models = {}, {}, {}
     tout = os.path.join(out, "train_backbone")
-    cfg = train_config(s, "flat", n_train, tout, init=initial_weights(s, bench.num_classes, os.path.join(tout, "init.pt")))
-    say(f"[2/4] training the backbone: small-cnn-{s.width} from scratch, flat softmax, {cfg.steps} steps of "
-        f"{cfg.batch_size} ({s.epochs:g} epochs), lr {cfg.lr}, seed {s.seed}, {cfg.device}")
+    cfg = backbone_config(s, n_train, tout)
+    say(f"[2/4] training the backbone: {s.model_name} from scratch, flat softmax, {cfg.steps} steps of "
+        f"{cfg.batch_size} ({s.epochs:g} epochs), lr {cfg.lr}, weight decay {cfg.weight_decay:g}, seed {s.seed}, "
+        f"{cfg.device}")
     r, sec = _train(cfg, data, None)
     seconds["train_backbone"] = sec
     info["backbone"] = {"steps": cfg.steps, "final_loss": r.final_loss, "seconds": sec,
@@ -619,12 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int)
     p.add_argument("--ood-per-set", type=int)
     p.add_argument("--fit-per-class", type=int, help="training images per class that fitted scores use")
-    p.add_argument("--width", type=int, help="small CNN width")
+    p.add_argument("--arch", choices=("plain-cnn", "small-cnn"), help="backbone (default plain-cnn)")
+    p.add_argument("--width", type=int, help="backbone width")
     p.add_argument("--epochs", type=float, help="epochs of the backbone's training (stage 1)")
     p.add_argument("--head-epochs", type=float, help="epochs of the flat / grouped heads' training (stage 2)")
     p.add_argument("--head-lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, help="weight decay of the backbone's training (stage 1)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--data-seed", type=int, help="seed of the data build (default 0)")
     p.add_argument("--data-root", help="benchmark cache (default ~/.cache/mosx/data; env MOSX_DATA)")
@@ -644,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(a) -> DemoSettings:
     over = {k: getattr(a, k) for k in ("classes", "scripts", "image_size", "train_per_class", "test_per_class",
-                                        "ood_per_set", "fit_per_class", "width", "epochs", "head_epochs", "head_lr", "batch_size", "lr",
+                                        "ood_per_set", "fit_per_class", "arch", "width", "weight_decay", "epochs", "head_epochs", "head_lr", "batch_size", "lr",
                                         "seed", "data_seed", "data_root", "device", "um_epochs", "um_lr")
             if getattr(a, k) is not None}
     if a.scaling_classes:

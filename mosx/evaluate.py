@@ -251,7 +251,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for k, v in model.state_dict().items():
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -131,7 +131,7 @@ def test_settings_and_recipe():
     assert s.classes == 100 and s.device == "auto"
     assert s.steps(20000) == round(s.epochs * 20000 / s.batch_size)
     cfg = demo.train_config(s, "group", 20000, "unused-out", device="cpu")
-    assert cfg.loss == "group" and cfg.model == f"small-cnn-{s.width}" and cfg.steps == s.steps(20000)
+    assert cfg.loss == "group" and cfg.model == s.model_name == f"{s.arch}-{s.width}" and cfg.steps == s.steps(20000)
     assert cfg.flip is False and cfg.crop == s.image_size and cfg.eval_resize == s.image_size
     assert list(cfg.milestones) == sorted(cfg.milestones) and cfg.milestones[-1] < cfg.steps
     assert cfg.seed == s.seed and cfg.mixup_alpha == s.mixup
@@ -141,6 +141,11 @@ def test_settings_and_recipe():
     h = heads["group"]
     assert h["train_blocks"] == 0 and h["cache_features"] and h["weights"] == "backbone.pt" and h["init"] is None
     assert h["steps"] == round(s.head_epochs * 20000 / s.batch_size) and h["lr"] == s.head_lr
+    assert h["head_init"] == "zero" and h["weight_decay"] == 0  # the paper's head recipe
+    # stage 1: the whole network from scratch, random head, weight decay
+    b = demo.backbone_config(s, 20000, "unused-out")
+    assert b.loss == "flat" and b.train_blocks == -1 and b.head_init == "random" and b.init is None
+    assert b.weight_decay == s.weight_decay > 0 and b.steps == s.steps(20000) and b.lr == s.lr
     assert demo.make_settings("tiny", classes=5).classes == 5
 
 
@@ -149,6 +154,8 @@ def test_settings_and_recipe():
     (dict(epochs=0), "epochs"),
     (dict(classes=2, train_per_class=3, batch_size=32), "less than one batch"),
     (dict(device="tpu"), "device"),
+    (dict(arch="resnet"), "arch"),
+    (dict(weight_decay=-1.0), "weight_decay"),
     (dict(scaling_classes=(1, 10)), "scaling"),
     (dict(nonsense=1), "unknown demo setting"),
 ])

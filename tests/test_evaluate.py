@@ -357,3 +357,13 @@ def test_cli_grouped_and_flat_models_in_one_table(folders, tmp_path, capsys):
                         **common(tmp_path))
     assert doc["metrics"]["msp"]["far"]["auroc"] == pytest.approx(single.metrics["msp"]["far"].auroc, abs=1e-12)
     assert doc["id_accuracy"]["flat"] == pytest.approx(single.id_accuracy)
+
+
+def test_model_fingerprint_covers_zero_dim_buffers():
+    """BatchNorm keeps a 0-dim num_batches_tracked buffer: the fingerprint must hash it (not fail on it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    before = E.model_fingerprint(model)
+    assert before == E.model_fingerprint(model)
+    model[1].num_batches_tracked += 1  # only the 0-dim buffer changes
+    assert E.model_fingerprint(model) != before

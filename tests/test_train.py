@@ -410,6 +410,57 @@ def test_head_zero_init_and_frozen_backbone(tmp_path, gen):
         set_trainable(model, 9)
 
 
+def test_plain_cnn_shapes_blocks_and_round_trip(tmp_path):
+    from mosx.train.models import PlainCNN, backbone_blocks, build_model, save_model, set_trainable
+    torch.manual_seed(0)
+    model, _ = build_model("plain-cnn-4", 6, in_chans=1)
+    net = model.backbone
+    assert isinstance(net, PlainCNN) and net.num_features == 64 and model.head.in_features == 64
+    model.eval()
+    x = torch.randn(3, 1, 32, 32)
+    # at 32x32 the 4x4 average pool is a no-op: features = fc(flatten(stages(x)))
+    manual = net.fc(net.stages(x).flatten(1))
+    assert torch.allclose(net(x), manual, atol=1e-6)
+    for size in (16, 12, 8):  # other sizes pool to the same 4x4 layout
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 6)
+    assert len(backbone_blocks(net)) == 4  # three conv stages and the feature layer
+    set_trainable(model, 1)
+    assert all(p.requires_grad for p in net.fc.parameters())
+    assert not any(p.requires_grad for s in net.stages for p in s.parameters())
+    model.train()
+    model(torch.randn(8, 1, 32, 32))  # moves the BatchNorm running statistics
+    model.eval()
+    save_model(str(tmp_path / "m.pt"), model, arch="plain-cnn-4", num_features=64, loss="flat", in_chans=1)
+    back, info = load_model(str(tmp_path / "m.pt"))
+    assert info["arch"] == "plain-cnn-4" and torch.equal(back.eval()(x), model(x))
+
+
+def test_head_init_zero_or_random(tmp_path, gen):
+    from mosx.train.models import Classifier, build_model
+    zero, _ = build_model("small-cnn-4", 7)
+    rand, _ = build_model("small-cnn-4", 7, head_init="random")
+    assert zero.head.weight.abs().sum() == 0 and zero.head.bias.abs().sum() == 0
+    assert rand.head.weight.abs().sum() > 0 and rand.head.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="head_init"):
+        Classifier(torch.nn.Identity(), 4, 3, head_init="ones")
+    with pytest.raises(ValueError, match="head_init"):
+        make_config("cpu-demo", head_init="ones")
+    # why "random" exists: from scratch, a zero head passes the backbone no gradient at the first step
+    x, y = torch.rand(8, 3, 8, 8, generator=gen), torch.arange(8) % 7
+    for model, moves in ((zero, False), (rand, True)):
+        F.cross_entropy(model(x), y).backward()
+        grad = sum(float(p.grad.abs().sum()) for p in model.backbone.parameters())
+        assert (grad > 0) == moves
+    # the trainer builds the head as configured (a near-zero lr keeps the first step's head)
+    data = tiny_data(gen)
+    heads = {}
+    for init in ("zero", "random"):
+        cfg = make_config("cpu-demo", **{**TINY, "steps": 1, "lr": 1e-12, "mixup_alpha": 0.0, "ckpt_every": 0},
+                          loss="flat", head_init=init, out=str(tmp_path / init))
+        heads[init] = train(cfg, data=data).model.head.weight.detach()
+    assert heads["zero"].abs().max() < 1e-9 and heads["random"].abs().max() > 1e-3
+
+
 def test_load_local_weights(tmp_path):
     from mosx.train.models import build_model, load_backbone_weights, build_backbone
     src, _ = build_backbone("small-cnn-4")

@@ -29,6 +29,7 @@ class TrainConfig:
     weights: Optional[str] = None       # backbone weights: BiT .npz, .pth/.pt state dict, .safetensors
     init: Optional[str] = None          # start from a trained mosx model.pt / checkpoint (UM fine-tuning)
     train_blocks: int = 0               # 0: head only (paper); N: last N backbone blocks too; -1: all
+    head_init: str = "zero"             # "zero" (paper) or "random" (training a backbone from scratch)
     # optimisation (paper recipe)
     lr: float = 0.003
     momentum: float = 0.9
@@ -122,6 +123,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.amp in ("auto", "bf16", "off"), f"amp must be auto/bf16/off, got {cfg.amp!r}")
     need(cfg.channels_last in ("auto", "on", "off"), f"channels_last must be auto/on/off, got {cfg.channels_last!r}")
     need(cfg.fused in ("auto", "on", "off"), f"fused must be auto/on/off, got {cfg.fused!r}")
+    need(cfg.head_init in ("zero", "random"), f"head_init must be 'zero' or 'random', got {cfg.head_init!r}")
     need(cfg.train_blocks >= -1, f"train_blocks must be >= -1, got {cfg.train_blocks}")
     need(cfg.cache_views >= 0, f"cache_views must be >= 0, got {cfg.cache_views}")
     need(not (cfg.cache_features and cfg.train_blocks != 0),
@@ -164,6 +166,8 @@ HELP = {
     "weights": "local backbone weights: BiT .npz, .pth/.pt state dict or .safetensors",
     "init": "start from a trained mosx model.pt or checkpoint (e.g. for Unleashing Mask)",
     "train_blocks": "backbone blocks that train: 0 = head only (paper), N = last N, -1 = all",
+    "head_init": "head initialisation: zero (paper, pretrained backbone) or random (a backbone trained from "
+                 "scratch needs it: a zero head passes it no gradient at the first step)",
     "batch_size": "global batch per optimizer step",
     "micro_batch": "per-device batch; accumulation reaches batch_size (0 = batch_size / world size)",
     "cache_features": "frozen backbone: extract features once and train the head on the cache",

@@ -294,7 +294,7 @@ def _train(cfg, rt, data, val_data, groups, log):
     else:
         groups = None
         num_outputs = tdata.num_classes
-    model = Classifier(backbone, dim, num_outputs).to(rt.device)
+    model = Classifier(backbone, dim, num_outputs, head_init=cfg.head_init).to(rt.device)
     if cfg.init:
         _load_init(model, cfg.init)
     set_trainable(model, cfg.train_blocks)
