@@ -292,6 +292,53 @@ def test_nan_and_inf_propagate_like_reference(device):
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_and_inf_propagate_in_every_float_dtype(dtype, device):
+    # Half inputs read exp from a table of every 16-bit value; NaN / inf must still take the exact path.
+    g = Groups.from_sizes([2, 3, 1])
+    x = torch.zeros(6, g.num_logits, dtype=dtype, device=device)
+    x[0, 1] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, :3] = float("-inf")
+    x[3, 0] = float("-inf")
+    x[4, 3] = float("-inf")  # a -inf class logit of group 1: only its others probability changes
+    x[5, 7] = float("nan")  # the one-class group: its others logit is NaN
+    x32 = x.float()
+    torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x32, g), equal_nan=True)
+    torch.testing.assert_close(mosx.group_softmax(x, g).float(), reference.group_softmax(x32, g), equal_nan=True,
+                               atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    t = torch.tensor([0, 1, 2, 3, 4, 0], device=device)
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
+                               reference.group_cross_entropy(x32, t, g, reduction="none"), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_logits_far_from_zero(dtype, gen, device):
+    # Groups whose logits sit far below or above 0 agree with the float32 reference: the CPU kernels
+    # sum exp(x) unshifted (half inputs: from a table of every 16-bit value) while that sum stays in
+    # float's comfortable range, and must fall back to the max-shifted sum outside it.
+    g = Groups.from_sizes([5, 17, 1, 40, 3, 9, 2, 30])
+    x = torch.randn(50, g.num_logits, generator=gen, dtype=torch.float64)
+    shift = torch.tensor([-120.0, -60.0, -38.0, 0.0, 20.0, 64.0, 71.0, 100.0], dtype=torch.float64)
+    # every row puts the groups at its own permutation of the shifts
+    for i in range(x.shape[0]):
+        perm = shift[torch.randperm(len(shift), generator=gen)]
+        for k, (a, b) in enumerate(g.slices.tolist()):
+            x[i, a:b] += perm[k]
+    x = x.to(dtype).to(device)
+    x32 = x.float()
+    torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x32, g),
+                               atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
+    torch.testing.assert_close(mosx.group_log_softmax(x, g).float(), reference.group_log_softmax(x32, g),
+                               atol=OUT_TOL[dtype] * 4, rtol=OUT_TOL[dtype])
+    _, prob = mosx.group_predict(x, g)
+    _, ref_prob, _ = reference.group_predict(x32, g)
+    torch.testing.assert_close(prob, ref_prob, atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
+    t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
+                               reference.group_cross_entropy(x32, t, g, reduction="none"), atol=1e-4, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------ bad input
 def test_bad_logits_rank_dtype_width(device):
     g = Groups.from_sizes([2, 2])

@@ -15,6 +15,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -61,19 +64,34 @@ namespace {
     return x > -87.0f ? y : 0.0f;                                                       \
   }
 
+// One input row of an op. For bf16 / fp16 input also its 16-bit patterns and the table of exp(v)
+// for every 16-bit value v (bits and exp_table null for 32/64-bit input). A 16-bit row is either
+// widened up front (x set) or, for the reductions that mostly read the table, widened slice by
+// slice into `scratch` when a slice needs real values (x null); see slice_values in row_ops.h.
+template <typename real>
+struct RowIn {
+  const real* x;
+  const uint16_t* bits;
+  const float* exp_table;
+  bool is_half;  // fp16 (else bf16) bits
+  real* scratch;
+};
+
 namespace f32_base {
 using real = float;
 MOSX_DEFINE_FAST_EXP
+#include "row_reduce.h"
 #include "row_ops.h"
 }  // namespace f32_base
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define MOSX_HAVE_AVX2_VARIANT 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace f32_avx2 {
 using real = float;
 MOSX_DEFINE_FAST_EXP
+#include "row_reduce_avx2.h"
 #include "row_ops.h"
 }  // namespace f32_avx2
 #pragma GCC pop_options
@@ -83,30 +101,37 @@ namespace f64 {
 using real = double;
 static inline double mosx_exp(double x) { return std::exp(x); }
 static inline double mosx_exp_nonpos(double x) { return std::exp(x); }
+#include "row_reduce.h"
 #include "row_ops.h"
 }  // namespace f64
 
 // The row functions of one variant, so the drivers below are written once.
 template <typename real>
 struct RowOps {
-  real (*score)(const real*, const int64_t*, int64_t, int64_t*, real*);
+  using In = const RowIn<real>&;
+  real (*score)(In, const int64_t*, int64_t, int64_t*, real*);
   void (*score_backward)(real, const real*, const int64_t*, int64_t, int64_t, real, real*);
-  void (*predict)(const real*, const int64_t*, int64_t, int64_t*, real*, int64_t*);
-  void (*softmax)(const real*, const int64_t*, int64_t, bool, real*);
+  void (*predict)(In, const int64_t*, int64_t, int64_t*, real*, int64_t*);
+  void (*softmax)(In, const int64_t*, int64_t, bool, real*);
   void (*softmax_backward)(const real*, const real*, const int64_t*, int64_t, bool, real*);
-  void (*lse)(const real*, const int64_t*, int64_t, real*);
+  void (*lse)(In, const int64_t*, int64_t, real*);
   void (*scaled_softmax)(const real*, int64_t, real, real, real*);
+  void (*bf16_to_real)(const uint16_t*, int64_t, real*);
+  void (*half_to_real)(const uint16_t*, int64_t, real*);
+  real (*value)(In, int64_t);
 };
 
 #define MOSX_ROW_OPS(NS)                                                                    \
-  {NS::row_score, NS::row_score_backward, NS::row_predict, NS::row_softmax,                \
-   NS::row_softmax_backward, NS::row_lse, NS::slice_scaled_softmax}
+  {NS::row_score,   NS::row_score_backward, NS::row_predict,          NS::row_softmax,     \
+   NS::row_softmax_backward, NS::row_lse,   NS::slice_scaled_softmax, NS::bf16_to_real,    \
+   NS::half_to_real, NS::row_value}
 
 const RowOps<float>& float_ops() {
   static const RowOps<float> base = MOSX_ROW_OPS(f32_base);
 #ifdef MOSX_HAVE_AVX2_VARIANT
   static const RowOps<float> avx2 = MOSX_ROW_OPS(f32_avx2);
-  static const bool use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                               __builtin_cpu_supports("f16c");
   return use_avx2 ? avx2 : base;
 #else
   return base;
@@ -156,13 +181,43 @@ int64_t grain_rows(int64_t num_logits) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(num_logits, 1));
 }
 
+// exp(v) for every bf16 (or fp16) bit pattern v, built on first use (256 KiB): 16-bit inputs
+// read their exps from it instead of computing them.
+template <typename T16>
+const float* exp_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t v = 0; v < 65536; ++v) {
+      const float x = static_cast<float>(T16(static_cast<uint16_t>(v), T16::from_bits()));
+      t[v] = static_cast<float>(std::exp(static_cast<double>(x)));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+template <typename scalar_t>
+const float* exp_table_for() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    return exp_table<scalar_t>();
+  } else {
+    return nullptr;
+  }
+}
+
 // Row i of x as `real` values: the row itself when no conversion is needed, else a converted
-// copy in buf.
+// copy in buf (vectorised for bf16 / fp16).
 template <typename scalar_t, typename real>
 const real* load_row(const scalar_t* x, int64_t row_stride, int64_t i, int64_t n, real* buf) {
   const scalar_t* src = x + i * row_stride;
   if constexpr (std::is_same_v<scalar_t, real>) {
     return src;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    row_ops<real>().bf16_to_real(reinterpret_cast<const uint16_t*>(src), n, buf);
+    return buf;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    row_ops<real>().half_to_real(reinterpret_cast<const uint16_t*>(src), n, buf);
+    return buf;
   } else {
     for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<real>(src[j]);
     return buf;
@@ -191,18 +246,23 @@ void store_row(scalar_t* y, int64_t i, int64_t n, const real* buf) {
 #define MOSX_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// Calls fn(i, row, dst) for every row i of x, rows split across threads. `row` is row i as
-// `real` values; `dst` is where an [L] result for row i goes (y's row itself, or a buffer that is
+// Calls fn(i, in, dst) for every row i of x, rows split across threads. `in` is row i (see
+// RowIn; `widen` = false leaves 16-bit rows to be widened slice by slice, for the forward
+// reductions); `dst` is where an [L] result for row i goes (y's row itself, or a buffer that is
 // converted into it afterwards), or null when y is null (ops without an [N, L] output).
 template <typename scalar_t, typename F>
-void for_each_row(const at::Tensor& x, scalar_t* y, const F& fn) {
+void for_each_row(const at::Tensor& x, scalar_t* y, const F& fn, bool widen = true) {
   using real = acc_type_t<scalar_t>;
   const int64_t N = x.size(0), L = x.size(1), rs = x.stride(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const float* table = exp_table_for<scalar_t>();
+  widen = widen || !table;
   at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
     std::vector<real> in(L), out(y ? L : 0);
     for (int64_t i = begin; i < end; ++i) {
-      const real* row = load_row(xp, rs, i, L, in.data());
+      const RowIn<real> row{widen ? load_row(xp, rs, i, L, in.data()) : nullptr,
+                            table ? reinterpret_cast<const uint16_t*>(xp + i * rs) : nullptr,
+                            table, std::is_same_v<scalar_t, c10::Half>, in.data()};
       real* dst = y ? row_dest(y, i, L, out.data()) : nullptr;
       fn(i, row, dst);
       if (y) store_row(y, i, L, dst);
@@ -222,7 +282,7 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const at::Tensor& offs
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    for_each_row(x, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const real* row, real* dst) {
+    for_each_row(x, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const RowIn<real>& row, real* dst) {
       ops.softmax(row, o.data(), K, log, dst);
     });
   });
@@ -280,9 +340,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(
     real* sp = score.mutable_data_ptr<real>();
     int64_t* gp = min_group.mutable_data_ptr<int64_t>();
     real* lp = min_lse.mutable_data_ptr<real>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
       sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
-    });
+    }, /*widen=*/false);
   });
   return {score, min_group, min_lse};
 }
@@ -309,7 +369,8 @@ at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
     const real* gp = g.const_data_ptr<real>();
     const int64_t* mgp = mg.const_data_ptr<int64_t>();
     const real* mlp = ml.const_data_ptr<real>();
-    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const real* row, real* dst) {
+    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
+      const real* row = in.x;
       TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
                   " is not a group index in [0, ", K, ")");
       ops.score_backward(gp[i], row, o.data(), L, mgp[i], mlp[i], dst);
@@ -345,11 +406,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cpu(const at::Tenso
     int64_t* cp = cls.mutable_data_ptr<int64_t>();
     real* pp = prob.mutable_data_ptr<real>();
     int64_t* gp = group.mutable_data_ptr<int64_t>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
       int64_t pos;
       ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
       cp[i] = lcp[pos];
-    });
+    }, /*widen=*/false);
   });
   return {cls, prob, group};
 }
@@ -425,17 +486,17 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cpu(const at::Tensor& log
     const auto& ops = row_ops<real>();
     real* lossp = losses.mutable_data_ptr<real>();
     real* lsep = lse.mutable_data_ptr<real>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const real* row, real*) {
+    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& in, real*) {
       real* lse_row = lsep + i * K;
-      ops.lse(row, o.data(), K, lse_row);
+      ops.lse(in, o.data(), K, lse_row);
       for (int64_t m = 0; m < M; ++m) {
         real* loss_row = lossp + (m * N + i) * K;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t s = slot(m, i, k);
-          loss_row[k] = s < 0 ? real(0) : lse_row[k] - row[s];
+          loss_row[k] = s < 0 ? real(0) : lse_row[k] - ops.value(in, s);
         }
       }
-    });
+    }, /*widen=*/false);
   });
   return {losses, lse};
 }
@@ -469,7 +530,8 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
     const auto& ops = row_ops<real>();
     const real* gp = g.const_data_ptr<real>();
     const real* lsep = lse.const_data_ptr<real>();
-    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const real* row, real* dst) {
+    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
+      const real* row = in.x;
       for (int64_t k = 0; k < K; ++k) {
         // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
         int64_t slots[2];

@@ -11,43 +11,96 @@
 //
 // Semantics follow torch.softmax: a slice holding NaN, +inf, or only -inf gives NaN.
 
-// Blocked sum of exp(x[j] - m): short vector partial sums keep the float rounding error near
-// that of a pairwise sum for wide groups (thousands of classes) at no extra cost.
+// sum of exp(x[j] - m) over x[0..n) whose max is m: the fast path for a finite slice, else an
+// exact blocked sum (NaN, inf and -inf behave as in std::exp).
 static inline real sum_exp_shifted(const real* x, int64_t n, real m, bool finite) {
+  if (finite) return sum_exp_nonpos(x, n, m);
   real s = 0;
   for (int64_t j0 = 0; j0 < n; j0 += 256) {
     const int64_t j1 = j0 + 256 < n ? j0 + 256 : n;
     real part = 0;
-    if (finite) {
 #pragma omp simd reduction(+ : part)
-      for (int64_t j = j0; j < j1; ++j) part += mosx_exp_nonpos(x[j] - m);
-    } else {
-#pragma omp simd reduction(+ : part)
-      for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j] - m);
-    }
+    for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j] - m);
     s += part;
   }
   return s;
 }
 
-// log-sum-exp of one slice x[0..n).
-static inline real slice_lse(const real* x, int64_t n) {
-  // One pass for the max and a probe that is NaN iff the slice holds a NaN or an inf (x * 0).
-  // Finite slices (the normal case) then take the cheap exp for arguments <= 0.
-  real m = -std::numeric_limits<real>::infinity(), probe = 0;
-#pragma omp simd reduction(max : m) reduction(+ : probe)
-  for (int64_t j = 0; j < n; ++j) {
-    m = x[j] > m ? x[j] : m;
-    probe += x[j] * real(0);
+// sum of exp(v) over 16-bit values v[0..n) (bf16 or fp16 bits), read from `table`, the exp of
+// every 16-bit value: one load and one add per entry instead of an exp. Four partial sums per
+// block of 1024 keep the rounding error small for wide groups.
+static inline float sum_exp_table(const uint16_t* v, int64_t n, const float* table) {
+  float s = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += 1024) {
+    const int64_t j1 = j0 + 1024 < n ? j0 + 1024 : n;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      a0 += table[v[j]];
+      a1 += table[v[j + 1]];
+      a2 += table[v[j + 2]];
+      a3 += table[v[j + 3]];
+    }
+    for (; j < j1; ++j) a0 += table[v[j]];
+    s += (a0 + a1) + (a2 + a3);
   }
-  // Non-finite slices take the exact path: a NaN, +inf, or only -inf gives NaN like softmax.
-  const real s = sum_exp_shifted(x, n, m, probe == probe);
+  return s;
+}
+
+// The slice [start, start + n) of a row as real values: a pointer into the row, or, for a 16-bit
+// row not widened up front, the slice widened into the row's scratch buffer.
+static inline const real* slice_values(const RowIn<real>& in, int64_t start, int64_t n) {
+  if (in.x) return in.x + start;
+  real* dst = in.scratch + start;
+  if (in.is_half) {
+    half_to_real(in.bits + start, n, dst);
+  } else {
+    bf16_to_real(in.bits + start, n, dst);
+  }
+  return dst;
+}
+
+// Entry j of a row as a real value.
+static inline real row_value(const RowIn<real>& in, int64_t j) {
+  return in.x ? in.x[j] : *slice_values(in, j, 1);
+}
+
+// Shift m and sum s of exp(x - m) of the slice [start, start + n) of a row: its log-sum-exp is
+// m + log(s), and the softmax probability of an entry x_j is exp(x_j - m) / s (no log needed).
+static inline void slice_max_sum(const RowIn<real>& in, int64_t start, int64_t n, real* m_out,
+                                 real* s_out) {
+  // Shift 0 first, one pass and no max: the sum of exp(x) from the table (16-bit input) or
+  // computed (float input). Kept when that sum is moderate (no NaN, no inf, every x below about
+  // 69) and not so small that flushed tiny exps could matter (every x below about -39): then it
+  // is as accurate as the shifted sum. Else (and for double) the shifted sum below.
+  if constexpr (std::is_same_v<real, float>) {
+    const float s = in.bits ? sum_exp_table(in.bits + start, n, in.exp_table)
+                            : sum_exp_unshifted(in.x + start, n);
+    if (s >= 1e-17f && s <= 1e30f) {
+      *m_out = 0;
+      *s_out = s;
+      return;
+    }
+  }
+  const real* x = slice_values(in, start, n);
+  real m, probe;
+  slice_max_probe(x, n, &m, &probe);
+  // Finite slices (the normal case) take the cheap exp for arguments <= 0; a NaN, +inf, or only
+  // -inf takes the exact path and gives NaN, like softmax.
+  *m_out = m;
+  *s_out = sum_exp_shifted(x, n, m, probe == probe);
+}
+
+// log-sum-exp of the slice [start, start + n) of a row.
+static inline real slice_lse(const RowIn<real>& in, int64_t start, int64_t n) {
+  real m, s;
+  slice_max_sum(in, start, n, &m, &s);
   return m + std::log(s);
 }
 
 // lse[k] for every group of one row.
-static inline void row_lse(const real* x, const int64_t* o, int64_t num_groups, real* lse) {
-  for (int64_t k = 0; k < num_groups; ++k) lse[k] = slice_lse(x + o[k], o[k + 1] - o[k]);
+static inline void row_lse(const RowIn<real>& in, const int64_t* o, int64_t num_groups, real* lse) {
+  for (int64_t k = 0; k < num_groups; ++k) lse[k] = slice_lse(in, o[k], o[k + 1] - o[k]);
 }
 
 // y[j] = c * exp(x[j] - lse) over one slice: softmax, scaled. Used by every backward pass.
@@ -63,24 +116,24 @@ static inline void slice_scaled_softmax(const real* x, int64_t n, real lse, real
 
 // MOS score of one row: -min_k exp(x[o_k] - lse_k). Reports the first group attaining the
 // minimum and its lse (what the backward needs). A NaN probability wins, as in torch.max.
-static inline real row_score(const real* x, const int64_t* o, int64_t num_groups,
+static inline real row_score(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                              int64_t* min_group, real* min_lse) {
-  real best = std::numeric_limits<real>::infinity();
+  real best = std::numeric_limits<real>::infinity(), best_m = 0, best_s = 1;
   int64_t best_k = 0;
-  real best_lse = 0;
-  bool seen_nan = false;
-  for (int64_t k = 0; k < num_groups && !seen_nan; ++k) {
-    const real lse = slice_lse(x + o[k], o[k + 1] - o[k]);
-    const real p = std::exp(x[o[k]] - lse);
+  for (int64_t k = 0; k < num_groups; ++k) {
+    real m, s;
+    slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
+    const real p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
     if (p < best || p != p) {
       best = p;
       best_k = k;
-      best_lse = lse;
-      seen_nan = p != p;
+      best_m = m;
+      best_s = s;
+      if (p != p) break;
     }
   }
   *min_group = best_k;
-  *min_lse = best_lse;
+  *min_lse = best_m + std::log(best_s);
   return -best;
 }
 
@@ -98,17 +151,19 @@ static inline void row_score_backward(real g, const real* x, const int64_t* o, i
 // Group prediction of one row: in every group the largest non-others logit (first on ties), its
 // probability exp(x - lse_k); the group with the largest probability wins (first on ties, NaN
 // wins as in torch.max). Reports the winning logit position, its probability and the group.
-static inline void row_predict(const real* x, const int64_t* o, int64_t num_groups,
+static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                                int64_t* best_pos, real* best_prob, int64_t* best_group) {
   real best = -std::numeric_limits<real>::infinity();
   int64_t pos = o[0] + 1, group = 0;
   bool seen_nan = false;
   for (int64_t k = 0; k < num_groups && !seen_nan; ++k) {
     const int64_t start = o[k], n = o[k + 1] - o[k];
-    const real lse = slice_lse(x + start, n);
+    real m, s;
+    slice_max_sum(in, start, n, &m, &s);
+    const real* x = slice_values(in, start, n);
     int64_t arg = 1;
-    for (int64_t j = 2; j < n; ++j) arg = x[start + j] > x[start + arg] ? j : arg;
-    const real p = std::exp(x[start + arg] - lse);
+    for (int64_t j = 2; j < n; ++j) arg = x[j] > x[arg] ? j : arg;
+    const real p = mosx_exp(x[arg] - m) / s;
     if (p > best || p != p || k == 0) {
       best = p;
       pos = start + arg;
@@ -122,11 +177,12 @@ static inline void row_predict(const real* x, const int64_t* o, int64_t num_grou
 }
 
 // Group softmax (log_softmax when log) of one row into y.
-static inline void row_softmax(const real* x, const int64_t* o, int64_t num_groups, bool log,
-                               real* y) {
+static inline void row_softmax(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
+                               bool log, real* y) {
   for (int64_t k = 0; k < num_groups; ++k) {
     const int64_t start = o[k], n = o[k + 1] - o[k];
-    const real lse = slice_lse(x + start, n);
+    const real lse = slice_lse(in, start, n);
+    const real* x = slice_values(in, start, n) - start;  // indexed by row position below
     if (log) {
 #pragma omp simd
       for (int64_t j = start; j < start + n; ++j) y[j] = x[j] - lse;
