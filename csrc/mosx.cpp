@@ -53,4 +53,8 @@ TORCH_LIBRARY(mosx, m) {
       "bool scores_grad, bool weight_grad) -> Tensor[]");
   // The device-agnostic ATen selection (T, c) that the CUDA op uses, for tests on any device.
   m.def("_masked_weight_threshold(Tensor scores, int k) -> (Tensor, Tensor)");
+
+  // Which compiled variant the float CPU kernels run: "avx2" or "baseline" (chosen once, from the
+  // CPU's features, or "baseline" when the environment sets MOSX_CPU_KERNELS=baseline).
+  m.def("_cpu_kernels() -> str");
 }

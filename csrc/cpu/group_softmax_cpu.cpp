@@ -19,7 +19,9 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -126,13 +128,28 @@ struct RowOps {
    NS::row_softmax_backward, NS::row_lse,   NS::slice_scaled_softmax, NS::bf16_to_real,    \
    NS::half_to_real, NS::row_value}
 
+// The AVX2 variant when the CPU has it, unless MOSX_CPU_KERNELS=baseline asks for the portable one
+// (to test it, or to compare).
+bool use_avx2() {
+#ifdef MOSX_HAVE_AVX2_VARIANT
+  static const bool use = [] {
+    const char* want = std::getenv("MOSX_CPU_KERNELS");
+    return !(want && std::string(want) == "baseline") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+std::string cpu_kernels() { return use_avx2() ? "avx2" : "baseline"; }
+
 const RowOps<float>& float_ops() {
   static const RowOps<float> base = MOSX_ROW_OPS(f32_base);
 #ifdef MOSX_HAVE_AVX2_VARIANT
   static const RowOps<float> avx2 = MOSX_ROW_OPS(f32_avx2);
-  static const bool use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                               __builtin_cpu_supports("f16c");
-  return use_avx2 ? avx2 : base;
+  return use_avx2() ? avx2 : base;
 #else
   return base;
 #endif
@@ -563,5 +580,8 @@ TORCH_LIBRARY_IMPL(mosx, CPU, m) {
   m.impl("group_cross_entropy", &group_cross_entropy_cpu);
   m.impl("group_cross_entropy_backward", &group_cross_entropy_backward_cpu);
 }
+
+// No tensor arguments, so no device to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(mosx, CompositeExplicitAutograd, m) { m.impl("_cpu_kernels", &cpu_kernels); }
 
 }  // namespace mosx

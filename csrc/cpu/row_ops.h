@@ -176,18 +176,27 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
   *best_group = group;
 }
 
-// Group softmax (log_softmax when log) of one row into y.
+// Group softmax (log_softmax when log) of one row into y. Written from the slice's (m, s), not
+// from one rounded lse, so the largest entries keep full float accuracy as in torch.softmax.
 static inline void row_softmax(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                                bool log, real* y) {
   for (int64_t k = 0; k < num_groups; ++k) {
     const int64_t start = o[k], n = o[k + 1] - o[k];
-    const real lse = slice_lse(in, start, n);
-    const real* x = slice_values(in, start, n) - start;  // indexed by row position below
+    real m, s;
+    slice_max_sum(in, start, n, &m, &s);
+    const real* x = slice_values(in, start, n);
+    real* out = y + start;
     if (log) {
+      // lse = c + log(s_c) with c an integer next to lse: x - c is (nearly) exact for the
+      // largest entries and log(s_c) is small, so y rounds like torch's (x - max) - log(sum).
+      const real c = std::nearbyint(m + std::log(s));
+      const real log_sc = std::log(s * std::exp(m - c));
 #pragma omp simd
-      for (int64_t j = start; j < start + n; ++j) y[j] = x[j] - lse;
+      for (int64_t j = 0; j < n; ++j) out[j] = (x[j] - c) - log_sc;
     } else {
-      slice_scaled_softmax(x + start, n, lse, real(1), y + start);
+      const real inv = real(1) / s;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = mosx_exp(x[j] - m) * inv;
     }
   }
 }
