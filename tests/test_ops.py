@@ -119,6 +119,20 @@ def test_predict_matches_reference(groups, gen, device):
             assert torch.equal(groups.tensors(device)["class_group"][cls], grp)
 
 
+def test_predict_ties_pick_the_first_class(gen, device):
+    # Integer logits tie everywhere: within a group the first of the largest class logits wins,
+    # as in the reference's torch.max (wide groups take the vectorised argmax path).
+    g = Groups.from_sizes([40, 3, 100, 17])
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = torch.randint(-3, 3, (64, g.num_logits), generator=gen).to(dtype).to(device)
+        x[:, 0] = 10.0  # group 0's others logit: its classes lose, so other groups decide
+        x[5, 46:146] = float("-inf")  # a row whose wide group holds only -inf class logits
+        cls, prob = mosx.group_predict(x, g)
+        ref_cls, ref_prob, _ = reference.group_predict(x.to(torch.float64), g)
+        torch.testing.assert_close(prob.double(), ref_prob, atol=1e-6, rtol=1e-6)
+        assert torch.equal(cls.cpu(), ref_cls.cpu())
+
+
 def test_softmax_matches_reference(groups, gen, device):
     for dtype in DTYPES:
         x = make_logits(gen, batch_sizes(gen, groups.num_logits)[2], groups, dtype, device)
@@ -359,7 +373,7 @@ def test_baseline_cpu_kernels_pass_the_same_tests():
     # portable); this runs the core comparisons again in a fresh process forced onto the portable one.
     if torch.ops.mosx._cpu_kernels() == "baseline":
         pytest.skip("already running the baseline kernels")
-    tests = ("cpu and (kernel_variant or score_matches or predict_matches or softmax_matches or "
+    tests = ("cpu and (kernel_variant or score_matches or predict or softmax_matches or "
              "cross_entropy_matches or backward_matches or every_float or far_from_zero or worked_example)")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", tests],
                        env={**os.environ, "MOSX_CPU_KERNELS": "baseline"}, capture_output=True, text=True,

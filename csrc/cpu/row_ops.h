@@ -161,8 +161,7 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
     real m, s;
     slice_max_sum(in, start, n, &m, &s);
     const real* x = slice_values(in, start, n);
-    int64_t arg = 1;
-    for (int64_t j = 2; j < n; ++j) arg = x[j] > x[arg] ? j : arg;
+    const int64_t arg = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
     const real p = mosx_exp(x[arg] - m) / s;
     if (p > best || p != p || k == 0) {
       best = p;

@@ -55,3 +55,10 @@ static inline void half_to_real(const uint16_t* v, int64_t n, real* out) {
   for (int64_t j = 0; j < n; ++j)
     out[j] = static_cast<real>(static_cast<float>(c10::Half(v[j], c10::Half::from_bits())));
 }
+
+// Position of the largest of x[0..n) (n >= 1), the first on ties; NaNs are passed over.
+static inline int64_t slice_argmax(const real* x, int64_t n) {
+  int64_t arg = 0;
+  for (int64_t j = 1; j < n; ++j) arg = x[j] > x[arg] || x[arg] != x[arg] ? j : arg;
+  return arg;
+}

@@ -127,3 +127,49 @@ static inline void half_to_real(const uint16_t* v, int64_t n, float* out) {
     _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j))));
   for (; j < n; ++j) out[j] = _cvtsh_ss(v[j]);
 }
+
+// Position of the largest of x[0..n) (n >= 1), the first on ties; NaNs are passed over. Eight
+// lanes each keep their first maximum; the lanes are then merged by value, then by position.
+static inline int64_t slice_argmax(const float* x, int64_t n) {
+  int64_t arg = 0;
+  float best_v = x[0];
+  int64_t j = 0;
+  if (n >= 16 && n <= std::numeric_limits<int32_t>::max()) {
+    __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256i best_i = _mm256_set1_epi32(-1);
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+      best = _mm256_blendv_ps(best, v, gt);
+      best_i = _mm256_blendv_epi8(best_i, idx, _mm256_castps_si256(gt));
+      idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+    }
+    alignas(32) float bv[8];
+    alignas(32) int32_t bi[8];
+    _mm256_store_ps(bv, best);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bi), best_i);
+    int32_t lane_arg = -1;
+    for (int l = 0; l < 8; ++l) {
+      if (bi[l] < 0) continue;  // this lane saw only -inf or NaN
+      if (lane_arg < 0 || bv[l] > best_v || (bv[l] == best_v && bi[l] < lane_arg)) {
+        best_v = bv[l];
+        lane_arg = bi[l];
+      }
+    }
+    if (lane_arg < 0) {  // no lane moved: fall back to the scalar rule over the whole slice
+      j = 0;
+      best_v = x[0];
+    } else {
+      arg = lane_arg;
+    }
+  }
+  if (j == 0) j = 1;
+  for (; j < n; ++j) {
+    if (x[j] > best_v || best_v != best_v) {
+      best_v = x[j];
+      arg = j;
+    }
+  }
+  return arg;
+}
