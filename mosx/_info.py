@@ -17,4 +17,5 @@ def main(argv=None) -> int:
     print(f"CUDA kernels built: {mosx.cuda_built()}")
     print(f"GPU available: {torch.cuda.is_available()}")
     print(f"CPU: {platform.machine()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"mosx CPU kernels: {torch.ops.mosx._cpu_kernels()} (MOSX_CPU_KERNELS=baseline forces the portable ones)")
     return 0
