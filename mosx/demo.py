@@ -645,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(a) -> DemoSettings:
     over = {k: getattr(a, k) for k in ("classes", "scripts", "image_size", "train_per_class", "test_per_class",
-                                        "ood_per_set", "fit_per_class", "arch", "width", "weight_decay", "epochs", "head_epochs", "head_lr", "batch_size", "lr",
-                                        "seed", "data_seed", "data_root", "device", "um_epochs", "um_lr")
+                                        "ood_per_set", "fit_per_class", "arch", "width", "weight_decay", "epochs",
+                                        "head_epochs", "head_lr", "batch_size", "lr", "seed", "data_seed",
+                                        "data_root", "device", "um_epochs", "um_lr")
             if getattr(a, k) is not None}
     if a.scaling_classes:
         over["scaling_classes"] = tuple(int(v) for v in a.scaling_classes.split(",") if v.strip())
@@ -663,7 +664,9 @@ def _previous_run(s: DemoSettings, out: str) -> dict | None:
     with open(path) as f:
         prev = json.load(f)
     now = json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}))
-    keep = ("progress", "device")  # how a run shows progress or where it ran does not change its models
+    # how a run shows progress, where it ran, and the settings of the later experiments (Unleashing Mask,
+    # scaling) do not change the main run's models
+    keep = ("progress", "device", "um_keep", "umap_keep", "um_epochs", "um_lr", "scaling_classes")
     if {k: v for k, v in prev.get("settings", {}).items() if k not in keep} != {k: v for k, v in now.items() if k not in keep}:
         _say(f"--reuse: {path} was made with other settings; running the demo again")
         return None

@@ -232,4 +232,7 @@ def test_reuse_finds_only_a_run_with_the_same_settings(runs):
     assert prev is not None and prev["methods"] == _results(runs[0])["methods"]
     other = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--data-root", data, "--seed", "4"]))
     assert demo._previous_run(other, runs[0]) is None
+    # Unleashing Mask settings do not change the main run's models: still reused
+    um = demo.settings_from_args(demo.build_parser().parse_args(SMOKE + ["--data-root", data, "--um-lr", "0.001"]))
+    assert demo._previous_run(um, runs[0]) is not None
     assert demo._previous_run(s, os.path.join(runs[0], "nowhere")) is None
