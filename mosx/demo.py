@@ -96,7 +96,8 @@ class DemoSettings:
 
 
 PRESETS = {
-    # what the README runs: about five minutes on an idle 2-core CPU, data build included
+    # what the README runs: about two minutes on an idle 2-core CPU, data build included
+    # (recipe chosen on ID validation data: docs/demo_results.md, tools/demo_recipe_search.py)
     "quick": {},
     # a stronger model with more data: tens of minutes on a CPU, about a minute on a GPU
     "full": {"width": 32, "train_per_class": 400, "epochs": 8.0, "head_epochs": 20.0,
