@@ -82,6 +82,7 @@ struct RowIn {
 namespace f32_base {
 using real = float;
 MOSX_DEFINE_FAST_EXP
+#include "blocked_sum.h"
 #include "row_reduce.h"
 #include "row_ops.h"
 }  // namespace f32_base
@@ -93,6 +94,7 @@ MOSX_DEFINE_FAST_EXP
 namespace f32_avx2 {
 using real = float;
 MOSX_DEFINE_FAST_EXP
+#include "blocked_sum.h"
 #include "row_reduce_avx2.h"
 #include "row_ops.h"
 }  // namespace f32_avx2
@@ -103,6 +105,7 @@ namespace f64 {
 using real = double;
 static inline double mosx_exp(double x) { return std::exp(x); }
 static inline double mosx_exp_nonpos(double x) { return std::exp(x); }
+#include "blocked_sum.h"
 #include "row_reduce.h"
 #include "row_ops.h"
 }  // namespace f64

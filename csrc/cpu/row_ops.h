@@ -15,15 +15,7 @@
 // exact blocked sum (NaN, inf and -inf behave as in std::exp).
 static inline real sum_exp_shifted(const real* x, int64_t n, real m, bool finite) {
   if (finite) return sum_exp_nonpos(x, n, m);
-  real s = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += 256) {
-    const int64_t j1 = j0 + 256 < n ? j0 + 256 : n;
-    real part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j] - m);
-    s += part;
-  }
-  return s;
+  return blocked_sum(x, n, [m](real v) { return mosx_exp(v - m); });
 }
 
 // sum of exp(v) over 16-bit values v[0..n) (bf16 or fp16 bits), read from `table`, the exp of

@@ -16,32 +16,15 @@ static inline void slice_max_probe(const real* x, int64_t n, real* max_out, real
   *probe_out = probe;
 }
 
-// sum of exp(x[j] - m) over a finite slice whose max is m. Blocks of 256 (short vector partial
-// sums) keep the rounding error near that of a pairwise sum for wide groups.
+// sum of exp(x[j] - m) over a finite slice whose max is m.
 static inline real sum_exp_nonpos(const real* x, int64_t n, real m) {
-  real s = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += 256) {
-    const int64_t j1 = j0 + 256 < n ? j0 + 256 : n;
-    real part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = j0; j < j1; ++j) part += mosx_exp_nonpos(x[j] - m);
-    s += part;
-  }
-  return s;
+  return blocked_sum(x, n, [m](real v) { return mosx_exp_nonpos(v - m); });
 }
 
 // sum of exp(x[j]) over x[0..n), unshifted: NaN or inf when the slice holds one or when an exp
 // overflows; exps below float's range count as 0.
 static inline real sum_exp_unshifted(const real* x, int64_t n) {
-  real s = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += 256) {
-    const int64_t j1 = j0 + 256 < n ? j0 + 256 : n;
-    real part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = j0; j < j1; ++j) part += mosx_exp(x[j]);
-    s += part;
-  }
-  return s;
+  return blocked_sum(x, n, [](real v) { return mosx_exp(v); });
 }
 
 // A row of bf16 / fp16 bit patterns widened to `real`.
