@@ -111,13 +111,9 @@ PRESETS = {
 
 
 def make_settings(preset: str = "quick", **overrides) -> DemoSettings:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown demo preset {preset!r}; choose from {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(DemoSettings)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"unknown demo setting(s) {bad}")
-    s = DemoSettings(**{**PRESETS[preset], **overrides})
+    from mosx.train.config import from_preset
+
+    s = from_preset(DemoSettings, PRESETS, preset, overrides, "demo")
     _validate(s)
     return s
 

@@ -95,15 +95,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def from_preset(cls, presets: dict, preset: str, overrides: dict, what: str):
+    """cls(**presets[preset], **overrides), naming `what` ("training", "demo") when the preset or an
+    override is unknown."""
+    if preset not in presets:
+        raise ValueError(f"unknown {what} preset {preset!r}; choose from {', '.join(presets)}")
+    bad = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if bad:
+        raise ValueError(f"unknown {what} setting(s) {bad}")
+    return cls(**{**presets[preset], **overrides})
+
+
 def make_config(preset: str = "paper", **overrides) -> TrainConfig:
     """A TrainConfig from a preset name plus keyword overrides (unknown names raise)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    names = {f.name for f in fields(TrainConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"unknown training setting(s) {bad}")
-    cfg = TrainConfig(**{**PRESETS[preset], **overrides})
+    cfg = from_preset(TrainConfig, PRESETS, preset, overrides, "training")
     validate(cfg)
     return cfg
 
