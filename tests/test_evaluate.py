@@ -67,7 +67,8 @@ def common(tmp_path, **kw):
                 precision="fp32", progress=False, verbose=False, **kw)
 
 
-def direct_logits(model, images):
+def load_images(images):
+    """The readable images of an image list, as the evaluator's transform makes them: [N, 3, SIZE, SIZE]."""
     tf = E.make_transform(SIZE)
     from PIL import Image
 
@@ -77,8 +78,12 @@ def direct_logits(model, images):
             xs.append(tf(Image.open(p).convert("RGB")))
         except Exception:
             continue
+    return torch.stack(xs)
+
+
+def direct_logits(model, images):
     with torch.no_grad():
-        return S.model_outputs(model, torch.stack(xs))
+        return S.model_outputs(model, load_images(images))
 
 
 def test_flat_model_end_to_end(folders, tmp_path):
@@ -310,20 +315,7 @@ def test_input_perturbation_scorers(folders, tmp_path):
     ood = {"far": str(folders / "ood_far")}
     specs = ["odin:temperature=10,eps=0.01", "mahalanobis:eps=0.01", "mahalanobis"]
     res = E.evaluate(model, str(folders / "id"), ood, scores=specs, fit_on_id=True, plots=False, **common(tmp_path))
-    tf = E.make_transform(SIZE)
-    from PIL import Image
-
-    def images(name):
-        il = E.image_list(str(folders / name), name)
-        xs = []
-        for p in il.paths:
-            try:
-                xs.append(tf(Image.open(p).convert("RGB")))
-            except Exception:
-                pass
-        return torch.stack(xs)
-
-    x_id, x_far = images("id"), images("ood_far")
+    x_id, x_far = (load_images(E.image_list(str(folders / n), n)) for n in ("id", "ood_far"))
     odin = S.ODIN(10, 0.01)
     np.testing.assert_allclose(res.scores[specs[0]]["far"], odin.score(inputs=x_far, model=model), atol=1e-6)
     # fit on exactly the cached fp16 features: this untrained net's features barely vary, so one fp16
