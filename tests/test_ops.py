@@ -345,6 +345,57 @@ def test_logits_far_from_zero(dtype, gen, device):
                                reference.group_cross_entropy(x32, t, g, reduction="none"), atol=1e-4, rtol=1e-5)
 
 
+def test_logits_inside_the_sweep_range_with_extreme_group_sums(gen, device):
+    # float32 rows with every |x| <= 87 take the CPU's one-sweep path for all groups at once; a group
+    # whose unshifted sum still leaves float's comfortable range (logits near 80, or all below -40)
+    # must fall back to the shifted sum on its own, and rows with one logit past 87 (or an inf) must
+    # leave the sweep while the other rows of the batch stay on it.
+    g = Groups.from_sizes([5, 17, 1, 40, 3, 9, 2, 30])
+    x = torch.randn(60, g.num_logits, generator=gen, dtype=torch.float64)
+    shift = torch.tensor([-80.0, -45.0, -38.0, 0.0, 20.0, 64.0, 71.0, 82.0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        perm = shift[torch.randperm(len(shift), generator=gen)]
+        for k, (a, b) in enumerate(g.slices.tolist()):
+            x[i, a:b] += perm[k]
+    x = x.clamp(-86.9, 86.9)
+    x[::7, 3] = 87.5          # just past the sweep's range
+    x[1::7, -1] = -90.0
+    x[2::7, 60] = -math.inf   # a masked-out logit
+    x[3::7, 10] = 400.0       # far enough past it that an unclamped exp would wrap to a finite value
+    x[4::7, 70] = -400.0
+    x = x.float().to(device)
+    torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g),
+                               atol=1e-5, rtol=1e-5)
+    cls, prob = mosx.group_predict(x, g)
+    ref_cls, ref_prob, _ = reference.group_predict(x, g)
+    torch.testing.assert_close(prob, ref_prob, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cls, ref_cls)
+    t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
+    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
+                               reference.group_cross_entropy(x, t, g, reduction="none"), atol=1e-4, rtol=1e-5)
+
+
+def test_group_ends_at_every_position_of_a_vector(gen, device):
+    # The CPU's float32 sweep reads rows 16 logits at a time and splits each vector at the group ends
+    # inside it: group ends at every lane, several ends in one vector (groups of 2), rows shorter than
+    # a vector, and rows that end mid-vector or on a vector boundary.
+    layouts = [[1] * k for k in (1, 3, 7, 8, 12)] + [[2] * 5, [7, 1, 1, 6], [14], [15], [16, 1]]
+    layouts += [random_sizes(gen, int(torch.randint(1, 12, (1,), generator=gen)), 9) for _ in range(25)]
+    for sizes in layouts:
+        g = Groups.from_sizes(sizes)
+        x = make_logits(gen, 9, g, torch.float32, device)
+        torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g),
+                                   atol=1e-6, rtol=1e-5, msg=lambda m: f"sizes {sizes}: {m}")
+        cls, prob = mosx.group_predict(x, g)
+        ref_cls, ref_prob, _ = reference.group_predict(x, g)
+        assert torch.equal(cls, ref_cls), sizes
+        torch.testing.assert_close(prob, ref_prob, atol=1e-6, rtol=1e-5)
+        t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
+        torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
+                                   reference.group_cross_entropy(x, t, g, reduction="none"),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_kernel_variant_follows_environment():
     variant = torch.ops.mosx._cpu_kernels()
     if os.environ.get("MOSX_CPU_KERNELS") == "baseline":

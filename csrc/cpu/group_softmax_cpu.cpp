@@ -76,7 +76,10 @@ struct RowIn {
   const uint16_t* bits;
   const float* exp_table;
   bool is_half;  // fp16 (else bf16) bits
-  real* scratch;
+  real* scratch;        // [L]
+  real* group_scratch;     // [3 K]: per-group values of the row
+  int64_t* group_index;    // [K]
+  const char* ahead;       // the input row read next (this one when none): to prefetch
 };
 
 namespace f32_base {
@@ -278,11 +281,15 @@ void for_each_row(const at::Tensor& x, scalar_t* y, const F& fn, bool widen = tr
   const float* table = exp_table_for<scalar_t>();
   widen = widen || !table;
   at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-    std::vector<real> in(L), out(y ? L : 0);
+    // The row, then 3 K <= 3 L per-group values; K <= L per-group positions.
+    std::vector<real> in(4 * L), out(y ? L : 0);
+    std::vector<int64_t> index(L);
     for (int64_t i = begin; i < end; ++i) {
       const RowIn<real> row{widen ? load_row(xp, rs, i, L, in.data()) : nullptr,
                             table ? reinterpret_cast<const uint16_t*>(xp + i * rs) : nullptr,
-                            table, std::is_same_v<scalar_t, c10::Half>, in.data()};
+                            table, std::is_same_v<scalar_t, c10::Half>, in.data(),
+                            in.data() + L, index.data(),
+                            reinterpret_cast<const char*>(xp + (i + 1 < end ? i + 1 : i) * rs)};
       real* dst = y ? row_dest(y, i, L, out.data()) : nullptr;
       fn(i, row, dst);
       if (y) store_row(y, i, L, dst);

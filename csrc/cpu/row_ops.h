@@ -57,6 +57,20 @@ static inline real row_value(const RowIn<real>& in, int64_t j) {
   return in.x ? in.x[j] : *slice_values(in, j, 1);
 }
 
+// Unshifted sums s[k] of exp(x) of every group of a float row and e0[k], the exp of each group's
+// first entry, from one sweep (row_exp_sums). False for double and 16-bit rows (those read the
+// exp table per group) and for rows with some |x| > 87, inf or NaN: then slice_max_sum per group.
+static inline bool sweep_sums(const RowIn<real>& in, const int64_t* o, int64_t num_groups, real* s,
+                              real* e0) {
+  if constexpr (std::is_same_v<real, float>) {
+    if (in.x && !in.bits) return row_exp_sums(in.x, o, num_groups, s, e0, in.ahead);
+  }
+  return false;
+}
+
+// Whether an unshifted sum of exps is kept (shift 0): moderate, as in slice_max_sum.
+static inline bool unshifted_ok(real s) { return s >= real(1e-17) && s <= real(1e30); }
+
 // Shift m and sum s of exp(x - m) of the slice [start, start + n) of a row: its log-sum-exp is
 // m + log(s), and the softmax probability of an entry x_j is exp(x_j - m) / s (no log needed).
 static inline void slice_max_sum(const RowIn<real>& in, int64_t start, int64_t n, real* m_out,
@@ -68,7 +82,7 @@ static inline void slice_max_sum(const RowIn<real>& in, int64_t start, int64_t n
   if constexpr (std::is_same_v<real, float>) {
     const float s = in.bits ? sum_exp_table(in.bits + start, n, in.exp_table)
                             : sum_exp_unshifted(in.x + start, n);
-    if (s >= 1e-17f && s <= 1e30f) {
+    if (unshifted_ok(s)) {
       *m_out = 0;
       *s_out = s;
       return;
@@ -92,7 +106,11 @@ static inline real slice_lse(const RowIn<real>& in, int64_t start, int64_t n) {
 
 // lse[k] for every group of one row.
 static inline void row_lse(const RowIn<real>& in, const int64_t* o, int64_t num_groups, real* lse) {
-  for (int64_t k = 0; k < num_groups; ++k) lse[k] = slice_lse(in, o[k], o[k + 1] - o[k]);
+  real* s = in.group_scratch;
+  const bool swept = sweep_sums(in, o, num_groups, s, s + num_groups);
+  for (int64_t k = 0; k < num_groups; ++k) {
+    lse[k] = swept && unshifted_ok(s[k]) ? std::log(s[k]) : slice_lse(in, o[k], o[k + 1] - o[k]);
+  }
 }
 
 // y[j] = c * exp(x[j] - lse) over one slice: softmax, scaled. Used by every backward pass.
@@ -112,10 +130,17 @@ static inline real row_score(const RowIn<real>& in, const int64_t* o, int64_t nu
                              int64_t* min_group, real* min_lse) {
   real best = std::numeric_limits<real>::infinity(), best_m = 0, best_s = 1;
   int64_t best_k = 0;
+  real* sums = in.group_scratch;
+  real* e0 = sums + num_groups;
+  const bool swept = sweep_sums(in, o, num_groups, sums, e0);
   for (int64_t k = 0; k < num_groups; ++k) {
-    real m, s;
-    slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
-    const real p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
+    real m = 0, s = swept ? sums[k] : real(0), p;
+    if (swept && unshifted_ok(s)) {
+      p = e0[k] / s;
+    } else {
+      slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
+      p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
+    }
     if (p < best || p != p) {
       best = p;
       best_k = k;
@@ -145,24 +170,33 @@ static inline void row_score_backward(real g, const real* x, const int64_t* o, i
 // wins as in torch.max). Reports the winning logit position, its probability and the group.
 static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                                int64_t* best_pos, real* best_prob, int64_t* best_group) {
-  real best = -std::numeric_limits<real>::infinity();
-  int64_t pos = o[0] + 1, group = 0;
-  bool seen_nan = false;
-  for (int64_t k = 0; k < num_groups && !seen_nan; ++k) {
+  // First every group's sum s_k, shift m_k and v_k = x_arg - m_k, then the exps of all v_k in
+  // one go (a vector exp, not one scalar exp per group).
+  real* sums = in.group_scratch;
+  real* v = sums + num_groups;
+  real* e = v + num_groups;
+  int64_t* arg = in.group_index;
+  const bool swept = sweep_sums(in, o, num_groups, sums, e);
+  for (int64_t k = 0; k < num_groups; ++k) {
     const int64_t start = o[k], n = o[k + 1] - o[k];
-    real m, s;
-    slice_max_sum(in, start, n, &m, &s);
+    real m = 0;
+    if (!(swept && unshifted_ok(sums[k]))) slice_max_sum(in, start, n, &m, &sums[k]);
     const real* x = slice_values(in, start, n);
-    const int64_t arg = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
-    const real p = mosx_exp(x[arg] - m) / s;
+    arg[k] = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
+    v[k] = x[arg[k]] - m;
+  }
+  exp_values(v, num_groups, e);
+  real best = -std::numeric_limits<real>::infinity();
+  int64_t group = 0;
+  for (int64_t k = 0; k < num_groups; ++k) {
+    const real p = e[k] / sums[k];
     if (p > best || p != p || k == 0) {
       best = p;
-      pos = start + arg;
       group = k;
-      seen_nan = p != p;
+      if (p != p) break;
     }
   }
-  *best_pos = pos;
+  *best_pos = o[group] + arg[group];
   *best_prob = best;
   *best_group = group;
 }

@@ -27,6 +27,17 @@ static inline real sum_exp_unshifted(const real* x, int64_t n) {
   return blocked_sum(x, n, [](real v) { return mosx_exp(v); });
 }
 
+// Per-group sums of exp(x) of a row in one sweep (see row_reduce_avx2.h): not done here, where
+// the per-group loops the compiler vectorises do the same work; false sends the caller there.
+static inline bool row_exp_sums(const real*, const int64_t*, int64_t, real*, real*, const char*) {
+  return false;
+}
+
+// exp(v[j]) for every j.
+static inline void exp_values(const real* v, int64_t n, real* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = mosx_exp(v[j]);
+}
+
 // A row of bf16 / fp16 bit patterns widened to `real`.
 static inline void bf16_to_real(const uint16_t* v, int64_t n, real* out) {
 #pragma omp simd
