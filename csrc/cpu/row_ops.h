@@ -117,8 +117,7 @@ static inline void row_lse(const RowIn<real>& in, const int64_t* o, int64_t num_
 static inline void slice_scaled_softmax(const real* x, int64_t n, real lse, real c, real* y) {
   if (lse == lse) {
     // lse is finite or +inf only if every x is finite or -inf, and then x - lse <= 0.
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = c * mosx_exp_nonpos(x[j] - lse);
+    scaled_exp(x, n, lse, c, y);
   } else {
     for (int64_t j = 0; j < n; ++j) y[j] = c * lse;  // NaN slice stays NaN
   }
@@ -185,7 +184,7 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
     arg[k] = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
     v[k] = x[arg[k]] - m;
   }
-  exp_values(v, num_groups, e);
+  scaled_exp(v, num_groups, real(0), real(1), e);
   real best = -std::numeric_limits<real>::infinity();
   int64_t group = 0;
   for (int64_t k = 0; k < num_groups; ++k) {
@@ -219,9 +218,7 @@ static inline void row_softmax(const RowIn<real>& in, const int64_t* o, int64_t 
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) out[j] = (x[j] - c) - log_sc;
     } else {
-      const real inv = real(1) / s;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] = mosx_exp(x[j] - m) * inv;
+      scaled_exp(x, n, m, real(1) / s, out);
     }
   }
 }

@@ -33,9 +33,10 @@ static inline bool row_exp_sums(const real*, const int64_t*, int64_t, real*, rea
   return false;
 }
 
-// exp(v[j]) for every j.
-static inline void exp_values(const real* v, int64_t n, real* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = mosx_exp(v[j]);
+// y[j] = c * exp(x[j] - m) over x[0..n), for x[j] - m <= 87 or NaN.
+static inline void scaled_exp(const real* x, int64_t n, real m, real c, real* y) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] = c * mosx_exp(x[j] - m);
 }
 
 // A row of bf16 / fp16 bit patterns widened to `real`.

@@ -49,33 +49,47 @@ static inline void slice_max_probe(const float* x, int64_t n, float* max_out, fl
   *probe_out = hsum(_mm256_add_ps(p0, p1));
 }
 
-// exp(d) for |d| <= 87.3 only (outside it the power of two wraps and the result is garbage; NaN
-// stays NaN): Cody-Waite reduction to |r| <= ln2/2, then 1 + r + r^2 q(r) with q a degree-3
-// minimax fit: at most 1.8e-7 relative error (measured against double exp at 8.75M points), two
-// FMAs fewer than the scalar exp_in_range.
-static inline __m256 exp_in_range_ps(__m256 d) {
+// exp of N vectors d[i] with |d| <= 87 (outside it the power of two wraps and the result is
+// garbage; NaN stays NaN). Cody-Waite reduction to |r| <= ln2/2 with one float constant for ln2,
+// then 1 + r + r^2 q(r) with q a degree-3 minimax fit, and 2^k straight from the rounding
+// constant's bits. At most 3.9e-7 relative error, measured against double exp at 23M points of
+// [-87, 87] (the rounding error of ln2 in float, 1.9e-9, grows with |k| <= 126 to 2.4e-7 of it):
+// below torch's own float32 softmax error in the MOS score. The N dependency chains are written
+// stage by stage, side by side, an order GCC keeps, so that both FMA pipes stay fed (N = 2 in
+// the hot loops).
+template <int N>
+__attribute__((always_inline)) static inline void exp_in_range_ps(const __m256 (&d)[N],
+                                                                __m256 (&e)[N]) {
   const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127: rounds, and biases k
-  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(1.44269504088896341f), magic);
-  const __m256 k = _mm256_sub_ps(t, magic);
-  __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693359375f), d);
-  r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(8.3146328e-3f), r, _mm256_set1_ps(4.1890655e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6667092e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.9999228e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), ln2 = _mm256_set1_ps(-0.69314718f);
+  const __m256 c[4] = {_mm256_set1_ps(8.3146328e-3f), _mm256_set1_ps(4.1890655e-2f),
+                       _mm256_set1_ps(1.6667092e-1f), _mm256_set1_ps(4.9999228e-1f)};
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 t[N], r[N], p[N];
+  for (int i = 0; i < N; ++i) t[i] = _mm256_fmadd_ps(d[i], log2e, magic);
+  for (int i = 0; i < N; ++i) r[i] = _mm256_fmadd_ps(_mm256_sub_ps(t[i], magic), ln2, d[i]);
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(c[0], r[i], c[1]);
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], c[2]);
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], c[3]);
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], one);
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], one);
   // The low mantissa bits of t hold k + 127: shifted into the exponent field they are 2^k.
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  return _mm256_mul_ps(p, scale);
+  for (int i = 0; i < N; ++i) {
+    const __m256i two_k = _mm256_slli_epi32(_mm256_castps_si256(t[i]), 23);
+    e[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(two_k));
+  }
 }
 
-// exp(d) for any d, clamped to [-87, 88] first (NaN kept): exp(-87) = 1.6e-38 stands in for
-// anything smaller, invisible in the sums below, and exp(88) = 1.7e38 for anything larger, which
-// the caller's range check catches.
+// exp(d) for any d, clamped to [-87, 87] first (NaN kept): exp(-87) = 1.6e-38 stands in for
+// anything smaller, invisible in the sums below, and exp(87) = 6e37 for anything larger, which
+// the callers' range checks catch.
 static inline __m256 exp_clamped_ps(__m256 d) {
   // max/min return their second operand when either is NaN: a NaN d stays NaN.
-  return exp_in_range_ps(
-      _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), d)));
+  const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(87.0f);
+  const __m256 in[1] = {_mm256_min_ps(hi, _mm256_max_ps(lo, d))};
+  __m256 out[1];
+  exp_in_range_ps(in, out);
+  return out[0];
 }
 
 // sum of term(x[j]) over x[0..n), two vectors per step (four left the compiler short of
@@ -105,46 +119,11 @@ static inline float lane_sum(const float* x, int64_t n, const Term& term) {
 template <bool shifted>
 static inline float sum_exp_avx2(const float* x, int64_t n, float m) {
   const __m256 vm = _mm256_set1_ps(m);
-  return lane_sum(x, n, [&](__m256 v) { return exp_clamped_ps(shifted ? _mm256_sub_ps(v, vm) : v); });
+  return lane_sum(x, n, [&](__m256 v) {
+    return exp_clamped_ps(shifted ? _mm256_sub_ps(v, vm) : v);
+  });
 }
 
-// exp of two vectors for |a|, |b| <= 87 (the row sweep's range; garbage outside it), the two
-// dependency chains written side by side, which GCC keeps in that order and which keeps both FMA
-// pipes fed. One FMA per vector cheaper than exp_in_range_ps: the reduction r = x - k ln2 uses
-// one float constant for ln2, whose rounding error (1.9e-9) grows with |k| <= 126 to at most
-// 2.4e-7 relative. Measured against double exp on [-87, 87]: at most 3.9e-7 relative error
-// (1.8e-7 for exp_in_range_ps), below torch's own float32 softmax error in the MOS score.
-static inline void exp2_in_range_ps(__m256 a, __m256 b, __m256* ea, __m256* eb) {
-  const __m256 magic = _mm256_set1_ps(12583039.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2 = _mm256_set1_ps(-0.69314718055994531f);
-  const __m256 ta = _mm256_fmadd_ps(a, log2e, magic), tb = _mm256_fmadd_ps(b, log2e, magic);
-  const __m256 ka = _mm256_sub_ps(ta, magic), kb = _mm256_sub_ps(tb, magic);
-  const __m256 ra = _mm256_fmadd_ps(ka, ln2, a), rb = _mm256_fmadd_ps(kb, ln2, b);
-  const __m256 c5 = _mm256_set1_ps(8.3146328e-3f), c4 = _mm256_set1_ps(4.1890655e-2f);
-  const __m256 c3 = _mm256_set1_ps(1.6667092e-1f), c2 = _mm256_set1_ps(4.9999228e-1f);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  __m256 pa = _mm256_fmadd_ps(c5, ra, c4), pb = _mm256_fmadd_ps(c5, rb, c4);
-  pa = _mm256_fmadd_ps(pa, ra, c3);
-  pb = _mm256_fmadd_ps(pb, rb, c3);
-  pa = _mm256_fmadd_ps(pa, ra, c2);
-  pb = _mm256_fmadd_ps(pb, rb, c2);
-  pa = _mm256_fmadd_ps(pa, ra, one);
-  pb = _mm256_fmadd_ps(pb, rb, one);
-  pa = _mm256_fmadd_ps(pa, ra, one);
-  pb = _mm256_fmadd_ps(pb, rb, one);
-  *ea = _mm256_mul_ps(pa, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(ta), 23)));
-  *eb = _mm256_mul_ps(pb, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(tb), 23)));
-}
-
-// Per-group sums of exp(x) of a float row in one sweep over the row, s[k], and the exp of every
-// group's first (others) entry, e0[k]. One long loop over whole vectors instead of one short loop
-// per group: no per-group tails, no separate exp for the others entries. The exps are computed
-// without the clamp, with the largest |x| kept on the side as integer bits (two cheap integer
-// ops): returns false, s and e0 unset, when some |x| > 87, an inf or a NaN is in the row; the
-// caller then takes the per-group path, which handles them. `ahead` is the row to be read next:
-// prefetched line by line along the sweep (a row is 4 KiB for ImageNet's 1008 logits, and the
-// hardware prefetcher stops at page ends; this took the sweep from about 15 to 12.5 cycles per
-// 8 logits on a Zen 1 when streaming from memory).
 // Where row_exp_sums stands: the group being summed, where it ends, its partial lane sums.
 struct SweepPos {
   int64_t k, end;
@@ -152,11 +131,12 @@ struct SweepPos {
 };
 
 // Adds the vector e of the exps of [j, j + 8), inside which one or more groups end: the lanes of
-// each group go to its sum, and the first lane of each new group is its e0. Out of line: it runs
-// a few times per row, and inline it made GCC keep the hot loop's sums in memory.
-__attribute__((always_inline)) static inline void sweep_group_ends(SweepPos& at, __m256 e, int64_t j,
-                                                       const int64_t* o, int64_t num_groups,
-                                                       float* s, float* e0) {
+// each group go to its sum, and the first lane of each new group is its e0. (The state travels in
+// a struct: captured by reference in a lambda instead, GCC kept the hot loop's sums in memory.)
+__attribute__((always_inline)) static inline void sweep_group_ends(SweepPos& at, __m256 e,
+                                                                   int64_t j, const int64_t* o,
+                                                                   int64_t num_groups, float* s,
+                                                                   float* e0) {
   while (at.end < j + 8) {
     const int lane = static_cast<int>(at.end - j);  // first lane of the next group
     const __m256 below = _mm256_castsi256_ps(tail_mask(lane));
@@ -170,27 +150,41 @@ __attribute__((always_inline)) static inline void sweep_group_ends(SweepPos& at,
   at.acc = _mm256_add_ps(at.acc, e);
 }
 
+// Per-group sums of exp(x) of a float row in one sweep over the row, s[k], and the exp of every
+// group's first (others) entry, e0[k]. One long loop over whole vectors instead of one short loop
+// per group: no per-group tails, no separate exp for the others entries. The exps skip the clamp;
+// the largest |x| is kept on the side as integer bits (two cheap integer ops per vector), and the
+// result is false, s and e0 unset, when some |x| > 87, an inf or a NaN is in the row: the caller
+// then takes the per-group path, which handles them. `ahead` is the row to be read next,
+// prefetched line by line along the sweep: a row is 4 KiB for ImageNet's 1008 logits and the
+// hardware prefetcher stops at page ends (on a Zen 1 this took the streaming sweep from about 15
+// to 12.5 cycles per 8 logits).
 static inline bool row_exp_sums(const float* x, const int64_t* o, int64_t num_groups, float* s,
                                 float* e0, const char* ahead) {
   const int64_t L = o[num_groups];
   const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
   __m256i big = _mm256_setzero_si256();  // the largest |x| so far, as bits
+  auto track = [&](__m256 a, __m256 b) {
+    const __m256i abs_a = _mm256_and_si256(_mm256_castps_si256(a), abs_bits);
+    const __m256i abs_b = _mm256_and_si256(_mm256_castps_si256(b), abs_bits);
+    big = _mm256_max_epu32(big, _mm256_max_epu32(abs_a, abs_b));
+  };
   SweepPos at{0, o[1], _mm256_setzero_ps()};
   __m256 acc = at.acc;
   int64_t j = 0;
   for (; j + 16 <= L; j += 16) {
     _mm_prefetch(ahead + 4 * j, _MM_HINT_T0);  // one cache line of the next row per step
     const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
-    big = _mm256_max_epu32(big, _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_bits),
-                                                 _mm256_and_si256(_mm256_castps_si256(b), abs_bits)));
-    __m256 ea, eb;
-    exp2_in_range_ps(a, b, &ea, &eb);
+    track(a, b);
+    const __m256 in[2] = {a, b};
+    __m256 e[2];
+    exp_in_range_ps(in, e);
     if (j + 16 <= at.end) {  // both vectors inside the current group: the common case
-      acc = _mm256_add_ps(acc, _mm256_add_ps(ea, eb));
+      acc = _mm256_add_ps(acc, _mm256_add_ps(e[0], e[1]));
     } else {
       at.acc = acc;
-      sweep_group_ends(at, ea, j, o, num_groups, s, e0);
-      sweep_group_ends(at, eb, j + 8, o, num_groups, s, e0);
+      sweep_group_ends(at, e[0], j, o, num_groups, s, e0);
+      sweep_group_ends(at, e[1], j + 8, o, num_groups, s, e0);
       acc = at.acc;
     }
   }
@@ -198,31 +192,47 @@ static inline bool row_exp_sums(const float* x, const int64_t* o, int64_t num_gr
   if (j < L) {  // up to 15 entries left: masked loads (lanes past L read 0 and are not summed)
     const __m256i ma = tail_mask(L - j), mb = tail_mask(L - j - 8);
     const __m256 a = _mm256_maskload_ps(x + j, ma), b = _mm256_maskload_ps(x + j + 8, mb);
-    big = _mm256_max_epu32(big, _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(a), abs_bits),
-                                                 _mm256_and_si256(_mm256_castps_si256(b), abs_bits)));
-    __m256 ea, eb;
-    exp2_in_range_ps(a, b, &ea, &eb);
-    sweep_group_ends(at, ea, j, o, num_groups, s, e0);
-    if (j + 8 < L) sweep_group_ends(at, eb, j + 8, o, num_groups, s, e0);
+    track(a, b);
+    const __m256 in[2] = {a, b};
+    __m256 e[2];
+    exp_in_range_ps(in, e);
+    sweep_group_ends(at, e[0], j, o, num_groups, s, e0);
+    if (j + 8 < L) sweep_group_ends(at, e[1], j + 8, o, num_groups, s, e0);
   }
   if (at.k < num_groups) s[at.k] = hsum(at.acc);  // the last group ended at L, with a vector
-  __m256 e_first, unused;  // the same arithmetic as the sweep's lane 0
-  exp2_in_range_ps(_mm256_set1_ps(x[0]), _mm256_set1_ps(x[0]), &e_first, &unused);
-  e0[0] = _mm256_cvtss_f32(e_first);
+  const __m256 first[1] = {_mm256_set1_ps(x[0])};  // the same arithmetic as the sweep's lane 0
+  __m256 e_first[1];
+  exp_in_range_ps(first, e_first);
+  e0[0] = _mm256_cvtss_f32(e_first[0]);
   const __m256i over = _mm256_cmpgt_epi32(big, _mm256_set1_epi32(0x42ae0000));  // |x| > 87.0f
   return _mm256_testz_si256(over, over);
 }
 
-// exp(v[j]) for every j, with mosx_exp's special cases: below -87 gives 0, above 88 gives inf.
-static inline void exp_values(const float* v, int64_t n, float* out) {
-  for (int64_t j = 0; j < n; j += 8) {
+// y[j] = c * exp(x[j] - m) over x[0..n), for x[j] - m <= 87 or NaN (softmax from its shift m, a
+// softmax gradient from the lse): below -87 gives 0, as in mosx_exp; NaN stays NaN.
+static inline void scaled_exp(const float* x, int64_t n, float m, float c, float* y) {
+  const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(c), lo = _mm256_set1_ps(-87.0f);
+  // exp(max(d, -87)), zeroed where d < -87 (-inf included); max keeps a NaN d (second operand).
+  auto term = [&](__m256 d, __m256 e) {
+    return _mm256_mul_ps(vc, _mm256_andnot_ps(_mm256_cmp_ps(d, lo, _CMP_LT_OQ), e));
+  };
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 d[2] = {_mm256_sub_ps(_mm256_loadu_ps(x + j), vm),
+                         _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm)};
+    const __m256 dc[2] = {_mm256_max_ps(lo, d[0]), _mm256_max_ps(lo, d[1])};
+    __m256 e[2];
+    exp_in_range_ps(dc, e);
+    _mm256_storeu_ps(y + j, term(d[0], e[0]));
+    _mm256_storeu_ps(y + j + 8, term(d[1], e[1]));
+  }
+  for (; j < n; j += 8) {
     const __m256i mask = tail_mask(n - j);
-    const __m256 x = _mm256_maskload_ps(v + j, mask);
-    __m256 e = exp_clamped_ps(x);
-    e = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
-    e = _mm256_blendv_ps(e, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                         _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
-    _mm256_maskstore_ps(out + j, mask, e);
+    const __m256 d[1] = {_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), vm)};
+    const __m256 dc[1] = {_mm256_max_ps(lo, d[0])};
+    __m256 e[1];
+    exp_in_range_ps(dc, e);
+    _mm256_maskstore_ps(y + j, mask, term(d[0], e[0]));
   }
 }
 
