@@ -171,9 +171,15 @@ static inline bool row_exp_sums(const float* x, const int64_t* o, int64_t num_gr
     big = _mm256_max_epu32(big, _mm256_max_epu32(abs_a, abs_b));
   };
   SweepPos at{0, o[1], _mm256_setzero_ps()};
-  __m256 acc = at.acc;
+  // The current group's lane sums: acc over the current block of 1024 logits, block over the
+  // group's earlier blocks (two levels keep the rounding of groups of many thousand classes small).
+  __m256 acc = at.acc, block = acc;
   int64_t j = 0;
   for (; j + 16 <= L; j += 16) {
+    if ((j & 1023) == 0) {
+      block = _mm256_add_ps(block, acc);
+      acc = _mm256_setzero_ps();
+    }
     _mm_prefetch(ahead + 4 * j, _MM_HINT_T0);  // one cache line of the next row per step
     const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
     track(a, b);
@@ -183,13 +189,14 @@ static inline bool row_exp_sums(const float* x, const int64_t* o, int64_t num_gr
     if (j + 16 <= at.end) {  // both vectors inside the current group: the common case
       acc = _mm256_add_ps(acc, _mm256_add_ps(e[0], e[1]));
     } else {
-      at.acc = acc;
+      at.acc = _mm256_add_ps(block, acc);
+      block = _mm256_setzero_ps();
       sweep_group_ends(at, e[0], j, o, num_groups, s, e0);
       sweep_group_ends(at, e[1], j + 8, o, num_groups, s, e0);
       acc = at.acc;
     }
   }
-  at.acc = acc;
+  at.acc = _mm256_add_ps(block, acc);
   if (j < L) {  // up to 15 entries left: masked loads (lanes past L read 0 and are not summed)
     const __m256i ma = tail_mask(L - j), mb = tail_mask(L - j - 8);
     const __m256 a = _mm256_maskload_ps(x + j, ma), b = _mm256_maskload_ps(x + j + 8, mb);
