@@ -396,6 +396,24 @@ def test_group_ends_at_every_position_of_a_vector(gen, device):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [6, 20, 33])
+def test_identical_groups_tie_to_the_first(size, gen, device):
+    # Groups holding bit-identical logits have equal probabilities, and score and prediction give
+    # the tie to the first group, as the reference does. (The CPU's float32 sweep rounds each
+    # group's sum in lanes set by where the group starts, so such rows are decided on per-group
+    # sums instead.)
+    g = Groups.from_sizes([size - 1] * 8)
+    block = torch.randn(400, size, generator=gen, dtype=torch.float64) * 3
+    x = block.repeat(1, 8).float().to(device)
+    score, min_group, _ = torch.ops.mosx.group_softmax_score(x, g.offsets.to(device))
+    assert (min_group == 0).all()
+    cls, prob = mosx.group_predict(x, g)
+    ref_cls, ref_prob, _ = reference.group_predict(x, g)
+    assert torch.equal(cls, ref_cls)
+    torch.testing.assert_close(prob, ref_prob, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(score, reference.group_softmax_score(x, g), atol=1e-6, rtol=1e-5)
+
+
 def test_very_wide_group_is_as_accurate_as_float32_allows(gen, device):
     # A group of 200k classes in float32: its sum of exps is accumulated in blocks, so the score
     # stays within a few float32 roundings of the float64 truth (measured: 2.9e-7 for mosx, 1.9e-6
@@ -422,7 +440,7 @@ def test_baseline_cpu_kernels_pass_the_same_tests():
         pytest.skip("already running the baseline kernels")
     tests = ("cpu and (kernel_variant or score_matches or predict or softmax_matches or "
              "cross_entropy_matches or backward_matches or nan_and_inf or far_from_zero or worked_example or "
-             "sweep_range or every_position or very_wide)")
+             "sweep_range or every_position or very_wide or identical_groups)")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", tests],
                        env={**os.environ, "MOSX_CPU_KERNELS": "baseline"}, capture_output=True, text=True,
                        timeout=900)

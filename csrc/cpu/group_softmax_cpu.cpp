@@ -76,9 +76,9 @@ struct RowIn {
   const uint16_t* bits;
   const float* exp_table;
   bool is_half;  // fp16 (else bf16) bits
-  real* scratch;        // [L]
-  real* group_scratch;     // [3 K]: per-group values of the row
-  int64_t* group_index;    // [K]
+  real* scratch;         // [L]
+  real* group_scratch;   // [3 K]: per-group values of the row
+  int64_t* group_index;  // [K]
   const char* ahead;       // the input row read next (this one when none): to prefetch
 };
 
@@ -269,21 +269,22 @@ void store_row(scalar_t* y, int64_t i, int64_t n, const real* buf) {
 #define MOSX_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// Calls fn(i, in, dst) for every row i of x, rows split across threads. `in` is row i (see
-// RowIn; `widen` = false leaves 16-bit rows to be widened slice by slice, for the forward
-// reductions); `dst` is where an [L] result for row i goes (y's row itself, or a buffer that is
-// converted into it afterwards), or null when y is null (ops without an [N, L] output).
+// Calls fn(i, in, dst) for every row i of x (num_groups groups), rows split across threads. `in`
+// is row i (see RowIn; `widen` = false leaves 16-bit rows to be widened slice by slice, for the
+// forward reductions); `dst` is where an [L] result for row i goes (y's row itself, or a buffer
+// that is converted into it afterwards), or null when y is null (ops without an [N, L] output).
 template <typename scalar_t, typename F>
-void for_each_row(const at::Tensor& x, scalar_t* y, const F& fn, bool widen = true) {
+void for_each_row(const at::Tensor& x, int64_t num_groups, scalar_t* y, const F& fn,
+                  bool widen = true) {
   using real = acc_type_t<scalar_t>;
   const int64_t N = x.size(0), L = x.size(1), rs = x.stride(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const float* table = exp_table_for<scalar_t>();
   widen = widen || !table;
   at::parallel_for(0, N, grain_rows(L), [&](int64_t begin, int64_t end) {
-    // The row, then 3 K <= 3 L per-group values; K <= L per-group positions.
-    std::vector<real> in(4 * L), out(y ? L : 0);
-    std::vector<int64_t> index(L);
+    // The row's scratch, then 3 K per-group values; K per-group positions.
+    std::vector<real> in(L + 3 * num_groups), out(y ? L : 0);
+    std::vector<int64_t> index(num_groups);
     for (int64_t i = begin; i < end; ++i) {
       const RowIn<real> row{widen ? load_row(xp, rs, i, L, in.data()) : nullptr,
                             table ? reinterpret_cast<const uint16_t*>(xp + i * rs) : nullptr,
@@ -309,7 +310,7 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const at::Tensor& offs
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    for_each_row(x, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const RowIn<real>& row, real* dst) {
+    for_each_row(x, K, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const RowIn<real>& row, real* dst) {
       ops.softmax(row, o.data(), K, log, dst);
     });
   });
@@ -367,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(
     real* sp = score.mutable_data_ptr<real>();
     int64_t* gp = min_group.mutable_data_ptr<int64_t>();
     real* lp = min_lse.mutable_data_ptr<real>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
+    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
       sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
     }, /*widen=*/false);
   });
@@ -396,7 +397,7 @@ at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
     const real* gp = g.const_data_ptr<real>();
     const int64_t* mgp = mg.const_data_ptr<int64_t>();
     const real* mlp = ml.const_data_ptr<real>();
-    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
+    for_each_row(x, K, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
       const real* row = in.x;
       TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
                   " is not a group index in [0, ", K, ")");
@@ -433,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cpu(const at::Tenso
     int64_t* cp = cls.mutable_data_ptr<int64_t>();
     real* pp = prob.mutable_data_ptr<real>();
     int64_t* gp = group.mutable_data_ptr<int64_t>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
+    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
       int64_t pos;
       ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
       cp[i] = lcp[pos];
@@ -513,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cpu(const at::Tensor& log
     const auto& ops = row_ops<real>();
     real* lossp = losses.mutable_data_ptr<real>();
     real* lsep = lse.mutable_data_ptr<real>();
-    for_each_row(x, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& in, real*) {
+    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& in, real*) {
       real* lse_row = lsep + i * K;
       ops.lse(in, o.data(), K, lse_row);
       for (int64_t m = 0; m < M; ++m) {
@@ -557,7 +558,7 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
     const auto& ops = row_ops<real>();
     const real* gp = g.const_data_ptr<real>();
     const real* lsep = lse.const_data_ptr<real>();
-    for_each_row(x, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
+    for_each_row(x, K, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
       const real* row = in.x;
       for (int64_t k = 0; k < K; ++k) {
         // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.

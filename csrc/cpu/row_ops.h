@@ -4,10 +4,10 @@
 // namespace that defines `real` (float or double) and, for float, under a different
 // `#pragma GCC target` (baseline x86-64 and AVX2+FMA), so the same source is compiled into a
 // portable and an AVX2 variant picked at run time. It therefore has no include guard and includes
-// nothing itself. The loops are simple enough for the compiler to vectorise (`omp simd`
-// reductions; `mosx_exp` is branch-free for float), which is where the speed comes from.
+// nothing itself. The reductions it builds on (row_reduce.h, portable, or row_reduce_avx2.h) are
+// vectorised by the compiler (`omp simd`, `mosx_exp` branch-free for float) or by hand.
 // Each including namespace defines mosx_exp (exact IEEE special cases) and mosx_exp_nonpos (for
-// arguments <= 0 or -inf only: cheaper, used once a slice is known to be finite).
+// arguments <= 0 or -inf only: cheaper, used by the portable sum once a slice is known finite).
 //
 // Semantics follow torch.softmax: a slice holding NaN, +inf, or only -inf gives NaN.
 
@@ -58,8 +58,9 @@ static inline real row_value(const RowIn<real>& in, int64_t j) {
 }
 
 // Unshifted sums s[k] of exp(x) of every group of a float row and e0[k], the exp of each group's
-// first entry, from one sweep (row_exp_sums). False for double and 16-bit rows (those read the
-// exp table per group) and for rows with some |x| > 87, inf or NaN: then slice_max_sum per group.
+// first entry, from one sweep (row_exp_sums). False for double rows, for 16-bit rows (their
+// per-group sums read the exp table), in the portable variant, and for rows with some |x| > 87,
+// inf or NaN: the callers then take slice_max_sum per group.
 static inline bool sweep_sums(const RowIn<real>& in, const int64_t* o, int64_t num_groups, real* s,
                               real* e0) {
   if constexpr (std::is_same_v<real, float>) {
@@ -70,6 +71,15 @@ static inline bool sweep_sums(const RowIn<real>& in, const int64_t* o, int64_t n
 
 // Whether an unshifted sum of exps is kept (shift 0): moderate, as in slice_max_sum.
 static inline bool unshifted_ok(real s) { return s >= real(1e-17) && s <= real(1e30); }
+
+// Whether two groups' probabilities are equal up to a few float roundings. The sweep rounds each
+// group's sum in lanes set by where the group starts in a vector, so two groups with identical
+// logits can differ in the last bit; score and prediction, which give ties to the first group,
+// then take that row again from the per-group sums, where identical groups sum identically (and
+// where the result is exactly what the sweep-free path gives). Rare on real data.
+static inline bool near_equal(real p, real best) {
+  return std::abs(p - best) <= real(4e-6) * std::abs(best);
+}
 
 // Shift m and sum s of exp(x - m) of the slice [start, start + n) of a row: its log-sum-exp is
 // m + log(s), and the softmax probability of an entry x_j is exp(x_j - m) / s (no log needed).
@@ -127,30 +137,38 @@ static inline void slice_scaled_softmax(const real* x, int64_t n, real lse, real
 // minimum and its lse (what the backward needs). A NaN probability wins, as in torch.max.
 static inline real row_score(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                              int64_t* min_group, real* min_lse) {
-  real best = std::numeric_limits<real>::infinity(), best_m = 0, best_s = 1;
-  int64_t best_k = 0;
   real* sums = in.group_scratch;
   real* e0 = sums + num_groups;
-  const bool swept = sweep_sums(in, o, num_groups, sums, e0);
-  for (int64_t k = 0; k < num_groups; ++k) {
-    real m = 0, s = swept ? sums[k] : real(0), p;
-    if (swept && unshifted_ok(s)) {
-      p = e0[k] / s;
-    } else {
-      slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
-      p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
+  bool swept = sweep_sums(in, o, num_groups, sums, e0);
+  while (true) {
+    real best = std::numeric_limits<real>::infinity(), best_m = 0, best_s = 1;
+    int64_t best_k = 0;
+    bool near_tie = false;
+    for (int64_t k = 0; k < num_groups; ++k) {
+      real m = 0, s = swept ? sums[k] : real(0), p;
+      if (swept && unshifted_ok(s)) {
+        p = e0[k] / s;
+      } else {
+        slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
+        p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
+      }
+      near_tie = near_tie || (k > 0 && near_equal(p, best));
+      if (p < best || p != p) {
+        best = p;
+        best_k = k;
+        best_m = m;
+        best_s = s;
+        if (p != p) break;
+      }
     }
-    if (p < best || p != p) {
-      best = p;
-      best_k = k;
-      best_m = m;
-      best_s = s;
-      if (p != p) break;
+    if (swept && near_tie) {  // see near_equal: decide the tie on the per-group sums
+      swept = false;
+      continue;
     }
+    *min_group = best_k;
+    *min_lse = best_m + std::log(best_s);
+    return -best;
   }
-  *min_group = best_k;
-  *min_lse = best_m + std::log(best_s);
-  return -best;
 }
 
 // Gradient of row_score for one row: only the arg-min group's slice is non-zero.
@@ -175,29 +193,38 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
   real* v = sums + num_groups;
   real* e = v + num_groups;
   int64_t* arg = in.group_index;
-  const bool swept = sweep_sums(in, o, num_groups, sums, e);
-  for (int64_t k = 0; k < num_groups; ++k) {
-    const int64_t start = o[k], n = o[k + 1] - o[k];
-    real m = 0;
-    if (!(swept && unshifted_ok(sums[k]))) slice_max_sum(in, start, n, &m, &sums[k]);
-    const real* x = slice_values(in, start, n);
-    arg[k] = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
-    v[k] = x[arg[k]] - m;
-  }
-  scaled_exp(v, num_groups, real(0), real(1), e);
-  real best = -std::numeric_limits<real>::infinity();
-  int64_t group = 0;
-  for (int64_t k = 0; k < num_groups; ++k) {
-    const real p = e[k] / sums[k];
-    if (p > best || p != p || k == 0) {
-      best = p;
-      group = k;
-      if (p != p) break;
+  bool swept = sweep_sums(in, o, num_groups, sums, e);
+  while (true) {
+    for (int64_t k = 0; k < num_groups; ++k) {
+      const int64_t start = o[k], n = o[k + 1] - o[k];
+      real m = 0;
+      if (!(swept && unshifted_ok(sums[k]))) slice_max_sum(in, start, n, &m, &sums[k]);
+      const real* x = slice_values(in, start, n);
+      arg[k] = n > 1 ? 1 + slice_argmax(x + 1, n - 1) : 1;
+      v[k] = x[arg[k]] - m;
     }
+    scaled_exp(v, num_groups, real(0), real(1), e);
+    real best = -std::numeric_limits<real>::infinity();
+    int64_t group = 0;
+    bool near_tie = false;
+    for (int64_t k = 0; k < num_groups; ++k) {
+      const real p = e[k] / sums[k];
+      near_tie = near_tie || (k > 0 && near_equal(p, best));
+      if (p > best || p != p || k == 0) {
+        best = p;
+        group = k;
+        if (p != p) break;
+      }
+    }
+    if (swept && near_tie) {  // see near_equal: decide the tie on the per-group sums
+      swept = false;
+      continue;
+    }
+    *best_pos = o[group] + arg[group];
+    *best_prob = best;
+    *best_group = group;
+    return;
   }
-  *best_pos = o[group] + arg[group];
-  *best_prob = best;
-  *best_group = group;
 }
 
 // Group softmax (log_softmax when log) of one row into y. Written from the slice's (m, s), not

@@ -33,7 +33,7 @@ static inline bool row_exp_sums(const real*, const int64_t*, int64_t, real*, rea
   return false;
 }
 
-// y[j] = c * exp(x[j] - m) over x[0..n), for x[j] - m <= 87 or NaN.
+// y[j] = c * exp(x[j] - m) over x[0..n).
 static inline void scaled_exp(const real* x, int64_t n, real m, real c, real* y) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] = c * mosx_exp(x[j] - m);
