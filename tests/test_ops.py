@@ -318,19 +318,25 @@ def test_nan_and_inf_propagate_like_reference(dtype, device):
                                reference.group_cross_entropy(x32, t, g, reduction="none"), equal_nan=True)
 
 
+def shifted_group_logits(gen, n, groups, shifts):
+    """float64 N(0, 1) logits with every group moved by one of `shifts` (one per group), each row
+    putting the groups at its own permutation of the shifts."""
+    x = torch.randn(n, groups.num_logits, generator=gen, dtype=torch.float64)
+    shift = torch.tensor(shifts, dtype=torch.float64)
+    for i in range(n):
+        perm = shift[torch.randperm(len(shift), generator=gen)]
+        for k, (a, b) in enumerate(groups.slices.tolist()):
+            x[i, a:b] += perm[k]
+    return x
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_logits_far_from_zero(dtype, gen, device):
     # Groups whose logits sit far below or above 0 agree with the float32 reference: the CPU kernels
     # sum exp(x) unshifted (half inputs: from a table of every 16-bit value) while that sum stays in
     # float's comfortable range, and must fall back to the max-shifted sum outside it.
     g = Groups.from_sizes([5, 17, 1, 40, 3, 9, 2, 30])
-    x = torch.randn(50, g.num_logits, generator=gen, dtype=torch.float64)
-    shift = torch.tensor([-120.0, -60.0, -38.0, 0.0, 20.0, 64.0, 71.0, 100.0], dtype=torch.float64)
-    # every row puts the groups at its own permutation of the shifts
-    for i in range(x.shape[0]):
-        perm = shift[torch.randperm(len(shift), generator=gen)]
-        for k, (a, b) in enumerate(g.slices.tolist()):
-            x[i, a:b] += perm[k]
+    x = shifted_group_logits(gen, 50, g, [-120.0, -60.0, -38.0, 0.0, 20.0, 64.0, 71.0, 100.0])
     x = x.to(dtype).to(device)
     x32 = x.float()
     torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x32, g),
@@ -351,12 +357,7 @@ def test_logits_inside_the_sweep_range_with_extreme_group_sums(gen, device):
     # must fall back to the shifted sum on its own, and rows with one logit past 87 (or an inf) must
     # leave the sweep while the other rows of the batch stay on it.
     g = Groups.from_sizes([5, 17, 1, 40, 3, 9, 2, 30])
-    x = torch.randn(60, g.num_logits, generator=gen, dtype=torch.float64)
-    shift = torch.tensor([-80.0, -45.0, -38.0, 0.0, 20.0, 64.0, 71.0, 82.0], dtype=torch.float64)
-    for i in range(x.shape[0]):
-        perm = shift[torch.randperm(len(shift), generator=gen)]
-        for k, (a, b) in enumerate(g.slices.tolist()):
-            x[i, a:b] += perm[k]
+    x = shifted_group_logits(gen, 60, g, [-80.0, -45.0, -38.0, 0.0, 20.0, 64.0, 71.0, 82.0])
     x = x.clamp(-86.9, 86.9)
     x[::7, 3] = 87.5          # just past the sweep's range
     x[1::7, -1] = -90.0
