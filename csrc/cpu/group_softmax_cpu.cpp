@@ -79,7 +79,7 @@ struct RowIn {
   real* scratch;         // [L]
   real* group_scratch;   // [3 K]: per-group values of the row
   int64_t* group_index;  // [K]
-  const char* ahead;       // the input row read next (this one when none): to prefetch
+  const char* ahead;     // the input row read next (this one when none): to prefetch
 };
 
 namespace f32_base {
