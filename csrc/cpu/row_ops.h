@@ -133,41 +133,49 @@ static inline void slice_scaled_softmax(const real* x, int64_t n, real lse, real
   }
 }
 
+// The group whose probability p[k] is the smallest (largest when `largest`), the first on ties;
+// a NaN wins, as in torch.min / torch.max. near_tie: another group's p is near_equal to the best
+// one met before it, which a swept row decides again on per-group sums.
+template <bool largest>
+static inline int64_t pick_group(const real* p, int64_t num_groups, bool* near_tie) {
+  int64_t best = 0;
+  *near_tie = false;
+  for (int64_t k = 1; k < num_groups && p[best] == p[best]; ++k) {
+    *near_tie = *near_tie || near_equal(p[k], p[best]);
+    if ((largest ? p[k] > p[best] : p[k] < p[best]) || p[k] != p[k]) best = k;
+  }
+  return best;
+}
+
 // MOS score of one row: -min_k exp(x[o_k] - lse_k). Reports the first group attaining the
 // minimum and its lse (what the backward needs). A NaN probability wins, as in torch.max.
 static inline real row_score(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                              int64_t* min_group, real* min_lse) {
-  real* sums = in.group_scratch;
-  real* e0 = sums + num_groups;
-  bool swept = sweep_sums(in, o, num_groups, sums, e0);
+  // Per group: its sum s_k and shift m_k, and p_k = exp(x_0 - m_k) / s_k, which starts out as
+  // the sweep's exp(x_0).
+  real* s = in.group_scratch;
+  real* p = s + num_groups;
+  real* m = p + num_groups;
+  bool swept = sweep_sums(in, o, num_groups, s, p);
   while (true) {
-    real best = std::numeric_limits<real>::infinity(), best_m = 0, best_s = 1;
-    int64_t best_k = 0;
-    bool near_tie = false;
     for (int64_t k = 0; k < num_groups; ++k) {
-      real m = 0, s = swept ? sums[k] : real(0), p;
-      if (swept && unshifted_ok(s)) {
-        p = e0[k] / s;
+      if (swept && unshifted_ok(s[k])) {
+        m[k] = 0;
+        p[k] = p[k] / s[k];
       } else {
-        slice_max_sum(in, o[k], o[k + 1] - o[k], &m, &s);
-        p = mosx_exp(row_value(in, o[k]) - m) / s;  // p_others = exp(x_0 - lse)
-      }
-      near_tie = near_tie || (k > 0 && near_equal(p, best));
-      if (p < best || p != p) {
-        best = p;
-        best_k = k;
-        best_m = m;
-        best_s = s;
-        if (p != p) break;
+        slice_max_sum(in, o[k], o[k + 1] - o[k], &m[k], &s[k]);
+        p[k] = mosx_exp(row_value(in, o[k]) - m[k]) / s[k];  // p_others = exp(x_0 - lse)
       }
     }
+    bool near_tie;
+    const int64_t k = pick_group<false>(p, num_groups, &near_tie);
     if (swept && near_tie) {  // see near_equal: decide the tie on the per-group sums
       swept = false;
       continue;
     }
-    *min_group = best_k;
-    *min_lse = best_m + std::log(best_s);
-    return -best;
+    *min_group = k;
+    *min_lse = m[k] + std::log(s[k]);
+    return -p[k];
   }
 }
 
@@ -204,24 +212,15 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
       v[k] = x[arg[k]] - m;
     }
     scaled_exp(v, num_groups, real(0), real(1), e);
-    real best = -std::numeric_limits<real>::infinity();
-    int64_t group = 0;
-    bool near_tie = false;
-    for (int64_t k = 0; k < num_groups; ++k) {
-      const real p = e[k] / sums[k];
-      near_tie = near_tie || (k > 0 && near_equal(p, best));
-      if (p > best || p != p || k == 0) {
-        best = p;
-        group = k;
-        if (p != p) break;
-      }
-    }
+    for (int64_t k = 0; k < num_groups; ++k) e[k] = e[k] / sums[k];  // the probabilities
+    bool near_tie;
+    const int64_t group = pick_group<true>(e, num_groups, &near_tie);
     if (swept && near_tie) {  // see near_equal: decide the tie on the per-group sums
       swept = false;
       continue;
     }
     *best_pos = o[group] + arg[group];
-    *best_prob = best;
+    *best_prob = e[group];
     *best_group = group;
     return;
   }
