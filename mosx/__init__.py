@@ -15,6 +15,7 @@ from .ops import (
     group_softmax_score,
 )
 from .masking import masked_weight
+from .models import load_model
 from . import metrics, reference, scores
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "group_predict",
     "group_softmax",
     "group_softmax_score",
+    "load_model",
     "masked_weight",
     "metrics",
     "reference",

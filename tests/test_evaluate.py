@@ -207,10 +207,11 @@ def test_cli(folders, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(model, path)
     out = tmp_path / "cli"
+    # a whole pickled module needs pickle to load: only with --trust-pickle (test_pickled_model_is_refused)
     rc = E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
                  "--ood", f"near={folders / 'near.txt'}", "--scores", "msp,energy:temperature=2,odin:temperature=5,eps=0", "--out", str(out),
                  "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
-                 "--batch-size", "4"])
+                 "--batch-size", "4", "--trust-pickle"])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["metrics"]) == {"msp", "energy:temperature=2", "odin:temperature=5,eps=0"}
@@ -338,7 +339,7 @@ def test_cli_grouped_and_flat_models_in_one_table(folders, tmp_path, capsys):
     rc = E.main(["--model", str(gpath), "--groups", "2,1", "--flat-model", str(fpath), "--flat-scores", "msp,energy",
                  "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--out", str(out),
                  "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
-                 "--precision", "fp32"])
+                 "--precision", "fp32", "--trust-pickle"])  # whole pickled modules
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ID accuracy (grouped)" in printed and "ID accuracy (flat)" in printed
@@ -359,3 +360,58 @@ def test_model_fingerprint_covers_zero_dim_buffers():
     assert before == E.model_fingerprint(model)
     model[1].num_batches_tracked += 1  # only the 0-dim buffer changes
     assert E.model_fingerprint(model) != before
+
+
+# ------------------------------------------------------------------------------ EvalConfig, safe loading
+def test_config_and_keywords_give_the_same_result(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far")}
+    a = E.evaluate(model, str(folders / "id"), ood, scores=["msp", "energy"], plots=False, **common(tmp_path / "a"))
+    cfg = E.EvalConfig(model, str(folders / "id"), ood, scores=["msp", "energy"], plots=False, **common(tmp_path / "b"))
+    b = E.evaluate(cfg)
+    for m in ("msp", "energy"):
+        np.testing.assert_array_equal(a.scores[m]["far"], b.scores[m]["far"])
+        assert a.metrics[m]["far"].auroc == b.metrics[m]["far"].auroc
+    with pytest.raises(TypeError, match="unknown option"):
+        E.evaluate(model, str(folders / "id"), ood, scroes=["msp"], **common(tmp_path))
+    with pytest.raises(TypeError, match="either an EvalConfig"):
+        E.evaluate(cfg, str(folders / "id"))
+
+
+def test_cli_builds_the_config_evaluate_takes():
+    args = E.build_parser().parse_args(["--model", "m.pt", "--id", "val", "--ood", "a=x", "--ood", "b=y", "--out", "o",
+                                        "--scores", "msp,energy:temperature=2", "--groups", "2,3", "--no-plots"])
+    cfg = E.config_from_args(args)
+    assert isinstance(cfg, E.EvalConfig)
+    assert cfg.model == "m.pt" and cfg.ood_data == {"a": "x", "b": "y"} and cfg.groups == "2,3"
+    assert cfg.scores == ["msp", "energy:temperature=2"] and cfg.plots is False and cfg.trust_pickle is False
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_model_is_refused(folders, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(str(marker))}, evil)
+    args = ["--model", str(evil), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
+            "--out", str(tmp_path / "o"), "--image-size", str(SIZE), "--workers", "0", "--device", "cpu",
+            "--no-progress", "--no-plots"]
+    assert E.main(args) == 2
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        mosx.load_model(str(evil))
+    assert not marker.exists()
+    whole = tmp_path / "whole.pt"
+    torch.save(net(), whole)
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        mosx.load_model(str(whole))
+    model, info = mosx.load_model(str(whole), trust_pickle=True)
+    assert isinstance(model, TinyNet) and info["groups"] is None

@@ -1,0 +1,71 @@
+"""EvalConfig: every setting of one evaluation, built by :func:`mosx.evaluate.evaluate`'s keyword
+arguments and by `mosx eval` alike (as TrainConfig is for the trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["EvalConfig"]
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how.
+
+    model: a torch module that returns logits, or a path / timm name for :func:`mosx.load_model`
+    (then `arch`, `weights`, `num_classes` and `trust_pickle` are its loading options, and the
+    grouping and class list stored in a mosx model file are used unless given here).
+    id_data / ood_data values: folders, list files, :class:`ImageList` or map-style Datasets
+    (e.g. mosx.data's ImageSet; tensor items pass through `tensor_transform`, default none).
+    groups: the model's grouping (a Groups, sizes or a group spec); None for a flat model.
+    scores: scorer specs (see :func:`mosx.scores.build_scorer`) or Scorer objects; default: "mos"
+    for a grouped model, the logit/feature baselines for a flat one.
+    fit_data: ID images for the scorers fitted on ID statistics (KL matching, Mahalanobis, ReAct);
+    fit_on_id=True fits them on the ID test set instead (optimistic; says so in the report).
+    class_names: expected class list; a mismatch with the ID folder's classes stops the run.
+    precision: "bf16" / "fp16" autocast or "fp32"; "auto" = bf16 on a GPU, fp32 on a CPU (where
+    bf16 convolutions are slow without native support). Output files go to out_dir (table.txt,
+    results.json, results.csv, roc_<method>.png, hist_<method>.png) and the cache to cache_dir
+    (default out_dir/cache).
+    """
+
+    model: Union[torch.nn.Module, str]
+    id_data: Any
+    ood_data: Mapping[str, Any]
+    groups: Any = None
+    scores: Optional[Sequence] = None
+    fit_data: Any = None
+    fit_on_id: bool = False
+    class_names: Optional[Sequence[str]] = None
+    out_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    transform: Any = None
+    tensor_transform: Any = None
+    image_size: int = 224
+    resize: str = "squash"
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    batch_size: int = 128
+    workers: Optional[int] = None
+    device: Any = None
+    precision: str = "auto"
+    channels_last: bool = True
+    tpr: float = 0.95
+    positive: str = "id"
+    fpr_rule: str = "nearest"
+    aupr: str = "ap"
+    plots: bool = True
+    progress: bool = True
+    verbose: bool = True
+    # loading options, used when `model` is a path or a timm name
+    arch: Optional[str] = None
+    weights: Optional[str] = None
+    num_classes: Optional[int] = None
+    trust_pickle: bool = False
+
+    @classmethod
+    def field_names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
