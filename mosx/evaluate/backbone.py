@@ -13,7 +13,7 @@ import torch
 
 from ..scores import model_outputs
 from .images import ImageDataset
-from ._dist import Runtime
+from ..runtime import Runtime
 
 __all__ = ["autocast", "extract", "perturbed_scores"]
 

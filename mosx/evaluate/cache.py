@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._dist import Runtime
+from ..runtime import Runtime
 from .backbone import extract
 from .images import ImageDataset, ImageList
 
@@ -99,7 +99,7 @@ def cache_set(model, images: ImageList, transform, transform_key, shape, cache_r
     cached = load_cache(path) if rt.main else None
     exists = cached is not None
     if rt.world > 1:  # rank 0's cache decides (no shared file system needed)
-        t = torch.tensor([int(exists)], device=rt.device)
+        t = torch.tensor([int(exists)], device=rt.collective_device)
         torch.distributed.broadcast(t, 0)
         exists = bool(t.item())
     if exists:

@@ -18,7 +18,7 @@ from .. import scores as S
 from ..groups import Groups, as_groups
 from ..models import load_model
 from ..ops import group_predict
-from ._dist import Runtime
+from ..runtime import Runtime
 from .backbone import perturbed_scores
 from .cache import Cached, cache_set, model_fingerprint
 from .config import EvalConfig
@@ -276,7 +276,7 @@ def _cache_sets(p: _Plan, rt: Runtime, sets: dict, cache_root: str, opts: dict) 
         ran += cnt
     # images/s over all ranks: images run everywhere over the slowest rank's time
     if rt.world > 1:
-        t = torch.tensor([float(ran), backbone_s], dtype=torch.float64, device=rt.device)
+        t = torch.tensor([float(ran), backbone_s], dtype=torch.float64, device=rt.collective_device)
         mx = t.clone()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
