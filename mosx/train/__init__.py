@@ -9,6 +9,11 @@ Python API:
 
 Command line: `mosx train --preset paper --data train_list.txt --model resnetv2_101x1_bit
 --weights BiT-S-R101x1.npz --out runs/mos` (torchrun for several GPUs / nodes).
+
+Layout: config (TrainConfig, presets, CLI flags), data (datasets, transforms, samplers), grouping,
+models, mixup, schedule; loop (`train`: the stages in order, and the setup stage), resume (the run
+checkpoint), flood_level (UM's b), features (loaders, feature cache), steps (the step loop), log
+(loss log), save (model file, accuracy), state (what the stages pass), checkpoint (atomic writes).
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""Exact resume: the run checkpoint (`<out>/checkpoint.pt`: model, optimizer, mixup, every rank's
+RNG state, the loss history, the flood level) written atomically by `save`, and read back by
+`restore` so that a killed run continues as if it had never stopped."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_save, rng_state, set_rng_state
+from .state import Progress, Run
+
+__all__ = ["CKPT_FORMAT", "restore", "save"]
+
+CKPT_FORMAT = "mosx.checkpoint/1"
+
+
+def restore(run: Run) -> Progress:
+    """The progress to start from: the checkpoint's when cfg.resume finds one (model, optimizer,
+    mixup and this rank's RNG state are loaded in place), else step 0 with cfg.um_flood_level."""
+    cfg, rt, say, path = run.cfg, run.rt, run.say, run.ckpt_path
+    progress = Progress(flood_level=cfg.um_flood_level)
+    if cfg.resume and os.path.exists(path):
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("format") != CKPT_FORMAT:
+            raise ValueError(f"{path}: not a mosx checkpoint")
+        if ck["world"] != rt.world or ck["batch"] != [cfg.batch_size, run.micro]:
+            say(f"resume: checkpoint of world {ck['world']} batch {ck['batch']}, now world {rt.world} "
+                f"batch {[cfg.batch_size, run.micro]}: the data order continues, RNG streams are not exact")
+        run.model.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        run.mixup.load_state_dict(ck["mixup"])
+        rngs = ck["rng"]
+        set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+        progress.start_step, progress.losses = ck["step"], list(ck["losses"])
+        progress.flood_level = ck.get("flood_level", progress.flood_level)
+        progress.resumed_from = progress.start_step
+        say(f"resumed from {path} at step {progress.start_step}")
+    elif cfg.resume:
+        say(f"resume: no checkpoint at {path}, starting from step 0")
+    return progress
+
+
+def _unwrap(m):
+    return m.module if hasattr(m, "module") else m
+
+
+def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
+    """Write the checkpoint after `done_steps` steps (rank 0; every rank's RNG state gathered).
+    flush() first lands the pending logged losses in progress.losses. All ranks wait for the write."""
+    cfg, rt = run.cfg, run.rt
+    rngs = [rng_state()]
+    if rt.world > 1:
+        rngs = [None] * rt.world
+        dist.all_gather_object(rngs, rng_state())
+    flush()
+    if rt.main:
+        atomic_save({"format": CKPT_FORMAT, "step": done_steps, "model": _unwrap(run.model).state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "mixup": run.mixup.state_dict(), "rng": rngs,
+                     "losses": list(progress.losses), "flood_level": progress.flood_level, "world": rt.world,
+                     "batch": [cfg.batch_size, run.micro], "config": cfg.to_dict(),
+                     "groups": None if run.groups is None else list(run.groups.class_to_group)}, run.ckpt_path)
+    rt.barrier()
