@@ -415,3 +415,60 @@ def test_pickled_model_is_refused(folders, tmp_path):
         mosx.load_model(str(whole))
     model, info = mosx.load_model(str(whole), trust_pickle=True)
     assert isinstance(model, TinyNet) and info["groups"] is None
+
+
+# ------------------------------------------------------------------------------ cache faults
+def _id_list(folders, tmp_path, shift=0):
+    """A list file of the ID images with class ids (shifted by `shift` mod 3: every label edited)."""
+    images = E.image_list(str(folders / "id"), "id")
+    path = tmp_path / "id.txt"
+    path.write_text("".join(f"{p} {(c + shift) % 3}\n" for p, c in zip(images.paths, images.labels)))
+    return str(path)
+
+
+def test_cache_key_covers_the_labels(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far")}
+    a = E.evaluate(model, _id_list(folders, tmp_path), ood, scores=["msp"], plots=False, **common(tmp_path))
+    calls = model.calls
+    b = E.evaluate(model, _id_list(folders, tmp_path, shift=1), ood, scores=["msp"], plots=False, **common(tmp_path))
+    assert model.calls > calls  # another labelling is another ID set: not the old cache
+    assert a.id_accuracy != b.id_accuracy
+
+
+def test_corrupt_cache_arrays_are_named_and_recomputed(folders, tmp_path):
+    model = net()
+    ood = {"far": str(folders / "ood_far")}
+    ref = E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    (cache,) = (tmp_path / "out" / "cache").glob("id-*")
+    z = np.load(cache / "logits.npy")
+    np.save(cache / "logits.npy", z + np.float16(1))  # overwritten with other values of the same shape
+    calls = model.calls
+    with pytest.warns(UserWarning, match=r"logits\.npy: its contents changed"):
+        res = E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    assert model.calls > calls
+    np.testing.assert_array_equal(res.scores["msp"]["id"], ref.scores["msp"]["id"])
+    data = (cache / "features.npy").read_bytes()
+    (cache / "features.npy").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(UserWarning, match=r"features\.npy: unreadable"):
+        res = E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    np.testing.assert_array_equal(res.scores["msp"]["id"], ref.scores["msp"]["id"])
+    calls = model.calls  # healed: the next run reads the cache again
+    E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
+    assert model.calls == calls
+
+
+def test_short_cache_write_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    from mosx.evaluate import cache as C
+
+    real = os.fstat
+
+    class Short:
+        def __init__(self, st):
+            self.st_size = st.st_size - 1
+
+    monkeypatch.setattr(C.os, "fstat", lambda fd: Short(real(fd)))  # as when the disk fills mid-write
+    target = tmp_path / "logits.npy"
+    with pytest.raises(OSError, match=r"logits\.npy: could not write the evaluation cache"):
+        C.save_npy(str(target), np.zeros((4, 3), np.float16))
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ from .images import ImageDataset, ImageList
 __all__ = ["CACHE_FORMAT", "Cached", "cache_set", "load_cache", "model_fingerprint", "data_fingerprint",
            "save_npy", "safe_name"]
 
-CACHE_FORMAT = "mosx.evalcache/1"
+CACHE_FORMAT = "mosx.evalcache/2"  # /2: labels in the key, array checksums in meta.json
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -51,12 +52,12 @@ def data_fingerprint(images: ImageList, transform_key: str) -> str:
                 x, _, ok = loader[i]
                 h.update(x.contiguous().view(torch.uint8).numpy().tobytes() if ok else b"?")
         return h.hexdigest()
-    for p in images.paths:
+    for p, label in zip(images.paths, images.labels):  # labels too: an edited list file is another set
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{p}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            h.update(f"{p}\0{label}\0missing\n".encode())
     return h.hexdigest()
 
 
@@ -70,23 +71,79 @@ class Cached:
     path: str
 
 
+_ARRAYS = ("logits", "features", "ok", "labels")
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data, digest_size=16).hexdigest()
+
+
 def load_cache(path: str) -> Optional[Cached]:
+    """The cache in folder `path`, or None when there is none or it does not hold what its meta.json
+    says (a truncated, overwritten or missing array: warned about by name, then recomputed)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         return None
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT:
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{meta_path}: unreadable ({e}); recomputing this set")
         return None
-    load = lambda n: np.load(os.path.join(path, n), mmap_mode="r")  # noqa: E731
-    return Cached(load("logits.npy"), load("features.npy"), np.load(os.path.join(path, "ok.npy")),
-                   np.load(os.path.join(path, "labels.npy")), meta, path)
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        return None
+    arrays = {}
+    for name in _ARRAYS:
+        file = os.path.join(path, f"{name}.npy")
+        want = meta.get("arrays", {}).get(name, {})
+        try:
+            a = np.load(file, mmap_mode="r" if name in ("logits", "features") else None, allow_pickle=False)
+            problem = None
+            if list(a.shape) != want.get("shape") or str(a.dtype) != want.get("dtype"):
+                problem = f"holds {a.dtype}{list(a.shape)}, meta.json says {want.get('dtype')}{want.get('shape')}"
+            elif _digest(a) != want.get("blake2b"):
+                problem = "its contents changed since it was written (checksum mismatch)"
+        except (OSError, ValueError, EOFError) as e:
+            problem = f"unreadable ({e})"
+        if problem is not None:
+            warnings.warn(f"{file}: {problem}; recomputing this set")
+            return None
+        arrays[name] = a
+    return Cached(arrays["logits"], arrays["features"], arrays["ok"], arrays["labels"], meta, path)
 
 
-def save_npy(path, arr):
+def save_npy(path: str, arr: np.ndarray) -> None:
+    """np.save to a temporary file, fsync, check its size, then rename: a full disk raises (naming
+    the file) and leaves neither a truncated array nor a temporary file behind."""
     tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+            expected, written = f.tell(), os.fstat(f.fileno()).st_size
+        if written != expected:
+            raise OSError(f"wrote {written} of {expected} bytes")
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"{path}: could not write the evaluation cache ({e})") from e
+        raise
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"  # per process: two evaluations into one folder never share it
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def cache_set(model, images: ImageList, transform, transform_key, shape, cache_root, fingerprint, rt: Runtime,
@@ -114,17 +171,16 @@ def cache_set(model, images: ImageList, transform, transform_key, shape, cache_r
     if rt.world > 1:
         z, f, ok = rt.gather_strided_rows(n, [z, f, ok])
     if rt.main:
-        save_npy(os.path.join(path, "logits.npy"), z)
-        save_npy(os.path.join(path, "features.npy"), f)
-        save_npy(os.path.join(path, "ok.npy"), ok)
-        save_npy(os.path.join(path, "labels.npy"), np.asarray(images.labels, dtype=np.int64))
+        arrays = dict(logits=z, features=f, ok=ok, labels=np.asarray(images.labels, dtype=np.int64))
+        for name, a in arrays.items():
+            save_npy(os.path.join(path, f"{name}.npy"), a)
         meta = {"format": CACHE_FORMAT, "name": images.name, "source": images.source, "num_images": n,
                 "unreadable": [images.item_name(int(i)) for i in np.flatnonzero(~ok)], "model": fingerprint,
                 "transform": transform_key, "precision": opts["precision"], "world": rt.world,
-                "backbone_seconds": seconds}
-        with open(os.path.join(path, "meta.json.tmp"), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+                "backbone_seconds": seconds,
+                "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "blake2b": _digest(a)}
+                           for name, a in arrays.items()}}
+        _write_json(os.path.join(path, "meta.json"), meta)
     rt.barrier()
     return (load_cache(path) if rt.main else None), seconds, count
 
