@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .. import scores as S
 from .config import EvalConfig
 from .report import combine, write_outputs
 from .run import evaluate, resolve_model
@@ -17,6 +18,11 @@ from .run import evaluate, resolve_model
 __all__ = ["build_parser", "config_from_args", "split_scores", "main"]
 
 _DESCRIPTION = "Score ID and OOD image sets with every OOD method from one cached backbone pass; paper-style table."
+
+
+def _known_scores() -> str:
+    """The spec names the scorer registry knows, wrappers as <wrapper>-<name>."""
+    return ", ".join([*S.scorer_names(), *(f"{w}-<name>" for w in S.wrapper_names())])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-on-id", action="store_true", help="fit those on the ID test set (optimistic)")
     p.add_argument("--scores", help="scorer specs name[:key=value,...], comma-separated, e.g. "
                                     "'msp,energy:temperature=2,odin:temperature=1000,eps=0.0014,react-energy:percentile=90' "
-                                    "(known: mos, msp, maxlogit, energy, odin, kl_matching, mahalanobis, gradnorm, react-<name>)")
+                                    f"(known: {_known_scores()})")
     p.add_argument("--out", required=True, help="output folder (table, JSON, CSV, PNG, cache)")
     p.add_argument("--cache-dir", help="logits/features cache folder (default OUT/cache)")
     p.add_argument("--image-size", type=int, default=224)
