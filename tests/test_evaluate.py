@@ -472,3 +472,47 @@ def test_short_cache_write_raises_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"logits\.npy: could not write the evaluation cache"):
         C.save_npy(str(target), np.zeros((4, 3), np.float16))
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ inputs users hit
+def test_stray_image_in_a_class_folder_root_is_refused(folders, tmp_path):
+    import shutil
+
+    root = tmp_path / "id"
+    shutil.copytree(folders / "id", root)
+    shutil.copy(folders / "id" / "cat" / "0.png", root / "stray.png")
+    with pytest.raises(ValueError, match=r"class folders and also 1 image.*stray\.png"):
+        E.evaluate(net(), str(root), {"far": str(folders / "ood_far")}, scores=["msp"], **common(tmp_path))
+    # an OOD folder may mix sub-folders and images: every image below it is used
+    assert len(E.image_list(str(root), "ood", labeled=False)) == 22
+
+
+def test_all_unreadable_set_names_it(folders, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"none of the 3 images of set 'bad' could be read"):
+        E.evaluate(net(), str(folders / "id"), {"bad": str(bad)}, scores=["msp"], **common(tmp_path))
+
+
+def test_one_channel_model_file_gets_grey_images(folders, tmp_path):
+    from mosx.models import build_model, save_model
+
+    model, _ = build_model("small-cnn-4", 3, in_chans=1)
+    torch.nn.init.normal_(model.head.weight)
+    path = str(tmp_path / "grey.pt")
+    save_model(path, model, arch="small-cnn-4", num_features=model.head.in_features, loss="flat", in_chans=1)
+    args = ["--model", path, "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--scores", "msp",
+            "--out", str(tmp_path / "o"), "--image-size", str(SIZE), "--workers", "0", "--device", "cpu",
+            "--no-progress", "--no-plots"]
+    assert E.main(args) == 0  # it crashed mid-pass on 3-channel images before
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["images_scored"]["id"] == 21
+    tf = E.make_transform(SIZE, in_chans=1)
+    from PIL import Image
+
+    x = tf(Image.open(folders / "id" / "cat" / "0.png").convert("RGB"))
+    assert x.shape == (1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="one mean and one std"):
+        E.make_transform(SIZE, mean=(0.1, 0.2, 0.3), in_chans=1)

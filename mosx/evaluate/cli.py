@@ -121,19 +121,22 @@ def config_from_args(args) -> EvalConfig:
 
 def _grouped_and_flat(cfg: EvalConfig, args) -> None:
     """--model and --flat-model scored in one run, one table (methods side by side)."""
-    model, groups, class_names = resolve_model(cfg)
+    model, groups, class_names, in_chans = resolve_model(cfg)
     flat_cfg = replace(cfg, model=args.flat_model, arch=args.flat_arch, weights=args.flat_weights, groups=None,
                        class_names=None)
-    flat, flat_groups, flat_names = resolve_model(flat_cfg)
+    flat, flat_groups, flat_names, flat_chans = resolve_model(flat_cfg)
     if flat_groups is not None:
         raise ValueError("--flat-model holds a grouped model; give the flat baseline there")
     if class_names is not None and flat_names is not None and list(flat_names) != list(class_names):
         raise ValueError("--flat-model's class list differs from --model's")
+    if flat_chans != in_chans:
+        raise ValueError(f"--model takes {in_chans}-channel images but --flat-model takes {flat_chans}")
     cache = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     runs = {}
     for label, (m, g, sc) in {"grouped" if groups is not None else "model": (model, groups, cfg.scores),
                               "flat": (flat, None, split_scores(args.flat_scores))}.items():
-        runs[label] = evaluate(replace(cfg, model=m, groups=g, class_names=class_names, scores=sc, out_dir=None,
+        runs[label] = evaluate(replace(cfg, model=m, groups=g, class_names=class_names, in_chans=in_chans, scores=sc,
+                                       out_dir=None,
                                        cache_dir=cache, plots=False, verbose=False))
     if runs["flat"] is None:  # not rank 0
         return

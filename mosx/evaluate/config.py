@@ -65,6 +65,7 @@ class EvalConfig:
     weights: Optional[str] = None
     num_classes: Optional[int] = None
     trust_pickle: bool = False
+    in_chans: Optional[int] = None  # image channels (1: grey); None: the model file's, else 3
 
     @classmethod
     def field_names(cls) -> tuple:

@@ -55,11 +55,14 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Optional[str] = None) -> ImageList:
+def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Optional[str] = None,
+               labeled: bool = True) -> ImageList:
     """An ImageList from a folder or a list file.
 
     Folder with class sub-folders (ImageFolder layout): labels are the sorted folder names' indices.
-    Folder without them: every image below it, label -1.
+    Folder without them: every image below it, label -1. A folder with class sub-folders AND images
+    at its top level is refused (one stray image would silently make the set unlabelled), unless
+    labeled=False (OOD sets: every image below it, label -1).
     List file, one image per line: ``<path>`` (label -1), ``<path> <class id>``, or the MOS reference
     format ``<path> <group> <within-group index>`` (mapped to class ids through `groups`, or the
     file's own group-by-group numbering). Relative paths are taken from `root` (default: the list
@@ -71,6 +74,11 @@ def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Option
     if os.path.isdir(path):
         subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         direct = [f for f in os.listdir(path) if _is_image(f)]
+        if subdirs and direct and labeled:
+            raise ValueError(
+                f"{name}: {path!r} holds class folders and also {len(direct)} image(s) at its top level "
+                f"(e.g. {sorted(direct)[0]!r}), so it is neither a labelled ImageFolder nor an unlabelled folder: "
+                f"move them into a class folder or out of it")
         if subdirs and not direct:
             paths, labels = [], []
             for c, d in enumerate(subdirs):
@@ -164,9 +172,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.tensor_transform(x) if self.tensor_transform is not None else x
 
 
-def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   in_chans: int = 3):
     """Eval transform: resize to image_size x image_size ("squash", as the MOS reference's 480x480) or
-    resize the short side and centre-crop ("crop"), then normalise."""
+    resize the short side and centre-crop ("crop"), then normalise. in_chans=1 (a model trained on
+    grey images, e.g. the demo's) converts to grey first and takes one mean / std value (or three
+    equal ones)."""
     from torchvision import transforms as T
 
     if resize == "squash":
@@ -175,14 +186,21 @@ def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5
         sized = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
     else:
         raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
-    return T.Compose(sized + [T.ToTensor(), T.Normalize(list(mean), list(std))])
+    mean, std = list(mean), list(std)
+    if in_chans == 1:
+        if len(set(mean)) != 1 or len(set(std)) != 1:
+            raise ValueError(f"a 1-channel model takes one mean and one std value, got mean={mean} std={std}")
+        sized = [T.Grayscale(1)] + sized
+        mean, std = mean[:1], std[:1]
+    elif in_chans != 3:
+        raise ValueError(f"image files give 1 (grey) or 3 (RGB) channels; the model takes {in_chans}")
+    return T.Compose(sized + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-
-def as_images(spec, name: str, groups: Optional[Groups]) -> ImageList:
+def as_images(spec, name: str, groups: Optional[Groups], labeled: bool = True) -> ImageList:
     """An ImageList from a folder / list file path, an ImageList, or a map-style Dataset."""
     if isinstance(spec, ImageList):
         return spec
     if isinstance(spec, torch.utils.data.Dataset):
         return ImageList.from_dataset(spec, name)
-    return image_list(spec, name, groups=groups)
+    return image_list(spec, name, groups=groups, labeled=labeled)

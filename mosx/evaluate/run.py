@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .config import EvalConfig
 from .images import ImageDataset, ImageList, as_images, make_transform
 from .report import EvalResult, write_outputs
 
-__all__ = ["evaluate", "resolve_model", "default_scores"]
+__all__ = ["evaluate", "resolve_model", "ResolvedModel", "default_scores"]
 
 
 def default_scores(grouped: bool, have_fit: bool) -> list:
@@ -54,13 +54,21 @@ def _parse_groups(spec) -> Optional[Groups]:
     return as_groups(spec)
 
 
-def resolve_model(cfg: EvalConfig) -> tuple:
-    """(module, groups, class_names) of a config: the model loaded when it is a path or a name, and
-    the grouping / class list of a mosx model file checked against the config's."""
+class ResolvedModel(NamedTuple):
+    model: torch.nn.Module
+    groups: Optional[Groups]
+    class_names: Optional[list]
+    in_chans: int  # image channels the model takes (1: grey images)
+
+
+def resolve_model(cfg: EvalConfig) -> ResolvedModel:
+    """The model of a config, loaded when it is a path or a name, with the grouping, class list and
+    input channels of a mosx model file checked against the config's (the config's win when the
+    file does not know them)."""
     groups = _parse_groups(cfg.groups)
     class_names = list(cfg.class_names) if cfg.class_names is not None else None
     if isinstance(cfg.model, torch.nn.Module):
-        return cfg.model, groups, class_names
+        return ResolvedModel(cfg.model, groups, class_names, cfg.in_chans or 3)
     model, info = load_model(cfg.model, arch=cfg.arch, weights=cfg.weights, num_classes=cfg.num_classes,
                              trust_pickle=cfg.trust_pickle)
     stored = info.get("groups")
@@ -70,7 +78,12 @@ def resolve_model(cfg: EvalConfig) -> tuple:
     if class_names is not None and stored_names is not None and class_names != list(stored_names):
         raise ValueError(f"--classes ({len(class_names)} names) does not match the class list stored in "
                          f"{cfg.model} ({len(stored_names)} names)")
-    return model, groups if groups is not None else stored, class_names if class_names is not None else stored_names
+    stored_chans = info.get("in_chans")
+    if cfg.in_chans is not None and stored_chans is not None and cfg.in_chans != stored_chans:
+        raise ValueError(f"in_chans={cfg.in_chans} but {cfg.model} takes {stored_chans}-channel images")
+    return ResolvedModel(model, groups if groups is not None else stored,
+                         class_names if class_names is not None else stored_names,
+                         cfg.in_chans or stored_chans or 3)
 
 
 @dataclass
@@ -126,7 +139,7 @@ def _plan(cfg: EvalConfig) -> _Plan:
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"evaluate: precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
     M._check_options("evaluate", cfg.positive, cfg.fpr_rule, cfg.aupr)
-    model, g, class_names = resolve_model(cfg)
+    model, g, class_names, in_chans = resolve_model(cfg)
     device = cfg.device
     if device is None:  # under torchrun each rank takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -135,7 +148,7 @@ def _plan(cfg: EvalConfig) -> _Plan:
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     id_images = as_images(cfg.id_data, "id", g)
-    ood_images = {name: as_images(spec, name, g) for name, spec in cfg.ood_data.items()}
+    ood_images = {name: as_images(spec, name, g, labeled=False) for name, spec in cfg.ood_data.items()}
     for name, im in ood_images.items():
         if len(im) == 0:
             raise ValueError(f"evaluate: OOD set {name!r} is empty")
@@ -158,14 +171,16 @@ def _plan(cfg: EvalConfig) -> _Plan:
         pass
     transform = cfg.transform
     if transform is None:
-        transform = make_transform(cfg.image_size, cfg.resize, cfg.mean, cfg.std)
+        transform = make_transform(cfg.image_size, cfg.resize, cfg.mean, cfg.std, in_chans=in_chans)
         transform_key = f"size={cfg.image_size},resize={cfg.resize},mean={tuple(cfg.mean)},std={tuple(cfg.std)}"
+        if in_chans != 3:
+            transform_key += f",in_chans={in_chans}"
     else:
         transform_key = repr(transform)
     if cfg.tensor_transform is not None:
         transform_key += f"|tensor:{cfg.tensor_transform!r}"
     # Output width against the grouping, before the pass: from the head, else one probe image.
-    x0, _, ok0 = ImageDataset(id_images, transform, (3, cfg.image_size, cfg.image_size), cfg.tensor_transform)[0]
+    x0, _, ok0 = ImageDataset(id_images, transform, (in_chans, cfg.image_size, cfg.image_size), cfg.tensor_transform)[0]
     shape = tuple(x0.shape)
     width = head.weight.shape[0] if head is not None else None
     if width is None and ok0:
@@ -234,6 +249,7 @@ def _run(p: _Plan, rt: Runtime) -> Optional[EvalResult]:
     if p.fit_images is not None:
         sets["fit"] = p.fit_images
     caches, ips = _cache_sets(p, rt, sets, cache_root, opts)
+    _check_readable(rt, caches)
     timings = {}
     _fit(p, rt, caches, timings)
     perturbed = _perturbed(p, rt, sets, opts, timings)
@@ -282,6 +298,23 @@ def _cache_sets(p: _Plan, rt: Runtime, sets: dict, cache_root: str, opts: dict) 
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         ran, backbone_s = int(t[0]), float(mx[1])
     return caches, (ran / backbone_s if ran and backbone_s > 0 else None)
+
+
+def _check_readable(rt: Runtime, caches: dict) -> None:
+    """Stop, on every rank, when a set has no readable image (nothing to score)."""
+    problem = None
+    if rt.main:
+        for name, c in caches.items():
+            if len(c.ok) and not c.ok.any():
+                bad = c.meta["unreadable"]
+                problem = f"evaluate: none of the {len(bad)} images of set {name!r} could be read (e.g. {bad[0]})"
+                break
+    if rt.world > 1:
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _data_of(c: Cached, head) -> dict:
