@@ -516,3 +516,40 @@ def test_one_channel_model_file_gets_grey_images(folders, tmp_path):
     assert x.shape == (1, SIZE, SIZE)
     with pytest.raises(ValueError, match="one mean and one std"):
         E.make_transform(SIZE, mean=(0.1, 0.2, 0.3), in_chans=1)
+
+
+# ------------------------------------------------------------------------------ report.html
+def test_html_report_is_self_contained(folders, tmp_path):
+    res = E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
+                     scores=["msp", "energy"], **common(tmp_path))
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert res.files["html"] == str(tmp_path / "out" / "report.html")
+    assert "<table>" in page and "far" in page and "near" in page and "energy" in page
+    assert f"{100 * res.metrics['msp']['far'].auroc:.2f}" in page
+    assert page.count("data:image/png;base64,") == 4  # ROC + histogram per method, embedded
+    assert "src=\"http" not in page and "href=\"http" not in page  # nothing fetched: opens offline
+    assert "image_size" in page and "torch" in page  # settings and versions
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_html_report_renders_in_a_browser(folders, tmp_path):
+    import subprocess
+
+    from PIL import Image
+
+    E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far")}, scores=["msp"], **common(tmp_path))
+    shot = tmp_path / "shot.png"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
+           (tmp_path / "out" / "report.html").as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert img.std() > 10  # not blank: text, table rules and plots
+    assert (img < 128).mean() > 0.005  # some dark pixels (text, curves)

@@ -143,8 +143,9 @@ def _grouped_and_flat(cfg: EvalConfig, args) -> None:
     res = combine(runs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     fit = cfg.fit_data or ("id (optimistic)" if cfg.fit_on_id else None)
+    settings = {**cfg.describe(), "flat_model": args.flat_model, "flat_scores": args.flat_scores}
     res.files = write_outputs(res, cfg.out_dir, cfg.tpr, dict(positive=cfg.positive, fpr_rule=cfg.fpr_rule,
-                                                              aupr=cfg.aupr, fit=fit), cfg.plots)
+                                                              aupr=cfg.aupr, fit=fit), cfg.plots, settings)
     print(res.summary(cfg.tpr))
 
 

@@ -70,3 +70,16 @@ class EvalConfig:
     @classmethod
     def field_names(cls) -> tuple:
         return tuple(f.name for f in fields(cls))
+
+    def describe(self) -> dict:
+        """The settings as short strings, for reports (objects by their type, data by their path)."""
+        def short(v):
+            if v is None or isinstance(v, (str, int, float, bool)):
+                return v
+            if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v):
+                return ", ".join(map(str, v))
+            if isinstance(v, dict):
+                return ", ".join(f"{k}={short(x)}" for k, x in v.items())
+            return type(v).__name__
+        skip = {"progress", "verbose", "plots"}
+        return {f.name: short(getattr(self, f.name)) for f in fields(self) if f.name not in skip}

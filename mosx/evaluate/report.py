@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import metrics as M
 from .cache import safe_name
+from .html_report import write_html
 
 __all__ = ["EvalResult", "combine", "write_outputs", "plots_of"]
 
@@ -88,7 +89,9 @@ def combine(results: Mapping[str, EvalResult]) -> EvalResult:
                       timings, first.unreadable, first.counts, scores=scores)
 
 
-def write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool) -> dict:
+def write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool,
+                  settings: Optional[dict] = None) -> dict:
+    """table.txt, results.json, results.csv, the plots (when on) and report.html in out_dir."""
     files = {}
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(res.table(tpr) + "\n")
@@ -118,6 +121,8 @@ def write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, 
     files["csv"] = os.path.join(out_dir, "results.csv")
     if plots:
         files["plots"] = plots_of(res, out_dir)
+    files["html"] = write_html(res, os.path.join(out_dir, "report.html"), tpr, {**(settings or {}), **conventions},
+                               files.get("plots"))
     return files
 
 

@@ -274,7 +274,7 @@ def _run(p: _Plan, rt: Runtime) -> Optional[EvalResult]:
     if cfg.out_dir:
         fit = "fit_data" if p.fit_images is not None else ("id (optimistic)" if cfg.fit_on_id else None)
         res.files = write_outputs(res, cfg.out_dir, cfg.tpr, dict(positive=cfg.positive, fpr_rule=cfg.fpr_rule,
-                                                                  aupr=cfg.aupr, fit=fit), cfg.plots)
+                                                                  aupr=cfg.aupr, fit=fit), cfg.plots, cfg.describe())
     if cfg.verbose:
         print(res.summary(cfg.tpr))
     return res
