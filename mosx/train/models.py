@@ -39,9 +39,3 @@ def train_mode(model: Classifier) -> None:
     if not any(p.requires_grad for p in model.backbone.parameters()):
         model.backbone.eval()
 
-
-def build_model(name: str, num_outputs: int, weights: str | None = None, num_features: int | None = None,
-                in_chans: int = 3, head_init: str = "zero"):
-    backbone, dim = build_backbone(name, num_features, in_chans)
-    info = load_backbone_weights(backbone, weights) if weights else None
-    return Classifier(backbone, dim, num_outputs, head_init=head_init), info
