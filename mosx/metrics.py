@@ -270,7 +270,8 @@ def ood_metrics(
     """Every metric for one ID set and one OOD set, from a single sort of the scores.
 
     Args:
-        id_scores, ood_scores: 1-D tensors or arrays; higher score = more in-distribution.
+        id_scores: 1-D tensor or array of the ID set's scores; higher score = more in-distribution.
+        ood_scores: 1-D tensor or array of the OOD set's scores, same convention.
         tpr: the TPR level of the FPR metric (0.95 gives FPR95).
         positive: "id" (default, MOS paper) or "ood": which class the TPR/FPR refer to.
         fpr_rule: "nearest" (default, MOS reference) or "first" (OpenOOD / pytorch-ood).

@@ -20,7 +20,7 @@ __all__ = ["EvalResult", "combine", "write_outputs", "plots_of"]
 
 @dataclass
 class EvalResult:
-    """metrics[method][ood set] -> OODMetrics; averages[method] -> mean AUROC / FPR over sets."""
+    """`metrics[method][ood_set]` -> OODMetrics; `averages[method]` -> mean AUROC / FPR over sets."""
 
     metrics: dict
     averages: dict
