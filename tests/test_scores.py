@@ -368,6 +368,56 @@ def test_build_scorer():
         S.build_scorer("msp:temperature=2")
 
 
+
+# ------------------------------------------------------------------------------ registry
+def scorer_classes(cls=S.Scorer):
+    """Every Scorer subclass defined in the mosx.scores package (found by walking the class tree)."""
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("mosx.scores."):
+            yield sub
+        yield from scorer_classes(sub)
+
+
+def test_registry_lists_every_scorer_and_builds_each_name():
+    assert set(scorer_classes()) == set(S.SCORERS.values()) | set(S.WRAPPERS.values())
+    # the order of the --scores help and of build_scorer's "known:" list
+    assert S.scorer_names() == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm")
+    assert S.wrapper_names() == ("react",)
+    for name in S.scorer_names():
+        s = S.build_scorer(name, groups=[2, 3])
+        assert type(s) is S.SCORERS[name] and s.name == name == type(s).spec_name
+        for w in S.wrapper_names():
+            r = S.build_scorer(f"{w}-{name}", groups=[2, 3])
+            assert type(r) is S.WRAPPERS[w] and type(r.base) is S.SCORERS[name] and r.name == f"{w}-{name}"
+    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm \(and react-<name>\)"):
+        S.build_scorer("react-nope")
+
+
+def test_a_new_scorer_class_registers_itself():
+    class Scaled(S.Scorer):
+        """scale * the largest logit (test only)."""
+
+        spec_name = "test_scaled"
+
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+            self.scale = scale
+
+        def _score(self, logits=None, **_):
+            return self.scale * logits.amax(dim=1)
+
+    try:
+        assert S.scorer_names()[-1] == "test_scaled" and Scaled.name == "test_scaled"
+        s = S.build_scorer("test_scaled:scale=0.5")
+        assert isinstance(s, Scaled) and s.scale == 0.5
+        torch.testing.assert_close(s.score(logits=torch.tensor([[1.0, 4.0]])), torch.tensor([2.0]))
+        assert isinstance(S.build_scorer("react-test_scaled").base, Scaled)
+    finally:
+        del S.SCORERS["test_scaled"]
+    with pytest.raises(ValueError, match="'msp' is taken"):
+        type("OtherMSP", (S.Scorer,), {"spec_name": "msp"})
+    assert S.SCORERS["msp"] is S.MSP
+
 # ------------------------------------------------------------------------------ errors
 def test_shape_and_fit_errors(gen):
     z, f = rand(gen, 10, 4), rand(gen, 10, 3)
