@@ -34,17 +34,19 @@ def cuda_built() -> bool:
 
 
 # ------------------------------------------------------------------------------ checks
-def _check_logits(logits: torch.Tensor, groups: Groups, fn: str) -> None:
+def _check_logits(logits: torch.Tensor, groups, fn: str) -> Groups:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: logits must be a tensor or array, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"{fn}: logits must be 2-D [N, L], got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOATS:
         raise TypeError(f"{fn}: logits must be float64/float32/float16/bfloat16, got {logits.dtype}")
+    groups = as_groups(groups, logits.shape[1], fn)  # sizes are checked against the width before building
     if logits.shape[1] != groups.num_logits:
         raise ValueError(
             f"{fn}: logits have {logits.shape[1]} columns but the groups need "
             f"{groups.num_logits} (= {groups.num_classes} classes + {groups.num_groups} others slots)")
+    return groups
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,8 +150,7 @@ torch.library.register_autograd("mosx::group_cross_entropy", _ce_backward, setup
 def group_softmax(logits, groups, *, log: bool = False):
     """Softmax within every group's slice (others slot included). [N, L] -> [N, L], same dtype."""
     x, kind = from_array(logits)
-    g = as_groups(groups)
-    _check_logits(x, g, "group_log_softmax" if log else "group_softmax")
+    g = _check_logits(x, groups, "group_log_softmax" if log else "group_softmax")
     out = _ops.group_softmax(x, g.tensors(x.device)["offsets"], log)
     return to_array(out, kind)
 
@@ -167,8 +168,7 @@ def group_softmax_score(logits, groups):
     Differentiable.
     """
     x, kind = from_array(logits)
-    g = as_groups(groups)
-    _check_logits(x, g, "group_softmax_score")
+    g = _check_logits(x, groups, "group_softmax_score")
     score, _, _ = _ops.group_softmax_score(x, g.tensors(x.device)["offsets"])
     return to_array(score, kind)
 
@@ -182,8 +182,7 @@ def group_predict(logits, groups, *, return_group: bool = False):
     group index [N] is returned too. Not differentiable.
     """
     x, kind = from_array(logits)
-    g = as_groups(groups)
-    _check_logits(x, g, "group_predict")
+    g = _check_logits(x, groups, "group_predict")
     t = g.tensors(x.device)
     cls, prob, group = _ops.group_predict(x.detach(), t["offsets"], t["logit_class"])
     out = (cls, prob, group) if return_group else (cls, prob)
@@ -227,8 +226,7 @@ def group_cross_entropy(logits, targets, groups, *, reduction: str = "mean", ign
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"group_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     x, kind = from_array(logits)
-    g = as_groups(groups)
-    _check_logits(x, g, "group_cross_entropy")
+    g = _check_logits(x, groups, "group_cross_entropy")
     n = x.shape[0]
     ta = _as_targets(targets, g, n, x.device, "targets")
     if (mix_targets is None) != (mix_lambda is None):

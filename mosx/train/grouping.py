@@ -2,20 +2,20 @@
 class-mean features of the pretrained backbone, and random; plus a Groups JSON, a sizes list, or the
 grouping a reference list file defines.
 
-Spec strings (the --groups option): path/to/groups.json | sizes:4,3,3 | taxonomy:FILE | kmeans:K |
-random:K | list.
+Spec strings (the --groups option) are read by mosx.Groups.parse, the same reader as mosx eval's:
+groups.json | sizes:4,3,3 or 4,3,3 | a reference list file | a .npy of group sizes | taxonomy:FILE |
+kmeans:K | random:K | list. The last four need the data and are built here (resolve_request).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
-from ..groups import Groups
+from ..groups import GroupRequest, Groups
 
-__all__ = ["resolve_groups", "taxonomy_groups", "kmeans_groups", "random_groups", "kmeans"]
+__all__ = ["resolve_groups", "resolve_request", "taxonomy_groups", "kmeans_groups", "random_groups", "kmeans"]
 
 
 def taxonomy_groups(path: str, class_names) -> Groups:
@@ -120,33 +120,34 @@ def class_means(features_fn, data, per_class: int = 100, seed: int = 0) -> torch
 
 
 def resolve_groups(spec, data, features_fn=None, seed: int = 0) -> Groups:
-    """A Groups for `data` (needs .num_classes, .class_names, .list_groups, .targets) from a spec."""
-    if isinstance(spec, Groups):
-        g = spec
-    elif isinstance(spec, (list, tuple)):
-        g = Groups.from_sizes(spec)
-    elif spec is None or spec == "list":
-        if data.list_groups is None:
-            raise ValueError("the group loss needs a grouping: --groups groups.json | sizes:... | taxonomy:FILE | "
-                             "kmeans:K | random:K (or a list-file data set)")
-        g = data.list_groups
-    else:
-        spec = str(spec)
-        kind, _, arg = spec.partition(":")
-        if kind == "sizes":
-            g = Groups.from_sizes(int(v) for v in arg.split(",") if v.strip())
-        elif kind == "taxonomy":
-            g = taxonomy_groups(arg, data.class_names)
-        elif kind == "random":
-            g = random_groups(data.num_classes, int(arg), seed)
-        elif kind == "kmeans":
-            if features_fn is None:
-                raise ValueError("kmeans grouping needs the backbone's features")
-            g = kmeans_groups(class_means(features_fn, data, seed=seed), int(arg), seed)
-        elif os.path.exists(spec):
-            g = Groups.load(spec)
-        else:
-            raise ValueError(f"--groups {spec!r}: not a file, and not sizes:/taxonomy:/kmeans:/random:/list")
+    """A Groups for `data` (needs .num_classes, .class_names, .list_groups, .targets) from a spec.
+
+    The spec is read by :meth:`mosx.Groups.parse` (every form mosx eval takes too: a Groups, sizes
+    `398,521,...` or `sizes:398,...`, a groups JSON, a reference list file, a `.npy` of group sizes);
+    the forms that need the data (`kmeans:K`, `random:K`, `taxonomy:FILE`, `list`, and None = `list`)
+    come back as a GroupRequest and are built here.
+    """
+    g = Groups.parse("list" if spec is None else spec)
+    if isinstance(g, GroupRequest):
+        g = resolve_request(g, data, features_fn, seed)
     if g.num_classes != data.num_classes:
         raise ValueError(f"the grouping has {g.num_classes} classes but the data have {data.num_classes}")
     return g
+
+
+def resolve_request(req: GroupRequest, data, features_fn=None, seed: int = 0) -> Groups:
+    """Build the grouping a GroupRequest asks for from the training data."""
+    if req.kind == "list":
+        if data.list_groups is None:
+            raise ValueError("the group loss needs a grouping: --groups groups.json | sizes:... | taxonomy:FILE | "
+                             "kmeans:K | random:K | a list file or a .npy of group sizes (or a list-file data set)")
+        return data.list_groups
+    if req.kind == "taxonomy":
+        return taxonomy_groups(req.path, data.class_names)
+    if req.kind == "random":
+        return random_groups(data.num_classes, req.k, seed)
+    if req.kind == "kmeans":
+        if features_fn is None:
+            raise ValueError("kmeans grouping needs the backbone's features")
+        return kmeans_groups(class_means(features_fn, data, seed=seed), req.k, seed)
+    raise ValueError(f"unknown grouping request {req!r}")
