@@ -553,3 +553,18 @@ def test_html_report_renders_in_a_browser(folders, tmp_path):
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert img.std() > 10  # not blank: text, table rules and plots
     assert (img < 128).mean() > 0.005  # some dark pixels (text, curves)
+
+
+def test_groups_spec_is_the_trainers(folders, tmp_path):
+    """mosx eval reads --groups with Groups.parse, as mosx train does: the trainer's spellings work."""
+    model = net(5)
+    ood = {"far": str(folders / "ood_far")}
+    a = E.evaluate(model, str(folders / "id"), ood, groups="2,1", scores=["mos"], plots=False, **common(tmp_path))
+    b = E.evaluate(model, str(folders / "id"), ood, groups="sizes:2,1", scores=["mos"], plots=False, **common(tmp_path))
+    np.save(tmp_path / "sizes.npy", np.array([2, 1]))
+    c = E.evaluate(model, str(folders / "id"), ood, groups=str(tmp_path / "sizes.npy"), scores=["mos"], plots=False,
+                   **common(tmp_path))
+    for r in (b, c):
+        np.testing.assert_array_equal(r.scores["mos"]["far"], a.scores["mos"]["far"])
+    with pytest.raises(ValueError, match="kmeans"):
+        E.evaluate(model, str(folders / "id"), ood, groups="kmeans:2", scores=["mos"], **common(tmp_path))

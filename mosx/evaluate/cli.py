@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flat-arch")
     p.add_argument("--flat-weights")
     p.add_argument("--flat-scores", help="scorer specs for the flat model (default: the baselines)")
-    p.add_argument("--groups", help="grouping of a grouped model: groups .json, list file, or sizes '398,521,...'")
+    p.add_argument("--groups", help="grouping of a grouped model (as for mosx train): sizes '398,521,...' or 'sizes:398,...', "
+                        "a groups .json, a reference list file or a .npy of group sizes (default: the model file's)")
     p.add_argument("--classes", help="file with the expected class names, one per line (checked against the ID folder)")
     p.add_argument("--id", required=True, help="ID images: folder (class sub-folders) or list file")
     p.add_argument("--ood", action="append", default=[], metavar="NAME=PATH", help="an OOD set (repeat)")

@@ -15,7 +15,7 @@ import torch
 
 from .. import metrics as M
 from .. import scores as S
-from ..groups import Groups, as_groups
+from ..groups import Groups
 from ..models import load_model
 from ..ops import group_predict
 from ..runtime import Runtime
@@ -38,22 +38,6 @@ def default_scores(grouped: bool, have_fit: bool) -> list:
     return out
 
 
-def _parse_groups(spec) -> Optional[Groups]:
-    if spec is None or isinstance(spec, Groups):
-        return spec
-    if isinstance(spec, (str, os.PathLike)):
-        spec = os.fspath(spec)
-        if os.path.isfile(spec):
-            if spec.endswith(".json"):
-                return Groups.load(spec)
-            return Groups.from_list_file(spec)
-        try:
-            return Groups.from_sizes([int(s) for s in spec.split(",")])
-        except ValueError:
-            raise ValueError(f"--groups {spec!r}: a groups .json, a list file or comma-separated sizes") from None
-    return as_groups(spec)
-
-
 class ResolvedModel(NamedTuple):
     model: torch.nn.Module
     groups: Optional[Groups]
@@ -65,7 +49,7 @@ def resolve_model(cfg: EvalConfig) -> ResolvedModel:
     """The model of a config, loaded when it is a path or a name, with the grouping, class list and
     input channels of a mosx model file checked against the config's (the config's win when the
     file does not know them)."""
-    groups = _parse_groups(cfg.groups)
+    groups = Groups.parse(cfg.groups, need_data=False) if cfg.groups is not None else None
     class_names = list(cfg.class_names) if cfg.class_names is not None else None
     if isinstance(cfg.model, torch.nn.Module):
         return ResolvedModel(cfg.model, groups, class_names, cfg.in_chans or 3)
