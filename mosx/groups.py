@@ -170,7 +170,7 @@ class Groups:
         pairs the file holds before anything sized by their values is built.
         """
         pairs = set()
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.split()
                 if not parts:
@@ -281,8 +281,8 @@ class Groups:
         The keywords come first (`list` is the request even where a file of that name exists; write
         `./list` for the file).
 
-        need_data: False where no training data are at hand (mosx eval, the ops): those forms are
-        refused with a ValueError, so the result is always a Groups.
+        need_data: False where no training data are at hand (mosx eval): those forms are refused
+        with a ValueError that lists the forms taken, so the result is always a Groups.
         """
         if isinstance(spec, Groups):
             return spec

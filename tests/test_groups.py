@@ -471,3 +471,10 @@ def test_ops_width_check_of_cross_entropy_is_immediate():
     assert mosx.group_softmax_score(torch.randn(2, 5), [1, 2]).shape == (2,)
     with pytest.raises(ValueError, match=r"logits have 5 columns but the groups need 6"):
         mosx.group_softmax_score(torch.randn(2, 5), Groups.from_sizes([2, 2]))
+
+
+def test_binary_file_is_refused_naming_the_file(tmp_path):
+    p = tmp_path / "weights.bin"
+    p.write_bytes(b"\xff\xfe\x00\x01 garbage\n")
+    with pytest.raises(ValueError, match=r"weights.bin:1: expected '<path> <group> <within>'"):
+        Groups.parse(str(p), need_data=False)
