@@ -165,12 +165,6 @@ def test_old_spellings_of_both_commands_give_the_same_groups(group_files):
         assert Groups.parse(spec, need_data=False) == g == resolve_groups(spec, FakeData), spec
     # the reference .npy works in both
     assert resolve_groups(str(files["npy"]), FakeData) == g == Groups.parse(str(files["npy"]), need_data=False)
-    # where the evaluator still has its own reader, it agrees
-    E = pytest.importorskip("mosx.evaluate")
-    load = getattr(E, "_load_groups", None)
-    if load is not None:
-        for spec in ("2,1,3", str(files["json"]), str(files["list"])):
-            assert load(spec) == Groups.parse(spec, need_data=False), spec
 
 
 def test_parse_requests_need_data(tmp_path):
