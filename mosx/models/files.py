@@ -1,10 +1,11 @@
 """Model files: mosx's own self-describing model file, and the one loader every command uses.
 
 `load_model` reads, without running code from the file (``torch.load(..., weights_only=True)``):
-a mosx model file (`mosx train` output, :func:`save_model`), a plain state dict (with `arch`, a timm
-model name), a BiT ``.npz`` (with `arch`, e.g. ``resnetv2_101x1_bit``), or a timm model name with
-local `weights` (nothing is downloaded). A file that needs pickle (a whole pickled ``nn.Module``,
-say) is refused unless the caller trusts it: ``trust_pickle=True`` (``--trust-pickle``).
+a mosx model file (`mosx train` output, :func:`save_model`), a MOS ``finetune.py`` checkpoint or any
+BiT-PyTorch ResNetV2 state dict (recognised from its keys, :mod:`mosx.models.bit`), a plain state
+dict (with `arch`, a timm model name), a BiT ``.npz`` (with `arch`, e.g. ``resnetv2_101x1_bit``),
+or a timm model name with local `weights` (nothing is downloaded). A file that needs pickle (a
+whole pickled ``nn.Module``, say) is refused unless the caller trusts it: ``trust_pickle=True`` (``--trust-pickle``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from .._io import atomic_save
 from ..groups import Groups
+from . import bit
 from .backbones import MODEL_FORMAT, Classifier, build_backbone
 
 __all__ = ["save_model", "load_model", "read_file"]
@@ -98,6 +100,7 @@ def load_model(path_or_name: str, *, arch: Optional[str] = None, weights: Option
             raise ValueError(f"{spec}: a BiT .npz needs --arch (e.g. resnetv2_101x1_bit)")
         model = _timm_model(arch, num_classes or 1000)
         model.load_pretrained(spec)
+        bit.use_reference_eps(model)  # BiT's own code standardises with eps 1e-10 (timm: 1e-8)
         return model, _plain_info()
     if os.path.isfile(spec):
         d = read_file(spec, map_location=map_location, trust_pickle=trust_pickle)
@@ -106,15 +109,23 @@ def load_model(path_or_name: str, *, arch: Optional[str] = None, weights: Option
                 raise ValueError(f"{spec}: mosx model file of format {d.get('format')!r}; this mosx reads "
                                  f"{MODEL_FORMAT!r}")
             return _from_mosx_file(d, spec)
+        if isinstance(d, dict) and str(d.get("format", "")).startswith("mosx.gate/"):
+            from ..gate import gate_from_file  # an OOD gate (mosx.OODGate.save): model + scorer + threshold
+            return gate_from_file(d, spec)
         if isinstance(d, nn.Module):
             return d, _plain_info()
+        if bit.is_bit_checkpoint(d):  # MOS finetune.py {"step", "model", "optim"} or a BiT ResNetV2 state dict
+            return bit.load_bit(d, spec, arch=arch, num_classes=num_classes)
         if arch is None:
             raise ValueError(f"{spec}: a plain state dict needs --arch (a timm model name)")
         model = _timm_model(arch, num_classes)
         model.load_state_dict(_state_dict_of(d, spec))
         return model, _plain_info()
+    w = None if weights is None else read_file(weights, map_location=map_location, trust_pickle=trust_pickle)
+    if bit.is_bit_checkpoint(w):  # --model BiT-S-R101x1 (or resnetv2_101x1_bit) --weights bit.pth.tar
+        return bit.load_bit(w, weights, arch=spec, num_classes=num_classes)
     model = _timm_model(spec, num_classes)
     if weights is None:
         raise ValueError(f"--model {spec!r}: timm weights are not downloaded here; give --weights PATH")
-    model.load_state_dict(_state_dict_of(read_file(weights, trust_pickle=trust_pickle), weights))
+    model.load_state_dict(_state_dict_of(w, weights))
     return model, _plain_info()
