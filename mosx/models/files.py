@@ -61,7 +61,10 @@ def _from_mosx_file(d: dict, path: str):
     except KeyError as e:
         raise ValueError(f"{path}: mosx model file lacks the entry {e.args[0]!r}") from None
     g = d.get("groups")
-    groups = Groups.from_assignment(g["class_to_group"], g["num_groups"]) if g else None
+    try:
+        groups = Groups.from_assignment(g["class_to_group"], g["num_groups"]) if g else None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: the grouping stored in the model file is invalid ({e})") from None
     return model, {"groups": groups, "class_names": d.get("class_names"), "loss": d.get("loss"),
                    "arch": d["arch"], "in_chans": d.get("in_chans", 3)}
 
