@@ -343,7 +343,8 @@ def test_score_all_matches_single_scorers(gen):
     data = {"logits": z.float(), "features": f.float(), "head": head}
     for name, s in flat.items():
         assert out[name].shape == (N,)
-        torch.testing.assert_close(out[name], s.score(**data), rtol=1e-5, atol=1e-5)
+        mine = {k: v for k, v in data.items() if k in s.accepts}  # a direct call takes only what it reads
+        torch.testing.assert_close(out[name], s.score(**mine), rtol=1e-5, atol=1e-5)
     mos = S.score_all({"mos": S.MOS(groups)}, {"logits": zg}, batch_size=300)["mos"]
     np.testing.assert_allclose(mos, ref_mos(zg.double().numpy(), [3, 5]), atol=1e-5)
 
@@ -381,7 +382,8 @@ def scorer_classes(cls=S.Scorer):
 def test_registry_lists_every_scorer_and_builds_each_name():
     assert set(scorer_classes()) == set(S.SCORERS.values()) | set(S.WRAPPERS.values())
     # the order of the --scores help and of build_scorer's "known:" list
-    assert S.scorer_names() == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm")
+    assert S.scorer_names() == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm",
+                                "entropy", "gen", "vim", "knn", "nnguide", "rmd", "she", "fdbd", "nci")
     assert S.wrapper_names() == ("react",)
     for name in S.scorer_names():
         s = S.build_scorer(name, groups=[2, 3])
@@ -389,7 +391,7 @@ def test_registry_lists_every_scorer_and_builds_each_name():
         for w in S.wrapper_names():
             r = S.build_scorer(f"{w}-{name}", groups=[2, 3])
             assert type(r) is S.WRAPPERS[w] and type(r.base) is S.SCORERS[name] and r.name == f"{w}-{name}"
-    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm \(and react-<name>\)"):
+    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm, .*, nci \(and react-<name>\)"):
         S.build_scorer("react-nope")
 
 

@@ -46,6 +46,11 @@ from .templates import KLMatching
 from .distance import Mahalanobis
 from .gradient import GradNorm
 from .shaping import ReAct
+from .entropy import GEN, Entropy
+from .subspace import ViM
+from .neighbors import KNN, NNGuide
+from .classmeans import RMD, SHE
+from .boundary import FDBD, NCI
 # isort: on
 
 # Private helpers, re-exported because other modules and tests reach them as mosx.scores._name.

@@ -12,12 +12,25 @@ Registry attributes a class may set (class attributes, read by :func:`build_scor
 ``is_wrapper``    the scorer wraps another one: spelled ``<spec_name>-<wrapped spec>`` and built as
                   ``cls(wrapped, head=head, **own)``, ``own`` being the spec keys in ``wrapper_keys``.
 
+Strict keywords: :meth:`Scorer.fit` / :meth:`Scorer.score` called with data the scorer does not read
+raise a TypeError naming it (``KLMatching().fit(logits=z, labels=y)`` would otherwise silently fit on
+predictions). What a scorer reads: ``needs`` + ``score_optional`` for score; ``fit_needs`` +
+``fit_optional`` + ``device`` for fit (``fit_optional`` left at None means the named keyword
+parameters of the class's ``_fit``). A wrapper (``is_wrapper``) also reads ``head`` and hands its
+base scorer the shaped data without knowing which of it the base reads: inside a wrapper's fit /
+score, a nested scorer takes what it declares and drops the rest. :func:`~mosx.scores.fit_all` /
+:func:`~mosx.scores.score_all` hand each scorer only the data it declares. Keys given as None carry
+no data and are dropped.
+
 This module imports only :mod:`mosx.scores.model`; the families import it, never the reverse.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import functools
+import inspect
 
 import torch
 
@@ -26,6 +39,9 @@ from .model import LinearHead
 # spec name -> class; filled by Scorer.__init_subclass__ in the order the classes are defined.
 SCORERS: dict = {}  # scorers of the data: "msp", "energy", ...
 WRAPPERS: dict = {}  # scorers around another scorer: "react" (spelled "react-<name>")
+
+# True while a wrapper's fit/score runs: the scorer it wraps takes the data it declares, drops the rest.
+_HANDED_DOWN = contextvars.ContextVar("mosx_scores_handed_down", default=False)
 
 
 class Scorer:
@@ -36,6 +52,9 @@ class Scorer:
     name = "scorer"
     needs: tuple = ("logits",)
     fit_needs: tuple = ()
+    score_optional: tuple = ()  # data score() also reads when given (besides `needs`)
+    fit_optional: tuple | None = None  # ... fit() also reads (besides fit_needs, device); None: _fit's keywords
+    fit_params: tuple = ()  # hyperparameters the fitted statistics depend on: replace() of one needs a refit
 
     # registry (see the module docstring)
     spec_name: str | None = None
@@ -45,6 +64,8 @@ class Scorer:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.is_wrapper and "fit" in cls.__dict__:  # a wrapper's own fit(): strict, then hands down
+            cls.fit = _wrapper_fit(cls.__dict__["fit"])
         spec = cls.__dict__.get("spec_name")
         if spec is None:
             return
@@ -63,28 +84,88 @@ class Scorer:
     def fitted(self) -> bool:
         return self._fitted or not self.fit_needs
 
+    @property
+    def fit_accepts(self) -> frozenset:
+        """The keywords fit() reads: fit_needs, fit_optional (default: the named keyword parameters
+        of ``_fit``) and ``device``; a wrapper adds ``head`` and what its base's fit reads except
+        ``logits`` (the wrapper recomputes them from the shaped features)."""
+        optional = self.fit_optional
+        if optional is None:
+            optional = _keywords(type(self)._fit)
+        keys = set(self.fit_needs) | set(optional) | {"device"}
+        if self.is_wrapper:
+            keys.add("head")
+            base = getattr(self, "base", None)
+            if isinstance(base, Scorer):  # what the base reads, but logits: the wrapper computes those
+                keys |= base.fit_accepts - {"logits"}
+        return frozenset(keys)
+
+    @property
+    def accepts(self) -> frozenset:
+        """The keywords score() reads: needs and score_optional (a wrapper adds ``head``)."""
+        keys = set(self.needs) | set(self.score_optional)
+        if self.is_wrapper:
+            keys.add("head")
+        return frozenset(keys)
+
+    def search_space(self) -> dict:
+        """Hyperparameter -> candidate values (the paper's grid) for a validation search; {} when
+        the method has none to tune. Keys are constructor / :meth:`replace` parameters."""
+        return {}
+
+    def _take(self, data: dict, allowed: frozenset, required, what: str) -> dict:
+        """`data` checked against what the scorer reads: extra keys raise (or, handed down by a
+        wrapper, are dropped). When some required data is missing the scorer's own message says so."""
+        data = {k: v for k, v in data.items() if v is not None}
+        extra = sorted(set(data) - allowed)
+        if not extra:
+            return data
+        if _HANDED_DOWN.get():
+            return {k: v for k, v in data.items() if k in allowed}
+        if all(k in data for k in required):
+            raise TypeError(f"{self.name}: {what}() got {', '.join(f'`{k}`' for k in extra)}, which it does not read "
+                            f"(it reads {', '.join(f'`{k}`' for k in sorted(allowed))})")
+        return data
+
     def fit(self, **data) -> Scorer:
-        """Fit on ID data (no-op for methods without statistics). Returns self."""
+        """Fit on ID data (no-op for methods without statistics). Returns self.
+        Raises TypeError on data it does not read (see the module docstring)."""
+        data = self._take(data, self.fit_accepts, self.fit_needs, "fit")
         if self.fit_needs:
-            self._fit(**data)
+            token = _HANDED_DOWN.set(True) if self.is_wrapper else None
+            try:
+                self._fit(**data)
+            finally:
+                if token is not None:
+                    _HANDED_DOWN.reset(token)
             self._fitted = True
         return self
 
     def score(self, **data) -> torch.Tensor:
-        """[N] scores, higher = more in-distribution."""
+        """[N] scores, higher = more in-distribution. Raises TypeError on data it does not read."""
+        required = [k for k in self.needs if not (k == "head" and getattr(self, "head", None) is not None)]
+        data = self._take(data, self.accepts, required, "score")
         if not self.fitted:
             raise RuntimeError(f"{self.name}: call fit(...) on ID data before scoring")
-        with torch.no_grad() if "inputs" not in self.needs else torch.enable_grad():
-            return self._score(**data)
+        token = _HANDED_DOWN.set(True) if self.is_wrapper else None
+        try:
+            with torch.no_grad() if "inputs" not in self.needs else torch.enable_grad():
+                return self._score(**data)
+        finally:
+            if token is not None:
+                _HANDED_DOWN.reset(token)
 
     __call__ = score
 
     def replace(self, **params) -> Scorer:
-        """A copy with some hyperparameters changed (fitted statistics are shared)."""
+        """A copy with some hyperparameters changed (fitted statistics are shared; changing one of
+        ``fit_params`` leaves the copy unfitted)."""
         new = copy.copy(self)
         for k, v in params.items():
             if not hasattr(new, k):
                 raise AttributeError(f"{self.name} has no hyperparameter {k!r}")
+            if k in self.fit_params and getattr(new, k) != v:
+                new._fitted = False  # e.g. ViM's dim: the copy must be fitted again before scoring
             setattr(new, k, v)
         return new
 
@@ -103,6 +184,28 @@ class Scorer:
         params = {k: v for k, v in vars(self).items()
                   if not k.startswith("_") and k != "name" and not torch.is_tensor(v)}
         return f"{type(self).__name__}({', '.join(f'{k}={show(v)}' for k, v in params.items())})"
+
+
+def _keywords(fn) -> tuple:
+    """The named keyword parameters of a method (``**rest`` and ``self`` excluded)."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _wrapper_fit(fit):
+    """A wrapper class's own fit(): checks its keywords, then runs with nested scorers taking only
+    the data they declare."""
+
+    @functools.wraps(fit)
+    def run(self, **data):
+        data = self._take(data, self.fit_accepts, self.fit_needs, "fit")
+        token = _HANDED_DOWN.set(True)
+        try:
+            return fit(self, **data)
+        finally:
+            _HANDED_DOWN.reset(token)
+
+    return run
 
 
 # ------------------------------------------------------------------------------ registry

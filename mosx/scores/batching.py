@@ -38,8 +38,14 @@ def _chunk(v, lo, hi, device):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _declared(data: Mapping, keys) -> dict:
+    """The entries of `data` a scorer reads (see Scorer.fit_accepts / Scorer.accepts)."""
+    return {k: v for k, v in data.items() if k in keys and v is not None}
+
+
 def fit_all(scorers: Mapping[str, Scorer], data: Mapping, *, device=None) -> dict:
-    """Fit every scorer that needs it on the same ID data (loaded to `device` once)."""
+    """Fit every scorer that needs it on the same ID data (loaded to `device` once). Each scorer is
+    handed only the data it reads (``fit_needs`` and its optional fit data)."""
     todo = {k: s for k, s in scorers.items() if s.needs_fit}
     if not todo:
         return dict(scorers)
@@ -47,16 +53,20 @@ def fit_all(scorers: Mapping[str, Scorer], data: Mapping, *, device=None) -> dic
     dev = torch.device(device) if device is not None else None
     loaded = None
     for name, s in todo.items():
-        missing = [k for k in s.fit_needs if data.get(k) is None and not (k == "labels" and data.get("logits") is not None)]
+        accepts = s.fit_accepts
+        # labels may come from the logits' argmax where the scorer reads logits as that fallback
+        fallback = "logits" in accepts and "logits" not in s.fit_needs and data.get("logits") is not None
+        missing = [k for k in s.fit_needs if data.get(k) is None and not (k == "labels" and fallback)]
         if missing:
             raise ValueError(f"fit_all: scorer {name!r} needs {missing} to fit")
         if getattr(s, "streaming_fit", False):
-            s.fit(**data, device=dev)  # reads the (possibly memory-mapped) data in row blocks
+            # reads the (possibly memory-mapped) data in row blocks
+            s.fit(**_declared(data, accepts), **({"device": dev} if "device" in accepts else {}))
             continue
         if loaded is None:  # everything in memory once, for the scorers that need it whole
             loaded = {k: (_chunk(v, 0, n, dev or (v.device if isinstance(v, torch.Tensor) else "cpu"))
                           if k in _ROW_KEYS and v is not None else v) for k, v in data.items()}
-        s.fit(**loaded)
+        s.fit(**_declared(loaded, accepts))
     return dict(scorers)
 
 
@@ -68,7 +78,8 @@ def score_all(
     device=None,
     timings: dict | None = None,
 ) -> dict:
-    """Every scorer on the same data, reading each chunk of rows once.
+    """Every scorer on the same data, reading each chunk of rows once; each scorer is handed only
+    the data it reads (``needs`` and its optional score data).
 
     data: ``logits`` / ``features`` (tensors or arrays such as an fp16 memmap; half precision is
     widened to float32 per chunk), optionally ``inputs`` + ``model`` and ``head``.
@@ -92,7 +103,7 @@ def score_all(
         batch = {k: (_chunk(v, lo, hi, dev) if k in _ROW_KEYS and v is not None else v) for k, v in data.items()}
         for name, s in scorers.items():
             t0 = time.perf_counter()
-            out = s.score(**batch)
+            out = s.score(**_declared(batch, s.accepts))
             if timings is not None:
                 if out.is_cuda:
                     torch.cuda.synchronize(out.device)
