@@ -16,6 +16,7 @@ from .ops import (
 )
 from .masking import masked_weight
 from .models import load_model
+from .gate import OODGate
 from . import metrics, reference, scores
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ IMAGENET_TAXONOMY_SIZES = (398, 521, 9, 7, 52, 8, 3, 2)
 
 __all__ = [
     "Groups",
+    "OODGate",
     "as_groups",
     "cuda_built",
     "group_cross_entropy",

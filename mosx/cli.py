@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("mosx.train", "group-softmax / flat fine-tuning, Unleashing Mask (UM, UMAP)"),
     "eval": ("mosx.evaluate", "score ID and OOD sets with every method, paper-style table"),
     "data": ("mosx.data", "build the offline benchmark data sets"),
+    "export": ("mosx.export", "export an OOD gate (model + score + calibrated threshold) to ONNX or .pt2"),
     "info": ("mosx._info", "build information: version, torch, CUDA kernels, CPU features"),
 }
 

@@ -53,6 +53,7 @@ __all__ = [
     "fpr_at_tpr",
     "detection_error",
     "roc_curve",
+    "threshold_at_tpr",
 ]
 
 _POSITIVE = ("id", "ood")
@@ -369,3 +370,61 @@ def roc_curve(id_scores, ood_scores, *, positive: str = "id"):
         return c.fp / c.N, c.tp / c.P, torch.cat([thr.new_full((1,), math.inf), thr])
     tp, fp, P, N = c.flipped()
     return fp / N, tp / P, torch.cat([thr.new_full((1,), -math.inf), torch.flip(thr, (0,))])
+
+
+def threshold_at_tpr(id_scores, tpr: float = 0.95, *, fpr_rule: str = "nearest") -> float:
+    """The score threshold of the operating point that :func:`ood_metrics` reports for `tpr`.
+
+    A sample is kept as ID when ``score >= threshold`` (OOD when ``score < threshold``); the
+    threshold is chosen from the ID scores alone so that, on these ID scores and *any* OOD scores
+    of the same dtype, the kept ID fraction is the TPR of the operating point that ``fpr_rule``
+    picks, and the kept OOD fraction equals ``fpr_at_tpr(id_scores, ood_scores, tpr,
+    fpr_rule=fpr_rule)`` (ID positive, higher score = more ID):
+
+    - ``"first"``: the highest threshold whose TPR is at least `tpr`. The threshold is an ID score.
+    - ``"nearest"`` (default, MOS reference): the TPR nearest `tpr` among those the ID scores
+      reach, distance ties going to the higher TPR. Among ROC points of that TPR the reference
+      takes the lowest threshold, i.e. its FPR counts the OOD scores *strictly above* the highest
+      ID score left out; so the threshold is the next representable value above that score (in
+      the scores' dtype: float32 for float16 / bfloat16 / float32 scores, float64 for float64
+      and integer scores). At TPR 1 the reference takes the highest threshold keeping every ID
+      sample: the lowest ID score.
+
+    Compare scores with the threshold in that dtype or a wider one (a float32 threshold is
+    exactly a float64 too). One difference from ``ood_metrics`` is deliberate: a TPR of 0 is never
+    chosen (ood_metrics can pick its TPR-0 point, when some OOD score is above every ID score and
+    `tpr` is under half the smallest kept fraction, 1 / (2 * number of ID samples) without ties).
+
+    Args:
+        id_scores: 1-D tensor or array of ID (calibration) scores, higher = more ID.
+        tpr: the TPR level, in (0, 1].
+        fpr_rule: "nearest" or "first", as in :func:`ood_metrics`.
+
+    Returns the threshold as a Python float.
+    """
+    fn = "threshold_at_tpr"
+    _check_options(fn, fpr_rule=fpr_rule)
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)):
+        raise TypeError(f"{fn}: tpr must be one number in (0, 1], got {type(tpr).__name__}")
+    a = _as_scores(id_scores, "id_scores", fn)
+    dtype = a.dtype if a.dtype.is_floating_point else torch.float64
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    a = a.to(dtype)
+    nan = torch.isnan(a)
+    if bool(nan.any()):
+        raise ValueError(f"{fn}: id_scores contain {int(nan.sum())} NaN value(s); scores must be comparable")
+    level = _check_levels(tpr, fn, a.device)
+    values, counts = torch.unique_consecutive(torch.sort(a, descending=True).values, return_counts=True)
+    rates = torch.cumsum(counts, 0, dtype=torch.float64) / a.numel()  # TPR at each distinct value, ends at 1
+    above = int(torch.searchsorted(rates, level, side="left").clamp_max(rates.numel() - 1))
+    if fpr_rule == "first":
+        return float(values[above])
+    i = above
+    if above > 0:  # the same float64 distances as _fpr_at; ties go to the higher TPR
+        d_above, d_below = torch.abs(rates[above] - level), torch.abs(rates[above - 1] - level)
+        if bool(d_below < d_above):
+            i = above - 1
+    if i == values.numel() - 1:
+        return float(values[i])
+    return float(torch.nextafter(values[i + 1], values.new_tensor(math.inf)))

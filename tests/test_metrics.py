@@ -249,3 +249,76 @@ def test_infinite_scores_are_ordered():
     oods = np.array([0.7, -np.inf, 0.1])
     ref = sk_values(np.nan_to_num(ids, posinf=1e300, neginf=-1e300), np.nan_to_num(oods, posinf=1e300, neginf=-1e300))
     assert M.auroc(ids, oods) == pytest.approx(ref["auroc"], abs=TOL)
+
+
+# ------------------------------------------------------------------------------ threshold_at_tpr
+def np_threshold(ids, level, rule):
+    """threshold_at_tpr written out: the kept ID fractions at every distinct ID score, the chosen
+    one, and the threshold "score >= t" that keeps exactly those (nearest: strictly above the
+    highest ID score left out, i.e. the next float above it)."""
+    vals = np.unique(ids)[::-1]
+    kept = np.array([(ids >= v).sum() for v in vals]) / len(ids)
+    if rule == "first":
+        return vals[int(np.argmax(kept >= level))]
+    best, best_d = None, None
+    for i in range(len(vals) - 1, -1, -1):  # lowest threshold first, first minimum wins
+        d = abs(kept[i] - level)
+        if best_d is None or d < best_d:
+            best, best_d = i, d
+    if best == len(vals) - 1:
+        return vals[-1]
+    return np.nextafter(vals[best + 1], np.inf, dtype=vals.dtype)
+
+
+@pytest.mark.parametrize("rule", ["nearest", "first"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threshold_at_tpr_matches_the_fpr_metric(rule, dtype, gen):
+    # Coarse scores: many ties within and across the two sets. The kept OOD fraction at the
+    # threshold is ood_metrics' FPR, and the kept ID fraction the operating point's TPR.
+    for trial in range(150):
+        n, m = (int(v) for v in torch.randint(1, 80, (2,), generator=gen))
+        ids = (torch.randint(0, 16, (n,), generator=gen).double() / 8).numpy().astype(dtype)
+        oods = (torch.randint(0, 16, (m,), generator=gen).double() / 8 - 0.5).numpy().astype(dtype)
+        level = 1.0 if trial % 10 == 0 else float(torch.rand((), generator=gen, dtype=torch.float64))
+        level = max(level, 1e-3)
+        thr = M.threshold_at_tpr(ids, level, fpr_rule=rule)
+        assert thr == np_threshold(ids, level, rule)
+        top = (ids == ids.max()).sum() / n
+        if rule == "nearest" and level < top / 2 and oods.max() > ids.max():
+            continue  # the documented exception: ood_metrics picks its TPR-0 point here
+        kept_ood = int((oods >= thr).sum()) / m
+        assert kept_ood == M.ood_metrics(ids, oods, tpr=level, fpr_rule=rule).fpr_at_tpr
+        assert kept_ood == M.fpr_at_tpr(ids, oods, level, fpr_rule=rule)
+        # The TPR of the reported operating point: the ROC point of that FPR at the kept ID count.
+        fpr, tpr, _ = M.roc_curve(ids, oods)
+        kept_id = int((ids >= thr).sum()) / n
+        assert bool(((tpr == kept_id) & (fpr == kept_ood)).any())
+
+
+def test_threshold_at_tpr_examples():
+    ids = np.arange(10, 0, -1).astype(np.float32)  # 10, 9, ..., 1
+    # TPR 0.9 is kept by "score >= 2": first takes 2; nearest keeps it down to just above 1.
+    assert M.threshold_at_tpr(ids, 0.9, fpr_rule="first") == 2.0
+    assert M.threshold_at_tpr(ids, 0.9) == float(np.nextafter(np.float32(1), np.float32(2)))
+    assert M.threshold_at_tpr(ids, 1.0) == 1.0  # keep everything: the lowest ID score
+    assert (ids >= M.threshold_at_tpr(ids, 0.04)).sum() == 1  # never TPR 0: keeps the top sample
+    ties = np.array([4.0, 3.0, 3.0, 1.0])  # TPR 0.25 and 0.75 equally far from 0.5: the higher wins
+    assert (ties >= M.threshold_at_tpr(ties, 0.5)).sum() == 3
+    assert M.threshold_at_tpr(torch.tensor([3, 1, 2]), 1.0) == 1.0  # integer scores
+    assert M.threshold_at_tpr(torch.tensor([3.0, 1.0], dtype=torch.float16), 0.5, fpr_rule="first") == 3.0
+
+
+@pytest.mark.parametrize("args, match", [
+    (([], 0.95), "empty"),
+    (([1.0, float("nan")], 0.95), "NaN"),
+    (([1.0, 2.0], 0.0), r"\(0, 1\]"),
+    (([1.0, 2.0], 1.5), r"\(0, 1\]"),
+    (([[1.0, 2.0]], 0.95), "1-D"),
+])
+def test_threshold_at_tpr_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        M.threshold_at_tpr(*args)
+    with pytest.raises(ValueError, match="fpr_rule"):
+        M.threshold_at_tpr([1.0], 0.5, fpr_rule="last")
+    with pytest.raises(TypeError, match="one number"):
+        M.threshold_at_tpr([1.0], [0.5, 0.9])
