@@ -45,7 +45,8 @@ from .logit import MOS, MSP, ODIN, Energy, MaxLogit
 from .templates import KLMatching
 from .distance import Mahalanobis
 from .gradient import GradNorm
-from .shaping import ReAct
+from .shaping import DICE, ReAct
+from .shaping_ash import ASH, SCALE
 from .entropy import GEN, Entropy
 from .subspace import ViM
 from .neighbors import KNN, NNGuide
@@ -80,6 +81,9 @@ __all__ = [
     "Mahalanobis",
     "GradNorm",
     "ReAct",
+    "DICE",
+    "ASH",
+    "SCALE",
     "LinearHead",
     "linear_head",
     "model_outputs",
