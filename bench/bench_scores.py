@@ -3,6 +3,10 @@
 
     pytest bench/bench_scores.py --benchmark-only
 MOSX_BENCH_QUICK=1: 500 rows, 256-d features, one round.
+
+The fitted scorers also get a fit benchmark (fit_all on the same rows), and KNN is compared with
+one matrix product over the same data (full mode: a 100k x 512 bank, 10k queries; median of 3):
+test_knn_against_one_matrix_product prints the ratio and fails above 3x.
 """
 
 import os
@@ -33,7 +37,10 @@ def cache():
 
 
 SPECS = ["mos", "msp", "maxlogit", "energy", "odin:temperature=1000", "gradnorm", "kl_matching",
-         "mahalanobis", "mahalanobis:dtype=float32", "react-energy"]
+         "mahalanobis", "mahalanobis:dtype=float32", "react-energy",
+         # issue 15
+         "entropy", "gen", "vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templates=labels"]
+FIT_SPECS = ["vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templates=labels"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -47,3 +54,57 @@ def test_score_10k_rows(benchmark, cache, spec, device):
     benchmark.group = f"scores {N} rows {device}"
     out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=1 if QUICK else 2, warmup_rounds=0 if QUICK else 1)
     assert out.shape == (N,) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spec", FIT_SPECS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_10k_rows(benchmark, cache, spec, device):
+    data = {"logits": cache["logits"], "features": cache["features"], "labels": cache["labels"], "head": cache["head"]}
+    benchmark.group = f"fit {N} rows {device}"
+    s = benchmark.pedantic(lambda: S.fit_all({spec: S.build_scorer(spec)}, data, device=device)[spec],
+                           rounds=1 if QUICK else 2, warmup_rounds=0)
+    assert s.fitted
+
+
+def _median_seconds(fn, repeats):
+    import time
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_against_one_matrix_product(device):
+    """KNN's exact blocked search vs the bare product queries @ bank.T over the same data (in
+    1024-row query blocks so that its [10k, 100k] output need not exist at once)."""
+    M, Q, Dk = (5_000, 500, 64) if QUICK else (100_000, 10_000, 512)
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.randn(M, Dk, generator=gen).relu().to(device)
+    queries = torch.randn(Q, Dk, generator=gen).relu().to(device)
+    knn = S.KNN(k=50).fit(features=bank)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def product():
+        for lo in range(0, Q, 1024):
+            queries[lo:lo + 1024] @ knn._bank.T
+        sync()
+
+    def search():
+        knn.score(features=queries)
+        sync()
+
+    product(), search()  # warm-up
+    repeats = 1 if QUICK else 3
+    t_mm, t_knn = _median_seconds(product, repeats), _median_seconds(search, repeats)
+    ratio = t_knn / t_mm
+    print(f"\nknn k=50, {M} x {Dk} bank, {Q} queries on {device}: search {t_knn:.3f} s, "
+          f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})")
+    if not QUICK:
+        assert ratio < 3.0
