@@ -36,6 +36,7 @@ from __future__ import annotations
 from .base import SCORERS, WRAPPERS, Scorer, build_scorer, scorer_names, wrapper_names
 from .batching import fit_all, score_all
 from .eps_search import ODIN_EPS_GRID, select_eps
+from .search import SearchResult, fingerprint, search
 from .model import LinearHead, linear_head, model_outputs
 
 # The scorer families, imported in the order the registry (scorer_names(), build_scorer's "known:"
@@ -96,4 +97,7 @@ __all__ = [
     "score_all",
     "select_eps",
     "ODIN_EPS_GRID",
+    "search",
+    "SearchResult",
+    "fingerprint",
 ]
