@@ -384,7 +384,7 @@ def test_registry_lists_every_scorer_and_builds_each_name():
     # the order of the --scores help and of build_scorer's "known:" list
     assert S.scorer_names() == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm",
                                 "entropy", "gen", "vim", "knn", "nnguide", "rmd", "she", "fdbd", "nci")
-    assert S.wrapper_names() == ("react",)
+    assert S.wrapper_names() == ("react", "dice", "ash", "scale")
     for name in S.scorer_names():
         s = S.build_scorer(name, groups=[2, 3])
         assert type(s) is S.SCORERS[name] and s.name == name == type(s).spec_name
