@@ -428,3 +428,168 @@ def threshold_at_tpr(id_scores, tpr: float = 0.95, *, fpr_rule: str = "nearest")
     if i == values.numel() - 1:
         return float(values[i])
     return float(torch.nextafter(values[i + 1], values.new_tensor(math.inf)))
+
+
+# ------------------------------------------------------------------------------ streaming
+def _dist_world():
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _gather_1d(t: torch.Tensor, dist) -> torch.Tensor:
+    """Every rank's 1-D float64 tensor, concatenated in rank order (sizes may differ)."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = t.to(dev, torch.float64)
+    n = torch.tensor([t.numel()], device=dev, dtype=torch.int64)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:
+        return t.new_zeros(0)
+    padded = torch.zeros(max(sizes), device=dev, dtype=torch.float64)
+    padded[: t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+class OODMetricsAccumulator:
+    """Streaming :func:`ood_metrics` for evaluation loops: ``update(scores, is_id)`` batch by batch,
+    ``compute()`` at the end gives exactly ``ood_metrics(all ID scores, all OOD scores, ...)``.
+
+    Exact by construction: the scores are kept (detached, on their device) and scored once at the end,
+    the metrics depending only on the two multisets of scores. Across ranks: when torch.distributed
+    is initialised with more than one process, compute() gathers every rank's scores (all_gather, in
+    float64, which holds float16/32 scores and integers up to 2**53 exactly; NCCL on the current
+    CUDA device, other backends on the CPU) and every rank gets the same numbers; each rank must call
+    it. ``distributed=False`` keeps it local.
+
+    Args:
+        tpr, positive, fpr_rule, aupr: as :func:`ood_metrics`.
+        distributed: None (default: gather when a process group of more than one is initialised),
+            True (require one) or False.
+    """
+
+    def __init__(self, *, tpr: float = 0.95, positive: str = "id", fpr_rule: str = "nearest", aupr: str = "ap",
+                 distributed: bool | None = None):
+        _check_options("OODMetricsAccumulator", positive, fpr_rule, aupr)
+        _check_levels(tpr, "OODMetricsAccumulator", "cpu")
+        self.tpr, self.positive, self.fpr_rule, self.aupr = tpr, positive, fpr_rule, aupr
+        self.distributed = distributed
+        self.reset()
+
+    def reset(self) -> None:
+        self._id, self._ood = [], []
+
+    @property
+    def num_id(self) -> int:
+        """ID scores collected on this rank."""
+        return sum(t.numel() for t in self._id)
+
+    @property
+    def num_ood(self) -> int:
+        """OOD scores collected on this rank."""
+        return sum(t.numel() for t in self._ood)
+
+    def update(self, scores, is_id) -> None:
+        """Add a batch: `scores` [B] (higher = more ID) and `is_id`, a bool per sample ([B] tensor or
+        array) or one bool for the whole batch."""
+        fn = "OODMetricsAccumulator.update"
+        if isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == 0:
+            return
+        s = _as_scores(scores, "scores", fn)
+        if isinstance(is_id, bool):
+            (self._id if is_id else self._ood).append(s)
+            return
+        m = is_id.detach() if isinstance(is_id, torch.Tensor) else torch.as_tensor(is_id)
+        if m.dtype != torch.bool:
+            raise TypeError(f"{fn}: is_id must be bool (True = in-distribution), got {m.dtype}")
+        if m.shape != s.shape:
+            raise ValueError(f"{fn}: is_id has shape {tuple(m.shape)} but scores {tuple(s.shape)}")
+        m = m.to(s.device)
+        self._id.append(s[m])
+        self._ood.append(s[~m])
+
+    def _collect(self, parts, name):
+        if not parts:
+            local = torch.zeros(0, dtype=torch.float64)
+        else:
+            dtype = parts[0].dtype
+            for p in parts[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+            local = torch.cat([p.to(parts[0].device, dtype) for p in parts])
+        dist = _dist_world()
+        if self.distributed and dist is None:
+            raise RuntimeError("OODMetricsAccumulator: distributed=True but no process group of more than one "
+                               "process is initialised")
+        if dist is not None and self.distributed is not False:
+            local = _gather_1d(local, dist).to(local.device)
+        if local.numel() == 0:
+            raise ValueError(f"OODMetricsAccumulator.compute: no {name} scores were given")
+        return local
+
+    def compute(self) -> OODMetrics:
+        """The metrics of everything collected (all ranks when distributed), as :func:`ood_metrics`."""
+        a = self._collect(self._id, "ID")
+        b = self._collect(self._ood, "OOD")
+        return ood_metrics(a, b.to(a.device), tpr=self.tpr, positive=self.positive, fpr_rule=self.fpr_rule,
+                           aupr=self.aupr)
+
+
+# ------------------------------------------------------------------------------ open-set classification
+def _correct_mask(id_correct, n: int, fn: str, device) -> torch.Tensor:
+    c = id_correct.detach() if isinstance(id_correct, torch.Tensor) else torch.as_tensor(id_correct)
+    if c.dtype != torch.bool:
+        raise TypeError(f"{fn}: id_correct must be bool (predicted class == label), got {c.dtype}")
+    if c.shape != (n,):
+        raise ValueError(f"{fn}: id_correct has shape {tuple(c.shape)} but there are {n} ID scores")
+    return c.to(device)
+
+
+def oscr(id_scores, ood_scores, id_correct) -> float:
+    """Open-Set Classification Rate (Dhamija, Günther & Boult, NeurIPS 2018), as OpenOOD reports it:
+    the area under the curve of CCR against FPR over every threshold t, with
+
+        CCR(t) = #{ID samples classified correctly with score >= t} / #ID,
+        FPR(t) = #{OOD samples with score >= t} / #OOD.
+
+    Exact (one point per distinct score, ties as straight segments): it equals AUROC(correctly
+    classified ID scores, OOD scores) * (#correct / #ID). id_correct: bool [N_id] (pred == label).
+    """
+    a, b = _prepare(id_scores, ood_scores, "oscr")
+    c = _correct_mask(id_correct, a.numel(), "oscr", a.device)
+    k = int(c.sum())
+    if k == 0:
+        return 0.0
+    curve = _Curve(a[c], b)
+    return float(_auroc(curve.tp, curve.fp, curve.P, curve.N)) * k / a.numel()
+
+
+def ccr_at_fpr(id_scores, ood_scores, id_correct, fpr: Union[float, Sequence[float]] = (0.1, 0.01, 0.001, 0.0001)):
+    """Correct classification rate at a false positive rate, OpenOOD's ``ccr_fpr``: with m =
+    ceil(fpr * #OOD) and t the m-th highest OOD score, the fraction of *all* ID samples that are
+    classified correctly and score strictly above t (so at most m - 1 OOD samples are accepted).
+    Note the denominator: all ID samples, not only the accepted ones (that would be the accuracy
+    among accepted samples). A float for one level, a list for several (default: OpenOOD's 10%,
+    1%, 0.1%, 0.01%). Levels in (0, 1].
+    """
+    fn = "ccr_at_fpr"
+    a, b = _prepare(id_scores, ood_scores, fn)
+    c = _correct_mask(id_correct, a.numel(), fn, a.device)
+    levels = torch.as_tensor(fpr, dtype=torch.float64).reshape(-1).tolist()
+    if not levels or not all(0 < v <= 1 for v in levels):
+        raise ValueError(f"{fn}: FPR levels must lie in (0, 1], got {levels}")
+    ood_desc = torch.sort(b, descending=True).values
+    correct = torch.sort(a[c]).values  # ascending: count above t with one searchsorted
+    out = []
+    for level in levels:
+        m = math.ceil(level * b.numel())
+        t = ood_desc[m - 1]
+        above = correct.numel() - int(torch.searchsorted(correct, t.reshape(1), right=True))
+        out.append(above / a.numel())
+    return out[0] if isinstance(fpr, (int, float)) else out
+
+
+__all__ += ["OODMetricsAccumulator", "oscr", "ccr_at_fpr"]
