@@ -51,3 +51,24 @@ def test_sklearn_roc_auc_for_reference(benchmark, device):
         return skm.roc_auc_score(y, s)
 
     benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulator_in_batches(benchmark, device):
+    """OODMetricsAccumulator fed in 1,000 batches, then compute(): same numbers as ood_metrics."""
+    ids, oods = scores(device, "tied")
+    s = torch.cat([ids, oods])
+    is_id = torch.arange(2 * N, device=device) < N
+    perm = torch.randperm(2 * N, generator=torch.Generator().manual_seed(1)).to(device)
+    s, is_id = s[perm], is_id[perm]
+    batches = list(zip(s.chunk(1000), is_id.chunk(1000)))
+    benchmark.group = f"metrics {2 * N} {device}"
+
+    def run():
+        acc = M.OODMetricsAccumulator()
+        for b, m in batches:
+            acc.update(b, m)
+        return acc.compute()
+
+    m = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0)
+    assert m == M.ood_metrics(ids, oods)

@@ -108,3 +108,29 @@ def test_knn_against_one_matrix_product(device):
           f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})")
     if not QUICK:
         assert ratio < 3.0
+
+
+# ------------------------------------------------------------------------------ shaping wrappers (issue 15)
+WRAPPER_SPECS = ["react-energy", "ash-energy:variant=p", "ash-energy:variant=b", "ash-energy", "scale-energy",
+                 "dice-energy", "react-mos", "ash-mos", "scale-mos", "dice-mos"]
+
+
+@pytest.fixture(scope="module")
+def grouped_head(cache):
+    gen = torch.Generator().manual_seed(1)
+    return S.LinearHead(torch.randn(cache["groups"].num_logits, D, generator=gen) * 0.02,
+                        torch.zeros(cache["groups"].num_logits))
+
+
+@pytest.mark.parametrize("spec", WRAPPER_SPECS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_shaping_wrappers(benchmark, cache, grouped_head, spec, device):
+    """Shape the fp16 features, apply the head (the grouped one under MOS), score: fit on the same rows."""
+    head = grouped_head if spec.split(":")[0].endswith("-mos") else cache["head"]
+    s = S.build_scorer(spec, groups=cache["groups"], head=head)
+    data = {"features": cache["features"], "head": head}
+    S.fit_all({spec: s}, data, device=device)
+    benchmark.group = f"shaping {N} rows {device}"
+    out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=1 if QUICK else 2,
+                             warmup_rounds=0 if QUICK else 1)
+    assert out.shape == (N,) and torch.isfinite(out).all()
