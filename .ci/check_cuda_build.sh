@@ -62,6 +62,9 @@ ops = ["group_softmax", "group_softmax_backward", "group_softmax_score",
        "group_cross_entropy_backward"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mosx::{o}", "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"
-print(f"check_cuda_build: OK: {where} loads, CUDA kernels registered for all {len(ops)} ops "
-      f"(GPU present: {torch.cuda.is_available()})")
+path = torch.ops.mosx._cuda_kernels()
+want = "chunked" if os.environ.get("MOSX_CUDA_KERNELS") == "chunked" else "fast"
+assert path == want, f"torch.ops.mosx._cuda_kernels() is {path!r}, expected {want!r}"
+print(f"check_cuda_build: OK: {where} loads, CUDA kernels registered for all {len(ops)} ops, "
+      f"kernel path {path!r} (GPU present: {torch.cuda.is_available()})")
 EOF

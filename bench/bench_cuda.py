@@ -13,11 +13,22 @@ small per-group tensors) / median time. Copy bandwidth = (read + write bytes) / 
 device-to-device copy. pytest-benchmark's own table times the fused call plus a synchronize.
 
 Env: MOSX_BENCH_QUICK=1 (batch 1 and 4096, ImageNet layout only), MOSX_BENCH_COMPILE=0 (skip
-torch.compile, which spends ~10-30 s compiling per shape), MOSX_BENCH_BATCHES=1,256 (override).
+torch.compile, which spends ~10-30 s compiling per shape), MOSX_BENCH_BATCHES=1,256 (override),
+MOSX_BENCH_SAMPLES=7 (timed calls per case), MOSX_BENCH_COMPILE_BATCHES=65536 and
+MOSX_BENCH_COMPILE_LAYOUTS=imagenet_1008 (time torch.compile of the reference only there: each
+(op, layout, dtype) compiles once or twice), MOSX_BENCH_JSONL=path (append every result as one JSON
+line as soon as it is measured, so a run cut short by a time limit keeps what it measured),
+MOSX_BENCH_COMPILE_WARMUP_ONLY=1 (with -k compiled: compile and run each compiled case once,
+untimed, so that a later run finds Inductor's on-disk caches warm).
+
+torch.compile: Dynamo's recompile limit is raised (and, where torch has the switch, hitting it is
+an error), so the compiled reference never silently falls back to eager after many shapes. The
+compiled cases run after every fused / reference case (test_cuda_compiled below).
 """
 
 import datetime
 import functools
+import json
 import os
 import platform
 import statistics
@@ -45,7 +56,13 @@ if os.environ.get("MOSX_BENCH_BATCHES"):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPS = ["score", "predict", "ce_fwd_bwd", "softmax"]
 COMPILE = os.environ.get("MOSX_BENCH_COMPILE", "1") == "1"
-SAMPLES = 5 if QUICK else 15
+SAMPLES = int(os.environ.get("MOSX_BENCH_SAMPLES", "5" if QUICK else "15"))
+COMPILE_BATCHES = ([int(b) for b in os.environ["MOSX_BENCH_COMPILE_BATCHES"].split(",")]
+                   if os.environ.get("MOSX_BENCH_COMPILE_BATCHES") else None)  # None: every batch
+COMPILE_LAYOUTS = (os.environ["MOSX_BENCH_COMPILE_LAYOUTS"].split(",")
+                   if os.environ.get("MOSX_BENCH_COMPILE_LAYOUTS") else None)
+JSONL = os.environ.get("MOSX_BENCH_JSONL")
+WARMUP_ONLY = os.environ.get("MOSX_BENCH_COMPILE_WARMUP_ONLY") == "1"
 
 RESULTS = []  # one dict per (op, layout, dtype, batch), written out at the end of the module
 
@@ -116,11 +133,35 @@ def op_functions(op, x, groups, targets):
     return fwd_bwd(mosx.group_cross_entropy), fwd_bwd(reference.group_cross_entropy)
 
 
+def _raise_recompile_limits():
+    """Every (op, layout, dtype, batch) is a new graph for Dynamo; past its recompile limit (8 by
+    default) it would run the reference eagerly and the "compiled" time would be the eager one."""
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 1024)
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = 1 << 16
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = 1 << 16
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_reference(op):
+    _raise_recompile_limits()
     fn = {"score": reference.group_softmax_score, "predict": reference.group_predict,
           "softmax": reference.group_softmax, "ce_fwd_bwd": reference.group_cross_entropy}[op]
     return torch.compile(fn)
+
+
+def record(row):
+    """Append one result to MOSX_BENCH_JSONL (if set) right away."""
+    if JSONL:
+        with open(JSONL, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 def compiled_function(op, x, groups, targets):
@@ -185,17 +226,13 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
     row["fused_ms"] = cuda_median_ms(fused)
     row["bandwidth"] = row["bytes"] / (row["fused_ms"] * 1e-3)
     row["fraction_of_copy"] = row["bandwidth"] / copy_bandwidth
-    for impl, make in (("reference", lambda: ref),
-                       ("compiled", lambda: compiled_function(op, x, groups, targets))):
-        if impl == "compiled" and not COMPILE:
-            continue
-        if memory_needed(op, batch, groups, dt, impl) > free_memory():
-            row[f"{impl}_ms"] = None  # not enough memory for the reference's intermediates
-            continue
+    if memory_needed(op, batch, groups, dt, "reference") > free_memory():
+        row["reference_ms"] = None  # not enough memory for the reference's intermediates
+    else:
         try:
-            row[f"{impl}_ms"] = cuda_median_ms(make())
+            row["reference_ms"] = cuda_median_ms(ref)
         except torch.OutOfMemoryError:
-            row[f"{impl}_ms"] = None
+            row["reference_ms"] = None
         torch.cuda.empty_cache()
 
     # pytest-benchmark's record: one fused call plus a synchronize, wall clock.
@@ -208,6 +245,42 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
     benchmark.pedantic(fused_sync, rounds=SAMPLES, warmup_rounds=1)
     row["copy_bandwidth"] = copy_bandwidth
     RESULTS.append(row)
+    record(row)
+
+
+def _compile_wanted(batch, layout):
+    return (COMPILE and (COMPILE_BATCHES is None or batch in COMPILE_BATCHES)
+            and (COMPILE_LAYOUTS is None or layout in COMPILE_LAYOUTS))
+
+
+# After every fused / reference case: compiling is what takes the time.
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_compiled(op, batch, dtype, layout):
+    if not _compile_wanted(batch, layout):
+        pytest.skip("torch.compile not timed for this case (MOSX_BENCH_COMPILE*)")
+    groups, dt = LAYOUTS[layout], DTYPES[dtype]
+    if memory_needed(op, batch, groups, dt, "compiled") > free_memory():
+        pytest.skip(f"not enough GPU memory for the compiled reference at batch {batch}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.empty(batch, groups.num_logits, dtype=dt, device="cuda")
+    x.normal_(0.0, 4.0, generator=gen)
+    targets = torch.randint(0, groups.num_classes, (batch,), generator=gen, device="cuda")
+    if WARMUP_ONLY:  # fill Inductor's on-disk caches for a later timed run (tools/gpu_check.sh)
+        compiled_function(op, x, groups, targets)()
+        torch.cuda.synchronize()
+        return
+    try:
+        ms = cuda_median_ms(compiled_function(op, x, groups, targets))
+    except torch.OutOfMemoryError:
+        ms = None
+    torch.cuda.empty_cache()
+    for r in RESULTS:
+        if (r["op"], r["layout"], r["dtype"], r["batch"]) == (op, layout, dtype, batch):
+            r["compiled_ms"] = ms
+    record({"op": op, "layout": layout, "dtype": dtype, "batch": batch, "compiled_ms": ms})
 
 
 # ------------------------------------------------------------------------------ report

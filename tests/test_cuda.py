@@ -1,19 +1,48 @@
 """CUDA-only checks of the mosx kernels: agreement with the CPU kernels (same semantics, including
 NaN/inf and tie rules), bitwise determinism, int64 indexing, CuPy zero-copy, robustness against
-bad offsets / labels, and the current stream. Everything skips cleanly without a GPU.
+bad offsets / labels, and the current stream. Everything skips cleanly without a GPU, except
+test_gpu_visible_means_cuda_built, which fails when a GPU is visible but the build has no CUDA
+kernels (a silently CPU-only build must never pass this suite by skipping it).
 
 The generic op-vs-reference tests in test_ops.py also run on CUDA (parametrised device); these
-add the shapes the kernels are tuned for and the CUDA-specific properties.
+add the shapes the kernels are tuned for and the CUDA-specific properties. The CUDA kernels have
+two paths (register rows where they apply, and the chunked fallback); MOSX_CUDA_KERNELS=chunked
+forces the fallback, and test_chunked_kernels_pass_the_same_tests reruns this file on it (unless
+MOSX_CUDA_PATHS_SEPARATE=1 says the caller runs both paths itself, as tools/gpu_check.sh does).
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mosx
-from mosx import Groups
+from mosx import Groups, reference
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and mosx.cuda_built()), reason="needs a GPU and a CUDA build of mosx")
+HAVE_CUDA = torch.cuda.is_available() and mosx.cuda_built()
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda(request):
+    if request.node.originalname == "test_gpu_visible_means_cuda_built":
+        return
+    if DEV != "cuda":  # rehearsal of the test code on the CPU (see DEV below)
+        if not getattr(request.function, "_rehearsable", False):
+            pytest.skip("not rehearsable on the CPU (hard-codes the cuda device)")
+        return
+    if not HAVE_CUDA:
+        pytest.skip("needs a GPU and a CUDA build of mosx")
+
+
+def test_gpu_visible_means_cuda_built():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible")
+    assert mosx.cuda_built(), (
+        "a GPU is visible but this build of mosx has no CUDA kernels (built with MOSX_CUDA=0, or "
+        "without nvcc / with a CPU-only torch): rebuild with MOSX_CUDA=1")
+
 
 ops = torch.ops.mosx
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -190,8 +219,8 @@ def test_nan_inf_and_ties_match_cpu_exactly():
             r[int(k[1:])] = v
         rows.append(r)
     row()                                   # all equal: first group / first class wins
-    row(p1=float("nan"))                    # NaN in the first class slot sticks
-    row(p2=float("nan"))                    # NaN later: the slice is NaN, arg-max skips it
+    row(p1=float("nan"))                    # NaN in the first class slot: group 0 is NaN, class 0
+    row(p2=float("nan"))                    # NaN later: the same (first class of the NaN group)
     row(p5=float("inf"))                    # +inf: that group is NaN
     row(p0=float("-inf"), p1=float("-inf"), p2=float("-inf"), p3=float("-inf"))  # only -inf: NaN
     row(p0=float("-inf"))                   # one -inf: others prob exactly 0
@@ -343,3 +372,309 @@ def test_cupy_in_cupy_out_without_copies(gen):
     assert isinstance(probs, cp.ndarray) and probs.shape == (16, g.num_logits)
     pred, conf = mosx.group_predict(x, g)
     assert isinstance(pred, cp.ndarray) and isinstance(conf, cp.ndarray)
+
+
+# ======================================================================== v2: paths, tiers, edges
+# The tests below take their device from DEV, so that the test code itself can be rehearsed on a
+# machine without a GPU (MOSX_TEST_CUDA_DEVICE=cpu, see tools/gpu_check.sh --rehearse): there they
+# compare the CPU kernels with themselves, which checks shapes, helpers and assertions, not CUDA.
+DEV = os.environ.get("MOSX_TEST_CUDA_DEVICE", "cuda")
+CUDA_PATH = "chunked" if os.environ.get("MOSX_CUDA_KERNELS") == "chunked" else "fast"
+# Row widths (L + alignment shift) at every tier boundary of the register path (256, 1024 and 2048
+# positions) and at the chunked path's 1024-element chunk (float32 / 16-bit; float64 chunks hold
+# 512), one below, at and one above.
+TIER_WIDTHS = sorted({w + d for w in (256, 512, 1024, 2048) for d in (-1, 0, 1)})
+SHIFTS = [0, 1, 3]
+ROWS_PER_WARP_LAYOUTS = {"L168": [20] * 8, "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES), "L1200": [99] * 12,
+                         "10k": [100] * 100}
+# MOSX_TEST_SUBSET=sanitize: a smaller draw of the same tests that still runs every kernel and tier
+# (tools/gpu_check.sh runs compute-sanitizer over it).
+if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":
+    TIER_WIDTHS = [257, 1025, 2049]
+    SHIFTS = [1]
+    ROWS_PER_WARP_LAYOUTS = {k: ROWS_PER_WARP_LAYOUTS[k] for k in ("L168", "imagenet")}
+
+
+def sizes_for(num_logits, k):
+    """Group sizes (classes per group) of k groups covering num_logits logits, uneven."""
+    per = (num_logits - k) // k
+    sizes = [per] * k
+    sizes[0] += (num_logits - k) - per * k
+    assert min(sizes) >= 1 and sum(sizes) + k == num_logits
+    return sizes
+
+
+def edge_logits(gen, n, num_logits, dtype, shift=0, stride=None, scale=4.0):
+    """[n, L] logits on DEV in an allocation that ends exactly at the last logit (so memcheck
+    sees any read past it): rows `stride` apart (default L, packed), the first one starting
+    `shift` elements into the allocation. Returns (device view, the same values on the CPU)."""
+    stride = num_logits if stride is None else stride
+    vals = (torch.randn(n, num_logits, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    size = (n - 1) * stride + shift + num_logits if n else shift
+    flat = torch.zeros(size, dtype=dtype, device=DEV)
+    x = flat.as_strided((n, num_logits), (stride, 1), shift)
+    x.copy_(vals.to(DEV))
+    return x, vals
+
+
+def edge_copy(t, shift):
+    """A contiguous copy of t on DEV at a storage offset of `shift` elements, in an allocation of
+    exactly numel + shift elements."""
+    flat = torch.zeros(t.numel() + shift, dtype=t.dtype, device=DEV)
+    out = flat[shift:].view(t.shape)
+    out.copy_(t.to(DEV))
+    return out
+
+
+def check_every_op(x, xc, g, dtype, gen, what=""):
+    """Every op on x (DEV) against the CPU kernels on xc (the same values)."""
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    n, L = xc.shape
+    acc_tol, out_tol = ACC_TOL[dtype], OUT_TOL[dtype]
+    x64 = xc.double()
+    s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+    rs, rmg, rml = ops.group_softmax_score(xc, tc["offsets"])
+    close(s, rs, acc_tol, msg=lambda m: f"{what} score: {m}")
+    clear = clear_winner(per_group_others_prob(x64, g), largest=False)
+    assert torch.equal(mg.cpu()[clear], rmg[clear]), what
+    c, p, grp = ops.group_predict(x, td["offsets"], td["logit_class"])
+    rc, rp, rg = ops.group_predict(xc, tc["offsets"], tc["logit_class"])
+    close(p, rp, acc_tol, msg=lambda m: f"{what} predict: {m}")
+    clear = clear_winner(per_group_best_prob(x64, g), largest=True)
+    assert torch.equal(c.cpu()[clear], rc[clear]) and torch.equal(grp.cpu()[clear], rg[clear]), what
+    gs = torch.randn(n, generator=gen, dtype=torch.float64).to(rs.dtype)
+    close(ops.group_softmax_score_backward(gs.to(DEV), x, td["offsets"], rmg.to(DEV), rml.to(DEV)),
+          ops.group_softmax_score_backward(gs, xc, tc["offsets"], rmg, rml), out_tol)
+    for log in (False, True):
+        y = ops.group_softmax(x, td["offsets"], log)
+        ry = ops.group_softmax(xc, tc["offsets"], log)
+        close(y, ry, out_tol, msg=lambda m: f"{what} softmax log={log}: {m}")
+        go = (torch.randn(n, L, generator=gen, dtype=torch.float64)).to(dtype)
+        close(ops.group_softmax_backward(go.to(DEV), ry.to(DEV), td["offsets"], log),
+              ops.group_softmax_backward(go, ry, tc["offsets"], log), out_tol)
+    cls = torch.randint(0, g.num_classes, (2, n), generator=gen)
+    cls[:, ::5] = -100
+    losses, lse = ops.group_cross_entropy(x, td["offsets"], cls.to(DEV), td["class_logit"], -100)
+    rl, rlse = ops.group_cross_entropy(xc, tc["offsets"], cls, tc["class_logit"], -100)
+    close(losses, rl, acc_tol * 5, msg=lambda m: f"{what} cross-entropy: {m}")
+    close(lse, rlse, acc_tol * 5)
+    gl = torch.rand(2, n, g.num_groups, generator=gen, dtype=torch.float64).to(rl.dtype)
+    close(ops.group_cross_entropy_backward(gl.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"],
+                                           rlse.to(DEV), -100),
+          ops.group_cross_entropy_backward(gl, xc, tc["offsets"], cls, tc["class_logit"], rlse, -100), out_tol)
+
+
+def rehearsable(fn):
+    """Marks a test whose code can be rehearsed on the CPU (MOSX_TEST_CUDA_DEVICE=cpu)."""
+    fn._rehearsable = True
+    return fn
+
+
+def test_cuda_kernel_path_follows_environment():
+    assert torch.ops.mosx._cuda_kernels() == CUDA_PATH
+
+
+def test_chunked_kernels_pass_the_same_tests():
+    # The chunked kernels are the fallback of the register-row path; this reruns the CUDA tests in
+    # a fresh process forced onto them (the variable is read once per process).
+    if CUDA_PATH == "chunked":
+        pytest.skip("already running the chunked kernels")
+    if os.environ.get("MOSX_CUDA_PATHS_SEPARATE") == "1":
+        pytest.skip("the caller runs both kernel paths itself")
+    env = {**os.environ, "MOSX_CUDA_KERNELS": "chunked"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    for target, k in ((__file__, "not more_than_2_31 and not chunked_kernels_pass"),
+                      (os.path.join(here, "test_ops.py"), "cuda")):
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "-k", k],
+                           env=env, capture_output=True, text=True, timeout=1500)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert " passed" in r.stdout
+
+
+@rehearsable
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("width", TIER_WIDTHS)
+def test_tier_and_chunk_boundaries(width, shift, dtype, gen):
+    # Rows share one alignment shift (stride a multiple of 8 elements), so the register path runs
+    # where the width allows; the allocation ends at the last logit.
+    L = width - shift
+    stride = (width + 7) // 8 * 8
+    for k in (2, 8):
+        g = Groups.from_sizes(sizes_for(L, k))
+        x, xc = edge_logits(gen, 37, L, dtype, shift, stride)
+        check_every_op(x, xc, g, dtype, gen, what=f"L={L} shift={shift} K={k}")
+
+
+@rehearsable
+@pytest.mark.parametrize("shift", [0, 1])
+def test_packed_rows_with_varying_shifts_and_exact_allocation(shift, gen):
+    # Packed rows of an odd width: every row has another alignment shift (the chunked path),
+    # in an allocation of exactly n * L (+ shift) elements.
+    for sizes in (list(mosx.IMAGENET_TAXONOMY_SIZES)[:-1], [6, 1, 2], [1200]):
+        g = Groups.from_sizes(sizes)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, xc = edge_logits(gen, 19, g.num_logits, dtype, shift)
+            check_every_op(x, xc, g, dtype, gen, what=f"sizes={sizes[:3]} shift={shift}")
+
+
+def resident_warps():
+    if DEV != "cuda":
+        return 64
+    return torch.cuda.get_device_properties(0).multi_processor_count * 64  # 2048 threads per SM
+
+
+@rehearsable
+@pytest.mark.parametrize("name", list(ROWS_PER_WARP_LAYOUTS))
+def test_several_rows_per_warp(name, gen):
+    # Three times as many rows as a full wave of warps can hold: every warp runs the grid-stride
+    # loop (and the register path's next-row prefetch) several times.
+    g = Groups.from_sizes(ROWS_PER_WARP_LAYOUTS[name])
+    n = min(3 * resident_warps(), 30000)
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        xc = (torch.randn(n, g.num_logits, generator=gen) * 4).to(dtype)
+        x = xc.to(DEV)
+        s, mg, _ = ops.group_softmax_score(x, td["offsets"])
+        rs, rmg, _ = ops.group_softmax_score(xc, tc["offsets"])
+        close(s, rs, ACC_TOL[dtype])
+        agree = (mg.cpu() == rmg).float().mean().item()
+        assert agree > 0.999, agree  # near-ties may go either way; the last row must be there too
+        c, p, _ = ops.group_predict(x, td["offsets"], td["logit_class"])
+        rc, rp, _ = ops.group_predict(xc, tc["offsets"], tc["logit_class"])
+        close(p, rp, ACC_TOL[dtype])
+        assert (c.cpu() == rc).float().mean().item() > 0.999
+        cls = torch.randint(0, g.num_classes, (1, n), generator=gen)
+        losses, lse = ops.group_cross_entropy(x, td["offsets"], cls.to(DEV), td["class_logit"], -100)
+        rl, rlse = ops.group_cross_entropy(xc, tc["offsets"], cls, tc["class_logit"], -100)
+        close(losses, rl, ACC_TOL[dtype] * 5)
+        y = ops.group_softmax(x, td["offsets"], False)
+        close(y[-3:], ops.group_softmax(xc[-3:], tc["offsets"], False), OUT_TOL[dtype])
+        close(y[:3], ops.group_softmax(xc[:3], tc["offsets"], False), OUT_TOL[dtype])
+
+
+@rehearsable
+@pytest.mark.parametrize("gshift,oshift", [(0, 1), (1, 0), (3, 2), (2, 2), (0, 0)])
+def test_softmax_backward_grad_and_out_at_different_alignments(gshift, oshift, gen):
+    g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    n = 29
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xc = (torch.randn(n, g.num_logits, generator=gen) * 3).to(dtype)
+        for log in (False, True):
+            ry = ops.group_softmax(xc, tc["offsets"], log)
+            go = torch.randn(n, g.num_logits, generator=gen).to(dtype)
+            out, grad = edge_copy(ry, oshift), edge_copy(go, gshift)
+            close(ops.group_softmax_backward(grad, out, td["offsets"], log),
+                  ops.group_softmax_backward(go, ry, tc["offsets"], log), OUT_TOL[dtype])
+
+
+@rehearsable
+def test_cross_entropy_empty_batch_and_its_backward():
+    g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    td = g.tensors(DEV)
+    K, L = g.num_groups, g.num_logits
+    x = torch.empty(0, L, device=DEV)
+    for targets in (torch.empty(1, 0, dtype=torch.long, device=DEV), torch.empty(2, 0, K, dtype=torch.long, device=DEV)):
+        losses, lse = ops.group_cross_entropy(x, td["offsets"], targets, td["class_logit"], -100)
+        assert losses.shape == (targets.shape[0], 0, K) and lse.shape == (0, K)
+        gx = ops.group_cross_entropy_backward(torch.ones_like(losses), x, td["offsets"], targets,
+                                              td["class_logit"], lse, -100)
+        assert gx.shape == (0, L)
+    xg = torch.empty(0, L, device=DEV, requires_grad=True)
+    loss = mosx.group_cross_entropy(xg, torch.empty(0, dtype=torch.long, device=DEV), g, reduction="sum")
+    loss.backward()
+    assert xg.grad.shape == (0, L)
+    assert ops.group_softmax_backward(x, x, td["offsets"], True).shape == (0, L)
+    assert ops.group_softmax_score_backward(torch.empty(0, device=DEV), x, td["offsets"],
+                                            torch.empty(0, dtype=torch.long, device=DEV),
+                                            torch.empty(0, device=DEV)).shape == (0, L)
+
+
+@rehearsable
+@pytest.mark.parametrize("ignore_index", [5, -1, 1000])
+def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
+    g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    n = 41
+    xc = torch.randn(n, g.num_logits, generator=gen) * 3
+    x = xc.to(DEV)
+    cls = torch.randint(0, g.num_classes, (2, n), generator=gen)
+    cls[:, ::3] = ignore_index
+    losses, lse = ops.group_cross_entropy(x, td["offsets"], cls.to(DEV), td["class_logit"], ignore_index)
+    rl, rlse = ops.group_cross_entropy(xc, tc["offsets"], cls, tc["class_logit"], ignore_index)
+    close(losses, rl, 1e-4)
+    assert (losses[:, ::3] == 0).all() and (losses[:, 1::3] != 0).any()
+    grad = torch.rand(2, n, g.num_groups, generator=gen)
+    close(ops.group_cross_entropy_backward(grad.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], lse,
+                                           ignore_index),
+          ops.group_cross_entropy_backward(grad, xc, tc["offsets"], cls, tc["class_logit"], rlse, ignore_index), 2e-5)
+    # and the Python API against the reference loop (float64 on the CPU)
+    got = mosx.group_cross_entropy(x, cls[0].to(DEV), g, reduction="none", ignore_index=ignore_index)
+    want = reference.group_cross_entropy(xc.double(), cls[0], g, reduction="none", ignore_index=ignore_index)
+    close(got.double(), want, 1e-4)
+
+
+@rehearsable
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("size,k", [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3)],
+                         ids=["fast_L1200", "fast_small_groups", "fast_L800", "lane_serial", "medium", "wide"])
+def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
+    # Bit-identical groups placed so that the fast reductions sum them in different orders: in
+    # different lanes of the register tiles, lane-serially or by the whole warp, inside one chunk
+    # or across a chunk boundary (1200 logits and more cross the 1024-element chunk). The canonical
+    # recheck must make them tie exactly, and the tie goes to the first group. The first three
+    # layouts take the register path (at most 32 groups, at most 2048 logits), the others the
+    # chunked one (as does everything under MOSX_CUDA_KERNELS=chunked).
+    g = Groups.from_sizes([size - 1] * k)
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    n = 24
+    L = g.num_logits
+    stride = (L + shift + 7) // 8 * 8
+    for dtype in (torch.float32, torch.bfloat16):
+        block = (torch.randn(n, size, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        vals = block.repeat(1, k)
+        flat = torch.zeros((n - 1) * stride + shift + L, dtype=dtype, device=DEV)
+        x = flat.as_strided((n, L), (stride, 1), shift)
+        x.copy_(vals.to(DEV))
+        s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+        assert (mg == 0).all(), (dtype, mg)
+        rs, rmg, rml = ops.group_softmax_score(vals, tc["offsets"])
+        close(s, rs, ACC_TOL[dtype])
+        c, p, grp = ops.group_predict(x, td["offsets"], td["logit_class"])
+        assert (grp == 0).all(), (dtype, grp)
+        ref_cls, ref_prob, ref_group = reference.group_predict(vals.double(), g)
+        assert torch.equal(c.cpu(), ref_cls) and (ref_group == 0).all()
+        close(p.double(), ref_prob, ACC_TOL[dtype])
+
+
+@rehearsable
+def test_nan_and_inf_prediction_follow_the_reference():
+    # The rule on every device: the first group whose softmax is NaN (a NaN or +inf in its slice,
+    # or only -inf) wins, at its first class; its probability is NaN.
+    g = Groups.from_sizes([3, 2, 4])  # logits: [o a b c | o d e | o f g h i]
+    L = g.num_logits
+    rows = []
+    for v in (float("nan"), float("inf")):
+        for j in range(L):  # every slot once, on zero logits (the issue's example: NaN at slot 1)
+            r = torch.zeros(L)
+            r[j] = v
+            rows.append(r)
+    r = torch.zeros(L)
+    r[4:7] = float("-inf")  # group 1 only -inf
+    rows.append(r)
+    r = torch.randn(L)
+    r[7], r[2] = float("nan"), float("inf")  # two NaN groups: the first wins
+    rows.append(r)
+    x = torch.stack(rows)
+    td = g.tensors(DEV)
+    ref_cls, ref_prob, ref_group = reference.group_predict(x.double(), g)
+    ref_score = reference.group_softmax_score(x.double(), g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype).to(DEV)
+        c, p, grp = ops.group_predict(xd, td["offsets"], td["logit_class"])
+        assert torch.equal(c.cpu(), ref_cls), (dtype, c.cpu(), ref_cls)
+        assert torch.equal(grp.cpu(), ref_group), (dtype, grp.cpu(), ref_group)
+        assert torch.equal(p.cpu().isnan(), ref_prob.isnan())
+        s, mg, _ = ops.group_softmax_score(xd, td["offsets"])
+        assert torch.equal(s.cpu().isnan(), ref_score.isnan())

@@ -1,0 +1,262 @@
+// CUDA kernels of the group cross-entropy (class ids or per-group labels, ignore_index, mixup
+// with M = 2 target sets in one pass) and its backward. Semantics: see common.cuh; a loss is
+// (m - x_t) + log(s) from the group's own (m, s); the saved lse is m + log(s).
+// Paths: fast (register rows, fast_rows.cuh) for the forward; chunked (common.cuh) otherwise,
+// for the backward, and with MOSX_CUDA_KERNELS=chunked.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "fast_rows.cuh"
+#include "launch.cuh"
+
+namespace mosx {
+namespace cuda_detail {
+namespace {
+
+// Losses and lse of group g of one row (one lane calls it per group).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void ce_finish(const scalar_t* __restrict__ xr, const CeTargets& T,
+                                          const Offsets& off, int64_t row, int g, int L,
+                                          const int* class_pos, Lse<acc_t> st,
+                                          acc_t* __restrict__ losses, acc_t* __restrict__ lse_out) {
+  const int64_t N = T.N, K = off.K;
+  lse_out[row * K + g] = lse_finalize(st);
+  const int lo = off[g], hi = off[g + 1];
+  for (int m = 0; m < T.M; ++m) {
+    const int slot = ce_slot(T, lo, hi, off.K, m, row, g, class_pos[m], L);
+    losses[(m * N + row) * K + g] = ce_loss(xr, slot, st);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs,
+                         const int64_t* __restrict__ offsets, int K, bool offs_in_smem,
+                         CeTargets T, acc_type_t<scalar_t>* __restrict__ losses,
+                         acc_type_t<scalar_t>* __restrict__ lse_out) {
+  using acc_t = acc_type_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x % 32;
+  acc_t* buf = warp_buffer<acc_t>(smem, 1);
+  const Offsets off = setup_offsets(offsets, K, L, smem_offsets<acc_t>(smem, 1, offs_in_smem));
+  MOSX_ROW_LOOP(N) {
+    const scalar_t* xr = x + row * rs;
+    const int shift = row_shift(xr);
+    int class_pos[2] = {0, 0};
+    for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, row, L);
+    row_group_ms(xr, shift, L, buf, off, lane, [&](int g, Lse<acc_t> st) {
+      ce_finish(xr, T, off, row, g, L, class_pos, st, losses, lse_out);
+    });
+  }
+}
+
+// Cross-entropy backward from the saved per-group lse:
+//   gx = sum_m coef_m * softmax_k(x) - sum_m coef_m * onehot(slot_mk) on every slice k.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_backward_kernel(const acc_type_t<scalar_t>* __restrict__ grad,
+                                  const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs,
+                                  const int64_t* __restrict__ offsets, int K, bool offs_in_smem,
+                                  CeTargets T, const acc_type_t<scalar_t>* __restrict__ lse_in,
+                                  scalar_t* __restrict__ gx) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int CH = chunk_size<acc_t>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x % 32;
+  acc_t* buf = warp_buffer<acc_t>(smem, 1);
+  const Offsets off = setup_offsets(offsets, K, L, smem_offsets<acc_t>(smem, 1, offs_in_smem));
+  MOSX_ROW_LOOP(N) {
+    const scalar_t* xr = x + row * rs;
+    scalar_t* gxr = gx + row * L;
+    const int shift = row_shift(xr), oshift = row_shift(gxr);
+    int class_pos[2] = {0, 0};
+    for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, row, L);
+    // Per-group constants, then the elementwise gradient of [lo, hi) positions of the chunk.
+    auto apply = [&](int g, int first, int end, int step, int p0) {
+      const acc_t lse = lse_in[row * K + g];
+      const int lo = off[g], hi = off[g + 1];
+      acc_t total = 0, coef[2] = {0, 0};
+      int slot[2] = {-1, -1};
+      for (int m = 0; m < T.M; ++m) {
+        const int s = ce_slot(T, lo, hi, K, m, row, g, class_pos[m], L);
+        if (s == -2) {
+          total = nan_of(acc_t(0));
+        } else if (s >= 0) {
+          slot[m] = s;
+          coef[m] = grad[(m * N + row) * K + g];
+          total += coef[m];
+        }
+      }
+      for (int q = first; q < end; q += step) {
+        acc_t v = total * exp_out(buf[q - p0] - lse);
+        if (q == slot[0]) v -= coef[0];
+        if (q == slot[1]) v -= coef[1];
+        buf[q - p0] = v;
+      }
+    };
+    int g = 0;
+    for (int p0 = -shift; p0 < L; p0 += CH) {
+      stage_chunk(buf, xr, shift, shift, p0, L, lane);
+      g = for_each_group(
+          off, g, max(p0, 0), min(p0 + CH, L), lane,
+          [&](int gg, int lo, int hi) { apply(gg, lo, hi, 1, p0); },
+          [&](int gg, int a, int b, bool, bool) { apply(gg, a + lane, b, 32, p0); });
+      store_chunk(gxr, oshift, shift, buf, p0, L, lane);
+    }
+  }
+}
+
+// Fast forward: per group (m, s) from the registers; lane 0 writes the group's losses and lse.
+template <typename scalar_t, int PER>
+__global__ void __launch_bounds__(kThreads)
+    fast_cross_entropy_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs,
+                              int shift, const int64_t* __restrict__ offsets, int K, CeTargets T,
+                              acc_type_t<scalar_t>* __restrict__ losses,
+                              acc_type_t<scalar_t>* __restrict__ lse_out) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Row = FastRow<scalar_t, PER>;
+  extern __shared__ int fast_offsets[];
+  const int lane = threadIdx.x % 32;
+  const Offsets off = setup_offsets(offsets, K, L, fast_offsets);
+  fast_row_loop<scalar_t, PER>(x, N, L, rs, shift, lane, [&](int64_t row, const Row& fr) {
+    const scalar_t* xr = x + row * rs;
+    int class_pos[2] = {0, 0};
+    if (lane == 0)
+      for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, row, L);
+    for (int g = 0; g < K; ++g) {
+      const int lo = off[g], hi = off[g + 1];
+      if (lo >= hi) continue;
+      acc_t x0, av;
+      int ap;
+      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, lane, x0, av, ap);
+      if (lane == 0) ce_finish(xr, T, off, row, g, L, class_pos, st, losses, lse_out);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+CeTargets make_targets(const at::Tensor& t, const at::Tensor& cl, int64_t N,
+                       int64_t ignore_index) {
+  const bool per_group = t.dim() == 3;
+  return CeTargets{t.const_data_ptr<int64_t>(),
+                   per_group ? nullptr : cl.const_data_ptr<int64_t>(),
+                   N,
+                   per_group ? 0 : cl.numel(),
+                   ignore_index,
+                   static_cast<int>(t.size(0)),
+                   per_group};
+}
+
+std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& logits_in,
+                                                            const at::Tensor& offsets_in,
+                                                            const at::Tensor& targets_in,
+                                                            const at::Tensor& class_logit_in,
+                                                            int64_t ignore_index) {
+  const char* op = "mosx.group_cross_entropy";
+  const auto [L, K] = check_common(logits_in, offsets_in, op);
+  check_targets(logits_in, offsets_in, targets_in, class_logit_in, op);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor x = unit_inner_stride(logits_in);
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
+  const at::Tensor t = targets_in.contiguous();
+  const at::Tensor cl = targets_in.dim() == 3 ? class_logit_in : class_logit_in.contiguous();
+  const int64_t N = x.size(0), M = t.size(0);
+  const auto acc = x.options().dtype(acc_dtype(x));
+  at::Tensor losses = at::empty({M, N, K}, acc);
+  at::Tensor lse = at::empty({N, K}, acc);
+  if (N == 0) return {losses, lse};
+  check_aligned(x, "logits", op);
+  const CeTargets T = make_targets(t, cl, N, ignore_index);
+  const int shift = uniform_shift(x);
+  const int per = fast_kernels_enabled() ? fast_tier(L, K, shift, x.element_size()) : 0;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_cross_entropy", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    if (per > 0) {
+      with_fast_tier(per, [&](auto tier) {
+        constexpr int PER = decltype(tier)::value;
+        if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
+          TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
+        } else {
+          auto* k = &fast_cross_entropy_kernel<scalar_t, PER>;
+          const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
+          const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
+          k<<<blocks, kThreads, smem, stream>>>(
+              x.const_data_ptr<scalar_t>(), N, L, x.stride(0), shift,
+              offsets.const_data_ptr<int64_t>(), K, T, losses.mutable_data_ptr<acc_t>(),
+              lse.mutable_data_ptr<acc_t>());
+        }
+      });
+    } else {
+      const LaunchPlan p = plan_chunked(K, 1);
+      auto* k = &cross_entropy_kernel<scalar_t>;
+      const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, p.smem, N, kWarps);
+      k<<<blocks, kThreads, p.smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), N, L, x.stride(0), offsets.const_data_ptr<int64_t>(), K,
+          p.offs_in_smem, T, losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {losses, lse};
+}
+
+at::Tensor group_cross_entropy_backward_cuda(const at::Tensor& grad_losses_in,
+                                             const at::Tensor& logits_in,
+                                             const at::Tensor& offsets_in,
+                                             const at::Tensor& targets_in,
+                                             const at::Tensor& class_logit_in,
+                                             const at::Tensor& lse_in, int64_t ignore_index) {
+  const char* op = "mosx.group_cross_entropy_backward";
+  const auto [L, K] = check_common(logits_in, offsets_in, op);
+  check_targets(logits_in, offsets_in, targets_in, class_logit_in, op);
+  const at::Tensor x = unit_inner_stride(logits_in);
+  const int64_t N = x.size(0), M = targets_in.size(0);
+  TORCH_CHECK(grad_losses_in.dim() == 3 && grad_losses_in.size(0) == M &&
+                  grad_losses_in.size(1) == N && grad_losses_in.size(2) == K,
+              op, ": grad_losses must be [M, N, K] = [", M, ", ", N, ", ", K, "], got ",
+              grad_losses_in.sizes());
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == N && lse_in.size(1) == K, op,
+              ": lse must be [N, K] = [", N, ", ", K, "], got ", lse_in.sizes());
+  check_same_device(grad_losses_in, "grad_losses", x, op);
+  check_same_device(lse_in, "lse", x, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor offsets = kernel_offsets(offsets_in, L);
+  const at::Tensor t = targets_in.contiguous();
+  const at::Tensor cl = targets_in.dim() == 3 ? class_logit_in : class_logit_in.contiguous();
+  const at::Tensor g = grad_losses_in.to(acc_dtype(x)).contiguous();
+  const at::Tensor lse = lse_in.to(acc_dtype(x)).contiguous();
+  at::Tensor gx = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return gx;
+  check_aligned(x, "logits", op);
+  const CeTargets T = make_targets(t, cl, N, ignore_index);
+  const LaunchPlan p = plan_chunked(K, 1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_cross_entropy_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    auto* k = &cross_entropy_backward_kernel<scalar_t>;
+    const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, p.smem, N, kWarps);
+    k<<<blocks, kThreads, p.smem, stream>>>(
+        g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), N, L, x.stride(0),
+        offsets.const_data_ptr<int64_t>(), K, p.offs_in_smem, T, lse.const_data_ptr<acc_t>(),
+        gx.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+TORCH_LIBRARY_IMPL(mosx, CUDA, m) {
+  m.impl("group_cross_entropy", &cuda_detail::group_cross_entropy_cuda);
+  m.impl("group_cross_entropy_backward", &cuda_detail::group_cross_entropy_backward_cuda);
+}
+
+}  // namespace mosx
