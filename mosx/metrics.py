@@ -567,7 +567,7 @@ def oscr(id_scores, ood_scores, id_correct) -> float:
     return float(_auroc(curve.tp, curve.fp, curve.P, curve.N)) * k / a.numel()
 
 
-def ccr_at_fpr(id_scores, ood_scores, id_correct, fpr: Union[float, Sequence[float]] = (0.1, 0.01, 0.001, 0.0001)):
+def ccr_at_fpr(id_scores, ood_scores, id_correct, fpr: float | Sequence[float] = (0.1, 0.01, 0.001, 0.0001)):
     """Correct classification rate at a false positive rate, OpenOOD's ``ccr_fpr``: with m =
     ceil(fpr * #OOD) and t the m-th highest OOD score, the fraction of *all* ID samples that are
     classified correctly and score strictly above t (so at most m - 1 OOD samples are accepted).

@@ -30,8 +30,7 @@ def feed(acc, gen, a, b):
     acc.update(torch.zeros(0), torch.zeros(0, dtype=torch.bool))  # an empty batch is fine
 
 
-@pytest.mark.parametrize("opts", [{}, {"positive": "ood", "fpr_rule": "first", "aupr": "trapezoid"},
-                                  {"tpr": 0.8}])
+@pytest.mark.parametrize("opts", [{}, {"positive": "ood", "fpr_rule": "first", "aupr": "trapezoid"}, {"tpr": 0.8}])
 def test_accumulator_is_exactly_ood_metrics(gen, opts):
     for _ in range(5):
         a, b = tied_scores(gen, 700) + 0.4, tied_scores(gen, 500, 1.3)
@@ -84,7 +83,7 @@ def _rank(rank, world, init, a, b, out):
     try:
         acc = M.OODMetricsAccumulator()
         # uneven shards; rank 1 gets no OOD scores at all
-        ia = a[: 100] if rank == 0 else a[100:]
+        ia = a[:100] if rank == 0 else a[100:]
         ib = b if rank == 0 else b[:0]
         acc.update(ia.float(), True)
         if ib.numel():
@@ -140,7 +139,7 @@ def test_oscr_against_the_direct_curve(gen):
 
 def test_ccr_at_fpr_against_openood_rule(gen):
     a, b = tied_scores(gen, 300) + 0.5, tied_scores(gen, 1000)
-    correct = (torch.rand(300, generator=gen) < 0.8)
+    correct = torch.rand(300, generator=gen) < 0.8
     levels = [0.1, 0.01, 0.001, 0.0001, 0.37, 1.0]
     got = M.ccr_at_fpr(a, b, correct, levels)
     assert got == pytest.approx([ref_ccr(a, b, correct.tolist(), lv) for lv in levels], abs=1e-15)

@@ -29,8 +29,13 @@ def test_search_picks_the_best_grid_point(gen):
     res = S.search(scorer, {"features": f_id, "head": head}, {"features": f_ood, "head": head}, test_sets={})
     grid = [65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0]
     assert [r["params"] for r in res.grid] == [{"percentile": p} for p in grid]
-    direct = [M.fpr_at_tpr(S.ASH(S.Energy(), "p", p, head=head).score(features=f_id),
-                           S.ASH(S.Energy(), "p", p, head=head).score(features=f_ood)) for p in grid]
+    direct = [
+        M.fpr_at_tpr(
+            S.ASH(S.Energy(), "p", p, head=head).score(features=f_id),
+            S.ASH(S.Energy(), "p", p, head=head).score(features=f_ood),
+        )
+        for p in grid
+    ]
     assert [r["value"] for r in res.grid] == pytest.approx(direct, abs=1e-12)
     best = int(np.argmin(direct))  # first of the minima
     assert res.params == {"percentile": grid[best]} and res.value == pytest.approx(direct[best])
@@ -38,9 +43,14 @@ def test_search_picks_the_best_grid_point(gen):
     assert res.metric == "fpr95" and res.as_dict()["params"] == res.params
     assert set(res.val_sets) == {"id", "ood"} and all(v.startswith("data:") for v in res.val_sets.values())
     # auroc: highest wins; several OOD sets: the mean
-    res2 = S.search(scorer, {"features": f_id, "head": head},
-                    {"a": {"features": f_ood, "head": head}, "b": {"features": f_ood[:100], "head": head}},
-                    metric="auroc", grid={"percentile": [70, 95], "variant": ["p", "s"]}, test_sets={})
+    res2 = S.search(
+        scorer,
+        {"features": f_id, "head": head},
+        {"a": {"features": f_ood, "head": head}, "b": {"features": f_ood[:100], "head": head}},
+        metric="auroc",
+        grid={"percentile": [70, 95], "variant": ["p", "s"]},
+        test_sets={},
+    )
     assert len(res2.grid) == 4
     for row in res2.grid:
         s = scorer.replace(**row["params"])
@@ -62,11 +72,20 @@ def test_fitted_scorers_are_refitted_at_every_point(gen):
         s = S.ReAct(S.Energy(), row["params"]["percentile"], head=head).fit(features=f_fit)
         assert row["value"] == pytest.approx(M.fpr_at_tpr(s.score(features=f_id), s.score(features=f_ood)), abs=1e-12)
     # the wrapped scorer's grid joins as base.<name>
-    d = S.search(S.DICE(S.Energy(), head=head), {"features": f_id}, {"features": f_ood},
-                 grid={"percentile": [30, 70], "base.temperature": [1.0, 2.0]}, fit_data={"features": f_fit},
-                 test_sets={})
-    assert {(g["params"]["percentile"], g["params"]["base.temperature"]) for g in d.grid} == \
-        {(30, 1.0), (30, 2.0), (70, 1.0), (70, 2.0)}
+    d = S.search(
+        S.DICE(S.Energy(), head=head),
+        {"features": f_id},
+        {"features": f_ood},
+        grid={"percentile": [30, 70], "base.temperature": [1.0, 2.0]},
+        fit_data={"features": f_fit},
+        test_sets={},
+    )
+    assert {(g["params"]["percentile"], g["params"]["base.temperature"]) for g in d.grid} == {
+        (30, 1.0),
+        (30, 2.0),
+        (70, 1.0),
+        (70, 2.0),
+    }
     assert d.scorer.base.temperature == d.params["base.temperature"]
 
 
@@ -77,8 +96,14 @@ def test_eps_is_searched_by_select_eps(gen):
     with torch.no_grad():
         z_id, z_ood = net(x_id), net(x_ood)
     grid = {"temperature": [1.0, 1000.0], "eps": [0.0, 0.01, 0.05]}
-    res = S.search(S.ODIN(), {"logits": z_id, "inputs": x_id}, {"logits": z_ood, "inputs": x_ood}, grid=grid,
-                   model=net, test_sets={})
+    res = S.search(
+        S.ODIN(),
+        {"logits": z_id, "inputs": x_id},
+        {"logits": z_ood, "inputs": x_ood},
+        grid=grid,
+        model=net,
+        test_sets={},
+    )
     assert len(res.grid) == 6
     for row in res.grid:
         p = row["params"]
@@ -106,8 +131,14 @@ def test_refuses_a_validation_set_that_is_a_test_set(gen, tmp_path):
     test = make_images(tmp_path / "test", ["e.png", "f.png"], 2)
 
     def run(test_sets, val_sets=None):
-        return S.search(scorer, idv, oodv, grid={"percentile": [90]}, test_sets=test_sets,
-                        val_sets=val_sets or {"id": str(val), "ood": str(ood_val)})
+        return S.search(
+            scorer,
+            idv,
+            oodv,
+            grid={"percentile": [90]},
+            test_sets=test_sets,
+            val_sets=val_sets or {"id": str(val), "ood": str(ood_val)},
+        )
 
     assert run({"inat": str(test)}).params == {"percentile": 90}  # disjoint sets: fine
     with pytest.raises(ValueError, match="'ood' is also test set 'inat'"):
@@ -116,8 +147,14 @@ def test_refuses_a_validation_set_that_is_a_test_set(gen, tmp_path):
         run({"inat": str(tmp_path)})  # a folder holding the validation folder
     (tmp_path / "val" / "empty").mkdir()
     with pytest.raises(ValueError, match="overlap"):
-        S.search(scorer, idv, oodv, grid={"percentile": [90]}, test_sets={"t": str(val / "empty")},
-                 val_sets={"id": str(tmp_path / "val"), "ood": str(ood_val)})
+        S.search(
+            scorer,
+            idv,
+            oodv,
+            grid={"percentile": [90]},
+            test_sets={"t": str(val / "empty")},
+            val_sets={"id": str(tmp_path / "val"), "ood": str(ood_val)},
+        )
     listing = tmp_path / "test.txt"
     listing.write_text(f"{val / 'b.png'}\n{test / 'e.png'}\n")
     with pytest.raises(ValueError, match="share 1 file"):

@@ -42,7 +42,7 @@ def ref_mos(z, sizes=SIZES):
     for r in z:
         others, o = [], 0
         for n in sizes:
-            sl = r[o:o + n + 1]
+            sl = r[o : o + n + 1]
             m = max(sl)
             others.append(math.exp(sl[0] - m) / sum(math.exp(v - m) for v in sl))
             o += n + 1
@@ -120,12 +120,14 @@ def test_top_k_keeps_ties_at_the_lower_index():
     from mosx.scores.shaping_ash import _top_k_mask
 
     f = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 3.0, 1.0, 1.0]])
-    want = torch.tensor([[False, True, True, False, False], [True, True, False, False, False],
-                         [True, False, True, False, False]])
+    want = torch.tensor(
+        [[False, True, True, False, False], [True, True, False, False, False], [True, False, True, False, False]]
+    )
     torch.testing.assert_close(_top_k_mask(f, 2), want)
     assert _top_k_mask(f, 5).all()
-    want3 = torch.tensor([[False, True, True, True, False], [True, True, True, False, False],
-                          [True, True, True, False, False]])
+    want3 = torch.tensor(
+        [[False, True, True, True, False], [True, True, True, False, False], [True, True, True, False, False]]
+    )
     torch.testing.assert_close(_top_k_mask(f, 3), want3)
 
 
@@ -160,8 +162,9 @@ def test_react_against_the_formula(gen, device, base):
     for pct in (90.0, 50.0):
         r = S.ReAct(make(), pct, head=head).fit(features=f_fit.to(device))
         got = r.score(features=f.to(device)).cpu().numpy()
-        np.testing.assert_allclose(got, ref(logits(ref_react(f_fit.numpy(), f.numpy(), pct), head)), rtol=1e-10,
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            got, ref(logits(ref_react(f_fit.numpy(), f.numpy(), pct), head)), rtol=1e-10, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -184,8 +187,12 @@ def test_dice_against_the_formula(gen, device, base):
 def test_wrappers_on_float32_and_fp16_caches_match_fp64(gen):
     f = relu_features(gen, 500, 32, ties=False).float()
     head = S.LinearHead(rand(gen, 7, 32).float(), rand(gen, 7).float())
-    scorers = {"ash": S.ASH(S.Energy(), "s", 90, head=head), "scale": S.SCALE(S.Energy(), head=head),
-               "dice": S.DICE(S.Energy(), head=head), "react": S.ReAct(S.Energy(), head=head)}
+    scorers = {
+        "ash": S.ASH(S.Energy(), "s", 90, head=head),
+        "scale": S.SCALE(S.Energy(), head=head),
+        "dice": S.DICE(S.Energy(), head=head),
+        "react": S.ReAct(S.Energy(), head=head),
+    }
     S.fit_all(scorers, {"features": f, "head": head})
     out = S.score_all(scorers, {"features": f.half(), "head": head}, batch_size=128)
     for name, s in scorers.items():
@@ -222,8 +229,12 @@ def test_build_from_spec_strings():
 def test_wrapped_scorers_that_fit_are_fitted_on_the_shaped_data(gen):
     f_fit, f = relu_features(gen, 300, 10), relu_features(gen, 20, 10)
     head = S.LinearHead(rand(gen, 5, 10), rand(gen, 5))
-    for w in (S.ASH(S.KLMatching(), "p", 60, head=head), S.SCALE(S.KLMatching(), 60, head=head),
-              S.DICE(S.KLMatching(), 60, head=head), S.ReAct(S.KLMatching(), 60, head=head)):
+    for w in (
+        S.ASH(S.KLMatching(), "p", 60, head=head),
+        S.SCALE(S.KLMatching(), 60, head=head),
+        S.DICE(S.KLMatching(), 60, head=head),
+        S.ReAct(S.KLMatching(), 60, head=head),
+    ):
         assert w.needs_fit and not w.fitted
         with pytest.raises(RuntimeError, match="fit"):
             w.score(features=f)
@@ -270,7 +281,9 @@ def test_search_space_and_replace(gen):
     d = S.DICE(S.Energy(), 70, head=head).fit(features=f_fit)
     d2 = d.replace(percentile=20)
     assert d2.fitted and d2.mask().sum() > d.mask().sum()
-    torch.testing.assert_close(d2.score(features=f), S.DICE(S.Energy(), 20, head=head).fit(features=f_fit).score(features=f))
+    torch.testing.assert_close(
+        d2.score(features=f), S.DICE(S.Energy(), 20, head=head).fit(features=f_fit).score(features=f)
+    )
     # base.<name> reaches the wrapped scorer, on a copy
     a = S.ASH(S.Energy(), head=head)
     a2 = a.replace(**{"base.temperature": 2.0, "variant": "b"})
@@ -324,8 +337,9 @@ def test_signed_features_warn_or_raise(gen):
 class MLP(torch.nn.Module):
     def __init__(self, out):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                                        torch.nn.ReLU())
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU()
+        )
         self.fc = torch.nn.Linear(64, out)
 
     def forward(self, x):
@@ -360,12 +374,17 @@ def test_on_a_tiny_trained_model(gen):
         x_ood = rand(gen, 400, 2) * 0.4  # the empty centre of the circle
         x_ood2 = rand(gen, 400, 2) / rand(gen, 400, 2).norm(dim=1, keepdim=True) * 9  # far outside it
         with torch.no_grad():
-            feats = {k: S.model_outputs(net, v)[1] for k, v in
-                     (("fit", x_fit), ("id", x_id), ("ood", x_ood), ("far", x_ood2))}
+            feats = {
+                k: S.model_outputs(net, v)[1]
+                for k, v in (("fit", x_fit), ("id", x_id), ("ood", x_ood), ("far", x_ood2))
+            }
         head = S.linear_head(net)
         fc = lambda f: net.fc(torch.as_tensor(f)).detach().numpy()  # noqa: E731 - the model's own layer
-        bases = {"mos": (lambda: S.MOS(SIZES), ref_mos)} if grouped else \
-            {"msp": (lambda: S.MSP(), ref_msp), "energy": (lambda: S.Energy(), ref_energy)}
+        bases = (
+            {"mos": (lambda: S.MOS(SIZES), ref_mos)}
+            if grouped
+            else {"msp": (lambda: S.MSP(), ref_msp), "energy": (lambda: S.Energy(), ref_energy)}
+        )
         for bname, (make, ref) in bases.items():
             f_fit = feats["fit"].numpy()
             shapes = {
@@ -394,7 +413,10 @@ def test_on_a_tiny_trained_model(gen):
                     s_id = w.score(features=feats["id"], head=head)
                     assert mosx.metrics.auroc(s_id, w.score(features=feats["ood"], head=head)) > 0.85, (name, bname)
             # far outside the circle a ReLU network is overconfident; clipping (ReAct) curbs it, as its paper says
-            plain = make().score(logits=net.fc(feats["id"]).detach()), make().score(logits=net.fc(feats["far"]).detach())
+            plain = (
+                make().score(logits=net.fc(feats["id"]).detach()),
+                make().score(logits=net.fc(feats["far"]).detach()),
+            )
             react = shapes["react"][0]
             clipped = react.score(features=feats["id"], head=head), react.score(features=feats["far"], head=head)
             assert mosx.metrics.auroc(*clipped) > mosx.metrics.auroc(*plain), (grouped, bname)

@@ -47,8 +47,14 @@ class SearchResult:
 
     def as_dict(self) -> dict:
         """JSON-ready record of the search (for the results file)."""
-        return {"scorer": self.scorer.name, "metric": self.metric, "params": dict(self.params), "value": self.value,
-                "grid": [dict(g) for g in self.grid], "val_sets": dict(self.val_sets)}
+        return {
+            "scorer": self.scorer.name,
+            "metric": self.metric,
+            "params": dict(self.params),
+            "value": self.value,
+            "grid": [dict(g) for g in self.grid],
+            "val_sets": dict(self.val_sets),
+        }
 
 
 # ------------------------------------------------------------------------------ set identities
@@ -94,7 +100,7 @@ def _files_of(path: str) -> list:
         il = image_list(path, "set", labeled=False)
         if il.paths:
             return [p for p in il.paths if os.path.isfile(p)]
-    except Exception:  # noqa: BLE001 - not an image set: take the files as they are
+    except Exception:  # not an image set: take the files as they are
         pass
     if os.path.isfile(path):
         return [path]
@@ -133,7 +139,7 @@ class _Data:
         import numpy as np
 
         self.hashes = set()
-        for v in (x.values() if isinstance(x, Mapping) else [x]):
+        for v in x.values() if isinstance(x, Mapping) else [x]:
             if isinstance(v, torch.Tensor):
                 v = v.detach().cpu().contiguous().numpy()
             if isinstance(v, np.ndarray) or hasattr(v, "__array__"):
@@ -162,8 +168,10 @@ def _identity(x):
         return "id", x
     if isinstance(x, (torch.Tensor, Mapping)) or hasattr(x, "__array__"):
         return "data", _Data(x)
-    raise TypeError(f"search: a set identity is a path, a list of paths, a fingerprint string or the set's "
-                    f"data, got {type(x).__name__}")
+    raise TypeError(
+        f"search: a set identity is a path, a list of paths, a fingerprint string or the set's "
+        f"data, got {type(x).__name__}"
+    )
 
 
 def fingerprint(x) -> str:
@@ -188,12 +196,16 @@ def _check_disjoint(val: dict, test: dict) -> dict:
             elif v_fp == t_fp:
                 why = "they have the same fingerprint"
             elif {vk, tk} == {"files", "data"}:
-                raise ValueError(f"search: cannot compare validation set {vn!r} (given as {vk}) with test set "
-                                 f"{tn!r} (given as {tk}): identify both by path or both by data")
+                raise ValueError(
+                    f"search: cannot compare validation set {vn!r} (given as {vk}) with test set "
+                    f"{tn!r} (given as {tk}): identify both by path or both by data"
+                )
             if why:
-                raise ValueError(f"search: validation set {vn!r} is also test set {tn!r}: {why}. "
-                                 "Hyperparameters chosen on a test set overstate its results; "
-                                 "search on held-out validation data")
+                raise ValueError(
+                    f"search: validation set {vn!r} is also test set {tn!r}: {why}. "
+                    "Hyperparameters chosen on a test set overstate its results; "
+                    "search on held-out validation data"
+                )
     return {n: (o if k == "id" else o.fingerprint()) for n, (k, o) in vals.items()}
 
 
@@ -280,24 +292,35 @@ def search(
 
     def metrics_of(s):
         ids = score_all({"s": s}, id_val, batch_size=batch_size, device=device)["s"]
-        return {o: ood_metrics(ids, score_all({"s": s}, d, batch_size=batch_size, device=device)["s"], tpr=tpr,
-                               positive=positive, fpr_rule=fpr_rule, aupr=aupr) for o, d in oods.items()}
+        return {
+            o: ood_metrics(
+                ids,
+                score_all({"s": s}, d, batch_size=batch_size, device=device)["s"],
+                tpr=tpr,
+                positive=positive,
+                fpr_rule=fpr_rule,
+                aupr=aupr,
+            )
+            for o, d in oods.items()
+        }
 
     rows, best = [], None
     for point in _points(space):
         s = scorer.replace(**point)
         if s.needs_fit:
             if fit_data is None:
-                raise ValueError(f"search: {scorer.name} is fitted on ID statistics: give fit_data to refit it "
-                                 "at every grid point")
+                raise ValueError(
+                    f"search: {scorer.name} is fitted on ID statistics: give fit_data to refit it at every grid point"
+                )
             fit_all({"s": s}, fit_data, device=device)
         if eps_grid is None:
             candidates = [(point, s, metrics_of(s))]
         else:
             per_eps = {}
             for o, d in oods.items():
-                _, res = select_eps(lambda e: s.replace(eps=e), model, id_val["inputs"], d["inputs"], eps_grid,
-                                    device=device)
+                _, res = select_eps(
+                    lambda e, s=s: s.replace(eps=e), model, id_val["inputs"], d["inputs"], eps_grid, device=device
+                )
                 for e, m in res:
                     per_eps.setdefault(e, {})[o] = m
             candidates = [({**point, "eps": e}, s.replace(eps=e), ms) for e, ms in per_eps.items()]

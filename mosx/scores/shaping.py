@@ -27,7 +27,7 @@ from .base import Scorer, build_scorer
 from .model import LinearHead
 from .tensors import _check_2d, _is_half, _matrix, _percentile, _percentile_fp16, _row_chunks
 
-# The percentiles the papers search, 0-100 (see each class).
+# Candidate percentiles, 0-100 (sources in each class's docstring).
 REACT_GRID = (10.0, 65.0, 80.0, 85.0, 90.0, 95.0, 99.0)
 DICE_GRID = (10.0, 30.0, 50.0, 70.0, 90.0)
 
@@ -55,8 +55,10 @@ class _Shaping:
     def _init_base(self, base, head):
         self.base = build_scorer("energy") if base is None else base
         if "inputs" in self.base.needs:
-            raise ValueError(f"{self.spec_name}: the base scorer {self.base.name} perturbs inputs; "
-                             f"{type(self).__name__} wraps scores of the logits")
+            raise ValueError(
+                f"{self.spec_name}: the base scorer {self.base.name} perturbs inputs; "
+                f"{type(self).__name__} wraps scores of the logits"
+            )
         self.head = head
         self.name = f"{self.spec_name}-{self.base.name}"
         self._warned_signed = False
@@ -102,9 +104,11 @@ class _Shaping:
         neg = f < 0
         if not bool(neg.any()):
             return
-        msg = (f"{self.name}: {int(neg.sum())} of {f.numel()} feature values are negative (min {float(f.min()):.4g}); "
-               f"{type(self).__name__} assumes non-negative, post-ReLU features (the input of the final linear "
-               "layer after the last ReLU and pooling)")
+        msg = (
+            f"{self.name}: {int(neg.sum())} of {f.numel()} feature values are negative (min {float(f.min()):.4g}); "
+            f"{type(self).__name__} assumes non-negative, post-ReLU features (the input of the final linear "
+            "layer after the last ReLU and pooling)"
+        )
         if self._signed_is_error:
             raise ValueError(msg + "; its scale factor is undefined for signed features")
         if not self._warned_signed:
@@ -164,7 +168,7 @@ class _Shaping:
         owns a copy of the wrapped scorer, and statistics fitted under a changed value are dropped
         (refit before scoring)."""
         own = {k: v for k, v in params.items() if not k.startswith("base.")}
-        inner = {k[len("base."):]: v for k, v in params.items() if k.startswith("base.")}
+        inner = {k[len("base.") :]: v for k, v in params.items() if k.startswith("base.")}
         new = Scorer.replace(self, **own)
         new.base = self.base.replace(**inner)
         new._validate()
@@ -190,7 +194,8 @@ class ReAct(_Shaping, Scorer):
     The percentile is NumPy's default (linear interpolation), 0-100. The head comes from the
     constructor, fit(head=...) or score(head=...) (a :class:`LinearHead`; see :func:`linear_head`).
     fit(features=...) on ID data, or give `threshold` directly (a given threshold is kept by fit).
-    search_space(): percentile over the paper's ablation (10, 65, 80, 85, 90, 95, 99).
+    search_space(): percentile in (10, 65, 80, 85, 90, 95, 99), around the paper's p = 90 (OpenOOD
+    sweeps only 90).
     Assumes non-negative features; on signed ones it warns (the clip stays defined).
     """
 
@@ -198,8 +203,13 @@ class ReAct(_Shaping, Scorer):
     wrapper_keys = ("percentile", "threshold")  # the spec keys ReAct takes; the rest go to <name>
     _own_fit = True
 
-    def __init__(self, base: Scorer | None = None, percentile: float = 90.0,
-                 head: LinearHead | None = None, threshold: float | None = None):
+    def __init__(
+        self,
+        base: Scorer | None = None,
+        percentile: float = 90.0,
+        head: LinearHead | None = None,
+        threshold: float | None = None,
+    ):
         Scorer.__init__(self)
         self.percentile = _check_percentile("react", percentile)
         self._init_base(base, head)
@@ -326,8 +336,9 @@ class DICE(_Shaping, Scorer):
             raise RuntimeError(f"{self.name}: call fit(features=...) on ID data before scoring")
         w = head.weight
         if w.shape[1] != self._mean.numel():
-            raise ValueError(f"{self.name}: the head takes {w.shape[1]} features but the fit features have "
-                             f"{self._mean.numel()}")
+            raise ValueError(
+                f"{self.name}: the head takes {w.shape[1]} features but the fit features have {self._mean.numel()}"
+            )
         key = (id(head), w.data_ptr(), w._version, tuple(w.shape), self.percentile, id(self._mean))
         if self._mask_cache is not None and self._mask_cache[0] == key:
             return self._mask_cache[1:]

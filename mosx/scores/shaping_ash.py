@@ -87,8 +87,9 @@ class ASH(_PerSample, Scorer):
     spec_name = "ash"
     wrapper_keys = ("variant", "percentile")
 
-    def __init__(self, base: Scorer | None = None, variant: str = "s", percentile: float = 90.0,
-                 head: LinearHead | None = None):
+    def __init__(
+        self, base: Scorer | None = None, variant: str = "s", percentile: float = 90.0, head: LinearHead | None = None
+    ):
         Scorer.__init__(self)
         self.variant = variant
         self.percentile = percentile
