@@ -568,3 +568,14 @@ def test_groups_spec_is_the_trainers(folders, tmp_path):
         np.testing.assert_array_equal(r.scores["mos"]["far"], a.scores["mos"]["far"])
     with pytest.raises(ValueError, match="kmeans"):
         E.evaluate(model, str(folders / "id"), ood, groups="kmeans:2", scores=["mos"], **common(tmp_path))
+
+
+def test_wrappers_on_a_grouped_model_only_over_mos(folders, tmp_path):
+    model = net(5)
+    ood = {"far": str(folders / "ood_far")}
+    for spec in ("react-msp", "ash-msp:variant=p", "scale-energy", "dice-msp"):
+        with pytest.raises(ValueError, match="reads flat class logits"):
+            E.evaluate(model, str(folders / "id"), ood, groups=[2, 1], scores=[spec], fit_on_id=True, **common(tmp_path))
+    res = E.evaluate(model, str(folders / "id"), ood, groups=[2, 1], scores=["mos", "ash-mos", "scale-mos", "react-mos"],
+                     fit_on_id=True, plots=False, **common(tmp_path))
+    assert set(res.metrics) == {"mos", "ash-mos", "scale-mos", "react-mos"}

@@ -209,8 +209,8 @@ def _build_scorers(scores, g: Optional[Groups], have_fit: bool) -> dict:
         if s.needs_fit and not have_fit:
             raise ValueError(f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
                              "(--fit-data) or fit_on_id=True (--fit-on-id)")
-        base = s.base if isinstance(s, S.ReAct) else s
-        if g is not None and not isinstance(base, S.MOS) and (isinstance(s, S.ReAct) or "logits" in s.needs):
+        base = s.base if s.is_wrapper else s  # a feature-shaping wrapper scores through its base
+        if g is not None and not isinstance(base, S.MOS) and (s.is_wrapper or "logits" in s.needs):
             raise ValueError(f"evaluate: scorer {name!r} reads flat class logits but the model is grouped "
                              f"({g.num_logits} = classes + others slots); evaluate a flat model for it")
         if isinstance(base, S.MOS) and g is None:
