@@ -391,7 +391,7 @@ def test_registry_lists_every_scorer_and_builds_each_name():
         for w in S.wrapper_names():
             r = S.build_scorer(f"{w}-{name}", groups=[2, 3])
             assert type(r) is S.WRAPPERS[w] and type(r.base) is S.SCORERS[name] and r.name == f"{w}-{name}"
-    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm, .*, nci \(and react-<name>\)"):
+    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm, .*, nci \(and react-<name>, dice-<name>, ash-<name>, scale-<name>\)"):
         S.build_scorer("react-nope")
 
 

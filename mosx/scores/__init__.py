@@ -23,7 +23,11 @@ Where things live (imports go down this list, never up; families never import ea
 - ``base.py``       the Scorer interface, the registry (scorer_names) and the spec parser (build_scorer)
 - family modules, one class per scorer, each registered by its ``spec_name``:
   ``logit.py`` (MOS, MSP, MaxLogit, Energy, ODIN), ``templates.py`` (KLMatching),
-  ``distance.py`` (Mahalanobis), ``gradient.py`` (GradNorm), ``shaping.py`` (ReAct, a wrapper)
+  ``distance.py`` (Mahalanobis), ``gradient.py`` (GradNorm), ``entropy.py`` (Entropy, GEN),
+  ``subspace.py`` (ViM), ``neighbors.py`` (KNN, NNGuide), ``classmeans.py`` (RMD, SHE),
+  ``boundary.py`` (fDBD, NCI); the feature-shaping wrappers ``shaping.py`` (ReAct, DICE) and
+  ``shaping_ash.py`` (ASH, SCALE), spelled ``<wrapper>-<score>``
+- ``search.py``     search: hyperparameters chosen on validation data, never on a test set
 - ``batching.py``   fit_all / score_all: many scorers over the same data in one read
 - ``eps_search.py`` select_eps and ODIN_EPS_GRID
 
@@ -85,6 +89,15 @@ __all__ = [
     "DICE",
     "ASH",
     "SCALE",
+    "Entropy",
+    "GEN",
+    "ViM",
+    "KNN",
+    "NNGuide",
+    "RMD",
+    "SHE",
+    "FDBD",
+    "NCI",
     "LinearHead",
     "linear_head",
     "model_outputs",

@@ -256,7 +256,7 @@ def build_scorer(spec: str, *, groups=None, head: LinearHead | None = None) -> S
     wrapper = next((cls for w, cls in WRAPPERS.items() if name.startswith(w + "-")), None)
     base_name = name[len(wrapper.spec_name) + 1:] if wrapper is not None else name
     if base_name not in SCORERS:
-        wrapped = "".join(f" (and {w}-<name>)" for w in WRAPPERS)
+        wrapped = f" (and {', '.join(f'{w}-<name>' for w in WRAPPERS)})" if WRAPPERS else ""
         raise ValueError(f"unknown scorer {base_name!r} in {spec!r}; known: {', '.join(SCORERS)}{wrapped}")
     wrapper_kwargs = {k: kwargs.pop(k) for k in wrapper.wrapper_keys if k in kwargs} if wrapper is not None else {}
     cls = SCORERS[base_name]
