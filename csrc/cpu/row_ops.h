@@ -1,6 +1,6 @@
 // Per-row building blocks of the group-softmax CPU kernels, written once in terms of `real`.
 //
-// This file is included several times by group_softmax_cpu.cpp, each time inside its own
+// This file is included several times by row_variants.cpp, each time inside its own
 // namespace that defines `real` (float or double) and, for float, under a different
 // `#pragma GCC target` (baseline x86-64 and AVX2+FMA), so the same source is compiled into a
 // portable and an AVX2 variant picked at run time. It therefore has no include guard and includes
