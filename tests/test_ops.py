@@ -318,6 +318,47 @@ def test_nan_and_inf_propagate_like_reference(dtype, device):
                                reference.group_cross_entropy(x32, t, g, reduction="none"), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predict_nan_and_inf_class_matches_reference(dtype, device):
+    # The rule (docs/semantics.md): the first group whose softmax is NaN (a NaN or +inf in its
+    # slice, or only -inf) wins, at its first class; the score's min_group is that group too.
+    g = Groups.from_sizes([3, 2, 4, 20])
+    L = g.num_logits
+    gen = torch.Generator().manual_seed(13)
+    rows = []
+    for bad in (float("nan"), float("inf")):
+        for j in range(L):  # one NaN / +inf at every position of zero logits and of random ones
+            for base in (torch.zeros(L), torch.randn(L, generator=gen) * 3):
+                r = base.clone()
+                r[j] = bad
+                rows.append(r)
+    for a, b in g.slices.tolist():  # a group of only -inf, and NaN in two groups at once
+        r = torch.randn(L, generator=gen)
+        r[a:b] = float("-inf")
+        rows.append(r)
+        r = torch.randn(L, generator=gen)
+        r[b - 1] = float("nan")
+        r[-1] = float("nan")
+        rows.append(r)
+    x = torch.stack(rows).to(dtype).to(device)
+    xr = x.double()
+    cls, prob, grp = mosx.group_predict(x, g, return_group=True)
+    rcls, rprob, rgrp = reference.group_predict(xr, g)
+    zero = torch.zeros(1, L, dtype=torch.float64)
+    zero[0, 1] = float("nan")  # the issue's example, groups [3, 2, 4]
+    assert reference.group_predict(zero[:, :12], [3, 2, 4])[0].tolist() == [0]
+    assert cls.tolist() == rcls.tolist()
+    assert grp.tolist() == rgrp.tolist()
+    torch.testing.assert_close(prob.double(), rprob, equal_nan=True, atol=1e-5, rtol=1e-5)
+    # Every row here has a NaN group, and the prediction is its first class.
+    nan_group = torch.isnan(reference.group_softmax(xr, g)[:, g.tensors(device)["offsets"][:-1]])
+    first = nan_group.to(torch.uint8).argmax(1)
+    assert nan_group.any(1).all() and grp.tolist() == first.tolist()
+    assert cls.tolist() == g.tensors(device)["logit_class"][g.tensors(device)["offsets"][first] + 1].tolist()
+    score, min_group, _ = torch.ops.mosx.group_softmax_score(x, g.tensors(device)["offsets"])
+    assert torch.isnan(score).all() and min_group.tolist() == first.tolist()
+
+
 def shifted_group_logits(gen, n, groups, shifts):
     """float64 N(0, 1) logits with every group moved by one of `shifts` (one per group), each row
     putting the groups at its own permutation of the shifts."""
