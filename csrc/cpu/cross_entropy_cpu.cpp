@@ -43,8 +43,10 @@ struct TargetSlots {
     const int64_t pos = class_logit[c];
     TORCH_CHECK(pos >= 0 && pos < L, op, ": class_logit[", c, "] = ", pos,
                 " is not a logit position in [0, ", L, ")");
-    // The target's own group labels it; every other group labels it "others".
-    return (pos >= o[k] && pos < o[k + 1]) ? pos : o[k];
+    if (pos < o[k] || pos >= o[k + 1]) return o[k];  // another group's class: "others" here
+    TORCH_CHECK(pos != o[k], op, ": class_logit[", c, "] = ", pos, " is the others slot of group ",
+                k, ", not a class logit");
+    return pos;  // the target's own group labels it
   }
 };
 
@@ -112,12 +114,8 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
   const at::Tensor x = unit_inner_stride(logits_in);
   const int64_t N = x.size(0), L = x.size(1), K = static_cast<int64_t>(o.size()) - 1;
   const int64_t M = targets_in.size(0);
-  TORCH_CHECK(grad_losses_in.dim() == 3 && grad_losses_in.size(0) == M &&
-                  grad_losses_in.size(1) == N && grad_losses_in.size(2) == K,
-              op, ": grad_losses must be [M, N, K] = [", M, ", ", N, ", ", K, "], got ",
-              grad_losses_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == N && lse_in.size(1) == K, op,
-              ": lse must be [N, K] = [", N, ", ", K, "], got ", lse_in.sizes());
+  check_float_arg(grad_losses_in, "grad_losses", {M, N, K}, x, op);
+  check_float_arg(lse_in, "lse", {N, K}, x, op);
   const at::Tensor t = targets_in.contiguous(), cl = class_logit_in.contiguous();
   const at::Tensor g = grad_losses_in.to(acc_dtype(x)).contiguous();
   const at::Tensor lse = lse_in.to(acc_dtype(x)).contiguous();

@@ -49,9 +49,9 @@ at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
   const auto o = host_offsets(logits_in, offsets, op);
   const at::Tensor x = unit_inner_stride(logits_in);
   const int64_t N = x.size(0), L = x.size(1), K = static_cast<int64_t>(o.size()) - 1;
-  TORCH_CHECK(grad_score.dim() == 1 && grad_score.size(0) == N && min_group_in.numel() == N &&
-                  min_lse_in.numel() == N,
-              op, ": grad_score, min_group and min_lse must all be [N] = [", N, "]");
+  check_float_arg(grad_score, "grad_score", {N}, x, op);
+  check_long_arg(min_group_in, "min_group", {N}, x, op);
+  check_float_arg(min_lse_in, "min_lse", {N}, x, op);
   const at::Tensor g = grad_score.to(acc_dtype(x)).contiguous();
   const at::Tensor mg = min_group_in.contiguous(), ml = min_lse_in.to(acc_dtype(x)).contiguous();
   at::Tensor gx = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -36,8 +36,7 @@ at::Tensor group_softmax_backward_cpu(const at::Tensor& grad_in, const at::Tenso
                                       const at::Tensor& offsets, bool log) {
   const char* op = "mosx.group_softmax_backward";
   const auto o = host_offsets(out_in, offsets, op);
-  TORCH_CHECK(grad_in.sizes() == out_in.sizes(), op, ": grad_out has shape ", grad_in.sizes(),
-              " but the softmax output has shape ", out_in.sizes());
+  check_float_arg(grad_in, "grad_out", out_in.sizes(), out_in, op);
   TORCH_CHECK(grad_in.scalar_type() == out_in.scalar_type(), op, ": grad_out is ",
               grad_in.scalar_type(), " but the softmax output is ", out_in.scalar_type());
   const at::Tensor g = grad_in.contiguous(), y = out_in.contiguous();
