@@ -55,18 +55,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------ fake kernels
 # Shapes and dtypes only, so the ops trace under torch.compile / FakeTensor without graph breaks.
+# They also run when real tensors are mixed with meta tensors (the dispatcher picks the Meta
+# kernel for the whole call): the device check keeps that from returning uninitialised memory.
+def _fake_devices(op: str, first, first_name: str = "logits", **others) -> None:
+    for name, t in others.items():
+        if t.device != first.device:
+            verb = "are" if name.endswith("s") else "is"
+            raise RuntimeError(f"mosx.{op}: {name} {verb} on {t.device} but {first_name} are on {first.device}")
+
+
 @torch.library.register_fake("mosx::group_softmax")
 def _(logits, offsets, log):
+    _fake_devices("group_softmax", logits, offsets=offsets)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("mosx::group_softmax_backward")
 def _(grad_out, out, offsets, log):
+    _fake_devices("group_softmax_backward", out, "out", offsets=offsets, grad_out=grad_out)
     return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("mosx::group_softmax_score")
 def _(logits, offsets):
+    _fake_devices("group_softmax_score", logits, offsets=offsets)
     n, acc = logits.shape[0], _acc_dtype(logits.dtype)
     return (logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=torch.int64),
             logits.new_empty((n,), dtype=acc))
@@ -74,11 +86,14 @@ def _(logits, offsets):
 
 @torch.library.register_fake("mosx::group_softmax_score_backward")
 def _(grad_score, logits, offsets, min_group, min_lse):
+    _fake_devices("group_softmax_score_backward", logits, offsets=offsets, grad_score=grad_score,
+                  min_group=min_group, min_lse=min_lse)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("mosx::group_predict")
 def _(logits, offsets, logit_class):
+    _fake_devices("group_predict", logits, offsets=offsets, logit_class=logit_class)
     n = logits.shape[0]
     return (logits.new_empty((n,), dtype=torch.int64),
             logits.new_empty((n,), dtype=_acc_dtype(logits.dtype)),
@@ -87,6 +102,7 @@ def _(logits, offsets, logit_class):
 
 @torch.library.register_fake("mosx::group_cross_entropy")
 def _(logits, offsets, targets, class_logit, ignore_index):
+    _fake_devices("group_cross_entropy", logits, offsets=offsets, targets=targets, class_logit=class_logit)
     n, k, m = logits.shape[0], offsets.shape[0] - 1, targets.shape[0]
     acc = _acc_dtype(logits.dtype)
     return logits.new_empty((m, n, k), dtype=acc), logits.new_empty((n, k), dtype=acc)
@@ -94,6 +110,8 @@ def _(logits, offsets, targets, class_logit, ignore_index):
 
 @torch.library.register_fake("mosx::group_cross_entropy_backward")
 def _(grad_losses, logits, offsets, targets, class_logit, lse, ignore_index):
+    _fake_devices("group_cross_entropy_backward", logits, offsets=offsets, targets=targets,
+                  class_logit=class_logit, grad_losses=grad_losses, lse=lse)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

@@ -52,6 +52,12 @@ def group_predict(logits, groups):
     all_max_score = torch.stack(all_max_score, dim=1)
     all_max_class = torch.stack(all_max_class, dim=1)
     final_score, max_group = torch.max(all_max_score, dim=1)
+    # NaN rule (docs/semantics.md): the first group whose softmax is NaN wins, at its first class.
+    # torch.max propagates NaN but does not specify which NaN's index it returns, so both indices
+    # are set here explicitly (a NaN group's probabilities are all NaN).
+    nan = torch.isnan(all_max_score)
+    all_max_class = torch.where(nan, 0, all_max_class)
+    max_group = torch.where(nan.any(dim=1), nan.to(torch.uint8).argmax(dim=1), max_group)
     within = all_max_class[torch.arange(logits.shape[0], device=logits.device), max_group]
     t = g.tensors(logits.device)
     pos = t["offsets"][max_group] + 1 + within

@@ -318,6 +318,47 @@ def test_nan_and_inf_propagate_like_reference(dtype, device):
                                reference.group_cross_entropy(x32, t, g, reduction="none"), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predict_nan_and_inf_class_matches_reference(dtype, device):
+    # The rule (docs/semantics.md): the first group whose softmax is NaN (a NaN or +inf in its
+    # slice, or only -inf) wins, at its first class; the score's min_group is that group too.
+    g = Groups.from_sizes([3, 2, 4, 20])
+    L = g.num_logits
+    gen = torch.Generator().manual_seed(13)
+    rows = []
+    for bad in (float("nan"), float("inf")):
+        for j in range(L):  # one NaN / +inf at every position of zero logits and of random ones
+            for base in (torch.zeros(L), torch.randn(L, generator=gen) * 3):
+                r = base.clone()
+                r[j] = bad
+                rows.append(r)
+    for a, b in g.slices.tolist():  # a group of only -inf, and NaN in two groups at once
+        r = torch.randn(L, generator=gen)
+        r[a:b] = float("-inf")
+        rows.append(r)
+        r = torch.randn(L, generator=gen)
+        r[b - 1] = float("nan")
+        r[-1] = float("nan")
+        rows.append(r)
+    x = torch.stack(rows).to(dtype).to(device)
+    xr = x.double()
+    cls, prob, grp = mosx.group_predict(x, g, return_group=True)
+    rcls, rprob, rgrp = reference.group_predict(xr, g)
+    zero = torch.zeros(1, L, dtype=torch.float64)
+    zero[0, 1] = float("nan")  # the issue's example, groups [3, 2, 4]
+    assert reference.group_predict(zero[:, :12], [3, 2, 4])[0].tolist() == [0]
+    assert cls.tolist() == rcls.tolist()
+    assert grp.tolist() == rgrp.tolist()
+    torch.testing.assert_close(prob.double(), rprob, equal_nan=True, atol=1e-5, rtol=1e-5)
+    # Every row here has a NaN group, and the prediction is its first class.
+    nan_group = torch.isnan(reference.group_softmax(xr, g)[:, g.tensors(device)["offsets"][:-1]])
+    first = nan_group.to(torch.uint8).argmax(1)
+    assert nan_group.any(1).all() and grp.tolist() == first.tolist()
+    assert cls.tolist() == g.tensors(device)["logit_class"][g.tensors(device)["offsets"][first] + 1].tolist()
+    score, min_group, _ = torch.ops.mosx.group_softmax_score(x, g.tensors(device)["offsets"])
+    assert torch.isnan(score).all() and min_group.tolist() == first.tolist()
+
+
 def shifted_group_logits(gen, n, groups, shifts):
     """float64 N(0, 1) logits with every group moved by one of `shifts` (one per group), each row
     putting the groups at its own permutation of the shifts."""
@@ -503,6 +544,101 @@ def test_bad_offsets_reach_the_op_directly():
         ops.group_softmax_score(x, torch.tensor([0]))
     with pytest.raises(RuntimeError, match="logits must be a 2-D"):
         ops.group_softmax_score(torch.zeros(6), torch.tensor([0, 6]))
+
+
+# Cases that crashed the process (issue 12): run in a subprocess, so a crash fails the test
+# instead of killing the run. Each case must raise RuntimeError or ValueError naming the problem.
+_RAW_CASES = r"""
+import sys, torch, mosx
+ops = torch.ops.mosx
+x = torch.zeros(3, 7, dtype=DTYPE)
+bad = torch.tensor([0, 6917529027641081856, -6917529027641081856, 7])
+good = torch.tensor([0, 3, 7])
+lc = torch.tensor([-1, 0, 1, -1, 2, 3, 4])
+cl = torch.tensor([1, 2, 4, 5, 6])
+ids = torch.zeros(1, 3, dtype=torch.long)
+meta = lambda t: t.to("meta")
+acc = torch.float64 if DTYPE == torch.float64 else torch.float32
+cases = {
+    "softmax wrap": lambda: ops.group_softmax(x, bad, False),
+    "softmax_backward wrap": lambda: ops.group_softmax_backward(x, x, bad, True),
+    "score wrap": lambda: ops.group_softmax_score(x, bad),
+    "score_backward wrap": lambda: ops.group_softmax_score_backward(
+        torch.ones(3, dtype=acc), x, bad, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=acc)),
+    "predict wrap": lambda: ops.group_predict(x, bad, lc),
+    "ce wrap": lambda: ops.group_cross_entropy(x, bad, ids, cl, -100),
+    "ce_backward wrap": lambda: ops.group_cross_entropy_backward(
+        torch.ones(1, 3, 3, dtype=acc), x, bad, ids, cl, torch.zeros(3, 3, dtype=acc), -100),
+    "softmax meta offsets": lambda: ops.group_softmax(x, meta(good), False),
+    "softmax_backward meta grad": lambda: ops.group_softmax_backward(meta(x), x, good, False),
+    "score meta offsets": lambda: ops.group_softmax_score(x, meta(good)),
+    "score_backward meta min_group": lambda: ops.group_softmax_score_backward(
+        torch.ones(3, dtype=acc), x, good, meta(torch.zeros(3, dtype=torch.long)), torch.zeros(3, dtype=acc)),
+    "predict meta logit_class": lambda: ops.group_predict(x, good, meta(lc)),
+    "ce meta targets": lambda: ops.group_cross_entropy(x, good, meta(ids), cl, -100),
+    "ce_backward meta lse": lambda: ops.group_cross_entropy_backward(
+        torch.ones(1, 3, 2, dtype=acc), x, good, ids, cl, meta(torch.zeros(3, 2, dtype=acc)), -100),
+    "score_backward min_group int32": lambda: ops.group_softmax_score_backward(
+        torch.ones(3, dtype=acc), x, good, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=acc)),
+    "score_backward min_group out of range": lambda: ops.group_softmax_score_backward(
+        torch.ones(3, dtype=acc), x, good, torch.tensor([0, 2, 1]), torch.zeros(3, dtype=acc)),
+    "score_backward min_lse shape": lambda: ops.group_softmax_score_backward(
+        torch.ones(3, dtype=acc), x, good, torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, dtype=acc)),
+    "ce_backward lse shape": lambda: ops.group_cross_entropy_backward(
+        torch.ones(1, 3, 2, dtype=acc), x, good, ids, cl, torch.zeros(2, 3, dtype=acc), -100),
+    "ce_backward grad_losses int": lambda: ops.group_cross_entropy_backward(
+        torch.ones(1, 3, 2, dtype=torch.long), x, good, ids, cl, torch.zeros(3, 2, dtype=acc), -100),
+    "ce class_logit short": lambda: ops.group_cross_entropy(x, good, ids, cl[:2], -100),
+    "ce class_logit to others": lambda: ops.group_cross_entropy(x, good, ids, torch.tensor([0, 2, 4, 5, 6]), -100),
+    "ce class_logit huge": lambda: ops.group_cross_entropy(x, good, ids, torch.tensor([2**62, 2, 4, 5, 6]), -100),
+    "ce class id huge": lambda: ops.group_cross_entropy(x, good, torch.full((1, 3), 2**62), cl, -100),
+    "ce label huge": lambda: ops.group_cross_entropy(x, good, torch.full((1, 3, 2), -2**62), cl, -100),
+    "masked_weight scores shape": lambda: ops.masked_weight(x, x[:2], 0.5),
+    "masked_weight_backward mask shape": lambda: ops.masked_weight_backward(
+        x, x, x, torch.ones(3, dtype=torch.bool), True, True),
+}
+for name, fn in cases.items():
+    try:
+        fn()
+    except (RuntimeError, ValueError) as e:
+        print(f"{name}: raised {str(e).splitlines()[0]}")
+    else:
+        print(f"{name}: NO ERROR")
+print("END")
+"""
+
+_RAW_EXPECT = {
+    "wrap": "is past the end of the logits",
+    "meta": " on meta but ",
+    "min_group int32": "min_group must be int64",
+    "min_group out of range": "is not a group index",
+    "shape": "must have shape",
+    "grad_losses int": "grad_losses must be float64",
+    "class_logit short": "class_logit has 2 entries",
+    "class_logit to others": "is the others slot of group 0",
+    "class_logit huge": "is not a logit position",
+    "class id huge": "target class 4611686018427387904 at row 0 is out of range",
+    "label huge": "per-group label -4611686018427387904 at row 0, group 0 is out of range",
+    "masked_weight scores shape": "scores have shape",
+    "mask shape": "mask has shape",
+}
+
+
+@pytest.mark.parametrize("variant", ["default", "baseline"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_raw_ops_reject_what_crashed_them(variant, dtype):
+    env = {**os.environ}
+    if variant == "baseline":
+        env["MOSX_CPU_KERNELS"] = "baseline"
+    r = subprocess.run([sys.executable, "-c", _RAW_CASES.replace("DTYPE", f"torch.{dtype}")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "END"
+    for line in lines[:-1]:
+        name, got = line.split(": ", 1)
+        want = _RAW_EXPECT[max((k for k in _RAW_EXPECT if k in name), key=len)]
+        assert got.startswith("raised") and want in got, line
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -1,5 +1,5 @@
 // Blocked sum shared by the row kernels of every variant, written in terms of `real`. Included
-// first inside each variant's namespace in group_softmax_cpu.cpp (no include guard, includes
+// first inside each variant's namespace in row_variants.cpp (no include guard, includes
 // nothing), like row_reduce.h and row_ops.h.
 
 // sum of term(x[j]) over x[0..n): short vector partial sums over blocks of 256 keep the rounding

@@ -1,6 +1,6 @@
 // Per-row building blocks of the group-softmax CPU kernels, written once in terms of `real`.
 //
-// This file is included several times by group_softmax_cpu.cpp, each time inside its own
+// This file is included several times by row_variants.cpp, each time inside its own
 // namespace that defines `real` (float or double) and, for float, under a different
 // `#pragma GCC target` (baseline x86-64 and AVX2+FMA), so the same source is compiled into a
 // portable and an AVX2 variant picked at run time. It therefore has no include guard and includes
@@ -10,6 +10,9 @@
 // arguments <= 0 or -inf only: cheaper, used by the portable sum once a slice is known finite).
 //
 // Semantics follow torch.softmax: a slice holding NaN, +inf, or only -inf gives NaN.
+// NaN rule of score and prediction (docs/semantics.md, the same on every device and in
+// mosx.reference): the first group whose softmax is NaN wins, and its prediction is its first
+// class (logit o_k + 1) with probability NaN; the score is NaN with that group as min_group.
 
 // sum of exp(x[j] - m) over x[0..n) whose max is m: the fast path for a finite slice, else an
 // exact blocked sum (NaN, inf and -inf behave as in std::exp).
@@ -191,8 +194,10 @@ static inline void row_score_backward(real g, const real* x, const int64_t* o, i
 }
 
 // Group prediction of one row: in every group the largest non-others logit (first on ties), its
-// probability exp(x - lse_k); the group with the largest probability wins (first on ties, NaN
-// wins as in torch.max). Reports the winning logit position, its probability and the group.
+// probability exp(x - lse_k); the group with the largest probability wins (first on ties). A
+// group whose softmax is NaN (a NaN or +inf in its slice, or only -inf) has probability NaN and
+// wins, the first such group, at its first class whatever its logits (slice_argmax is not
+// consulted then). Reports the winning logit position, its probability and the group.
 static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t num_groups,
                                int64_t* best_pos, real* best_prob, int64_t* best_group) {
   // First every group's sum s_k, shift m_k and v_k = x_arg - m_k, then the exps of all v_k in
@@ -219,7 +224,9 @@ static inline void row_predict(const RowIn<real>& in, const int64_t* o, int64_t 
       swept = false;
       continue;
     }
-    *best_pos = o[group] + arg[group];
+    // A NaN probability means the group's softmax is NaN (s_k is NaN: no finite s_k >= 1 gives
+    // NaN here): the rule's first class, not the argmax of its logits.
+    *best_pos = o[group] + (e[group] != e[group] ? 1 : arg[group]);
     *best_prob = e[group];
     *best_group = group;
     return;

@@ -1,7 +1,7 @@
 // AVX2+FMA+F16C versions of the row and slice reductions of row_reduce.h, for float: the max (with
 // a probe for NaN/inf), the sums of exp(x - m) and of exp(x), the one-sweep per-group sums of a
 // whole row, c * exp(x - m) over a slice, the first-on-ties argmax, and the widening of bf16 /
-// fp16 rows. Included inside the f32_avx2 namespace of group_softmax_cpu.cpp under
+// fp16 rows. Included inside the f32_avx2 namespace of row_variants.cpp under
 // `#pragma GCC target("avx2,fma,f16c")`.
 //
 // Written by hand because the compiler's version of the exp-sum keeps one accumulator, so the
