@@ -35,11 +35,10 @@ import statistics
 
 import pytest
 import torch
+from conftest import QUICK
 
 import mosx
 from mosx import reference
-
-from conftest import QUICK
 
 HAVE_CUDA = torch.cuda.is_available() and mosx.cuda_built()
 pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and a CUDA build of mosx")
@@ -57,10 +56,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPS = ["score", "predict", "ce_fwd_bwd", "softmax"]
 COMPILE = os.environ.get("MOSX_BENCH_COMPILE", "1") == "1"
 SAMPLES = int(os.environ.get("MOSX_BENCH_SAMPLES", "5" if QUICK else "15"))
-COMPILE_BATCHES = ([int(b) for b in os.environ["MOSX_BENCH_COMPILE_BATCHES"].split(",")]
-                   if os.environ.get("MOSX_BENCH_COMPILE_BATCHES") else None)  # None: every batch
-COMPILE_LAYOUTS = (os.environ["MOSX_BENCH_COMPILE_LAYOUTS"].split(",")
-                   if os.environ.get("MOSX_BENCH_COMPILE_LAYOUTS") else None)
+COMPILE_BATCHES = (
+    [int(b) for b in os.environ["MOSX_BENCH_COMPILE_BATCHES"].split(",")]
+    if os.environ.get("MOSX_BENCH_COMPILE_BATCHES")
+    else None
+)  # None: every batch
+COMPILE_LAYOUTS = (
+    os.environ["MOSX_BENCH_COMPILE_LAYOUTS"].split(",") if os.environ.get("MOSX_BENCH_COMPILE_LAYOUTS") else None
+)
 JSONL = os.environ.get("MOSX_BENCH_JSONL")
 WARMUP_ONLY = os.environ.get("MOSX_BENCH_COMPILE_WARMUP_ONLY") == "1"
 
@@ -96,7 +99,7 @@ def copy_bandwidth():
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(1)
     dst = torch.empty_like(src)
-    ms = cuda_median_ms(lambda: dst.copy_(src), samples=20, flush=False)
+    ms = cuda_median_ms(lambda: dst.copy_(src), samples=20, flush=False)  # noqa: F821 (runs before the del below)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n / (ms * 1e-3)
@@ -114,20 +117,18 @@ def write_table(request):
 def op_functions(op, x, groups, targets):
     """(fused, reference) callables for one op on fixed inputs."""
     if op == "score":
-        return (lambda: mosx.group_softmax_score(x, groups),
-                lambda: reference.group_softmax_score(x, groups))
+        return (lambda: mosx.group_softmax_score(x, groups), lambda: reference.group_softmax_score(x, groups))
     if op == "predict":
-        return (lambda: mosx.group_predict(x, groups),
-                lambda: reference.group_predict(x, groups))
+        return (lambda: mosx.group_predict(x, groups), lambda: reference.group_predict(x, groups))
     if op == "softmax":
-        return (lambda: mosx.group_softmax(x, groups),
-                lambda: reference.group_softmax(x, groups))
+        return (lambda: mosx.group_softmax(x, groups), lambda: reference.group_softmax(x, groups))
     xg = x.detach().requires_grad_()
 
     def fwd_bwd(fn):
         def run():
             xg.grad = None
             fn(xg, targets, groups).backward()
+
         return run
 
     return fwd_bwd(mosx.group_cross_entropy), fwd_bwd(reference.group_cross_entropy)
@@ -149,11 +150,15 @@ def _raise_recompile_limits():
             setattr(cfg, name, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_reference(op):
     _raise_recompile_limits()
-    fn = {"score": reference.group_softmax_score, "predict": reference.group_predict,
-          "softmax": reference.group_softmax, "ce_fwd_bwd": reference.group_cross_entropy}[op]
+    fn = {
+        "score": reference.group_softmax_score,
+        "predict": reference.group_predict,
+        "softmax": reference.group_softmax,
+        "ce_fwd_bwd": reference.group_cross_entropy,
+    }[op]
     return torch.compile(fn)
 
 
@@ -173,6 +178,7 @@ def compiled_function(op, x, groups, targets):
     def run():
         xg.grad = None
         fn(xg, targets, groups).backward()
+
     return run
 
 
@@ -221,8 +227,14 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
     targets = torch.randint(0, groups.num_classes, (batch,), generator=gen, device="cuda")
     fused, ref = op_functions(op, x, groups, targets)
 
-    row = {"op": op, "layout": layout, "dtype": dtype, "batch": batch,
-           "num_logits": groups.num_logits, "bytes": bytes_moved(op, batch, groups, dt)}
+    row = {
+        "op": op,
+        "layout": layout,
+        "dtype": dtype,
+        "batch": batch,
+        "num_logits": groups.num_logits,
+        "bytes": bytes_moved(op, batch, groups, dt),
+    }
     row["fused_ms"] = cuda_median_ms(fused)
     row["bandwidth"] = row["bytes"] / (row["fused_ms"] * 1e-3)
     row["fraction_of_copy"] = row["bandwidth"] / copy_bandwidth
@@ -249,8 +261,11 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
 
 
 def _compile_wanted(batch, layout):
-    return (COMPILE and (COMPILE_BATCHES is None or batch in COMPILE_BATCHES)
-            and (COMPILE_LAYOUTS is None or layout in COMPILE_LAYOUTS))
+    return (
+        COMPILE
+        and (COMPILE_BATCHES is None or batch in COMPILE_BATCHES)
+        and (COMPILE_LAYOUTS is None or layout in COMPILE_LAYOUTS)
+    )
 
 
 # After every fused / reference case: compiling is what takes the time.
@@ -321,7 +336,8 @@ def write_markdown(rows, config):
         lines.append(
             f"| {r['op']} | {r['layout']} | {r['dtype']} | {r['batch']} | {f:.4f} | "
             f"{r['bandwidth'] / 1e9:.0f} | {r['fraction_of_copy']:.2f} | {ms(r.get('reference_ms'))} | "
-            f"{ratio(r.get('reference_ms'), f)} | {ms(r.get('compiled_ms'))} | {ratio(r.get('compiled_ms'), f)} |")
+            f"{ratio(r.get('reference_ms'), f)} | {ms(r.get('compiled_ms'))} | {ratio(r.get('compiled_ms'), f)} |"
+        )
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path

@@ -21,7 +21,8 @@ SIZES = [20] if QUICK else [100, 400]
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(glyphs.DEFAULT_FONT_DIR),
-    reason="apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)")
+    reason="apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)",
+)
 
 
 @pytest.mark.parametrize("num_classes", SIZES)

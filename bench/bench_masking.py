@@ -9,11 +9,10 @@ MOSX_MASK_SELECT=aten times the ATen (kthvalue) selection instead of mosx's radi
 
 import pytest
 import torch
+from conftest import QUICK
 
 import mosx
 from mosx.masking import keep_count, masked_weight
-
-from conftest import QUICK
 
 SHAPES = {"conv3x3_2.4M": (512, 512, 3, 3), "conv1x1_1M": (2048, 512, 1, 1)}
 if QUICK:

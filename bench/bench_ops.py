@@ -9,11 +9,10 @@ import functools
 
 import pytest
 import torch
+from conftest import QUICK
 
 import mosx
 from mosx import reference
-
-from conftest import QUICK
 
 GROUPS = mosx.Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
 BATCHES = [256] if QUICK else [256, 4096, 65536]
@@ -22,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ["fused", "reference"] + ([] if QUICK else ["compiled_reference"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn):
     return torch.compile(fn, dynamic=True)
 
@@ -52,9 +51,12 @@ def fused_ce(x, t):
 
 
 FUNCS = {
-    ("score", "fused"): fused_score, ("score", "reference"): ref_score,
-    ("predict", "fused"): fused_predict, ("predict", "reference"): ref_predict,
-    ("ce_fwd_bwd", "fused"): fused_ce, ("ce_fwd_bwd", "reference"): ref_ce,
+    ("score", "fused"): fused_score,
+    ("score", "reference"): ref_score,
+    ("predict", "fused"): fused_predict,
+    ("predict", "reference"): ref_predict,
+    ("ce_fwd_bwd", "fused"): fused_ce,
+    ("ce_fwd_bwd", "reference"): ref_ce,
 }
 
 
@@ -91,7 +93,6 @@ def test_op(benchmark, op, n, dtype, impl):
         assert x.grad is not None and torch.isfinite(x.grad.float()).all()
     else:
         fn(x)
-        out = benchmark.pedantic(fn, args=(x,), rounds=1 if QUICK else rounds_for(n),
-                                 warmup_rounds=0 if QUICK else 1)
+        out = benchmark.pedantic(fn, args=(x,), rounds=1 if QUICK else rounds_for(n), warmup_rounds=0 if QUICK else 1)
         first = out[0] if isinstance(out, tuple) else out
         assert first.shape == (n,)

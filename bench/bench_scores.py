@@ -36,10 +36,28 @@ def cache():
     }
 
 
-SPECS = ["mos", "msp", "maxlogit", "energy", "odin:temperature=1000", "gradnorm", "kl_matching",
-         "mahalanobis", "mahalanobis:dtype=float32", "react-energy",
-         # issue 15
-         "entropy", "gen", "vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templates=labels"]
+SPECS = [
+    "mos",
+    "msp",
+    "maxlogit",
+    "energy",
+    "odin:temperature=1000",
+    "gradnorm",
+    "kl_matching",
+    "mahalanobis",
+    "mahalanobis:dtype=float32",
+    "react-energy",
+    # issue 15
+    "entropy",
+    "gen",
+    "vim",
+    "knn",
+    "nnguide",
+    "rmd",
+    "fdbd",
+    "nci",
+    "kl_matching:templates=labels",
+]
 FIT_SPECS = ["vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templates=labels"]
 
 
@@ -47,12 +65,20 @@ FIT_SPECS = ["vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templat
 @pytest.mark.parametrize("device", DEVICES)
 def test_score_10k_rows(benchmark, cache, spec, device):
     s = S.build_scorer(spec, groups=cache["groups"], head=cache["head"])
-    data = {"logits": cache["grouped"] if spec == "mos" else cache["logits"], "features": cache["features"],
-            "labels": cache["labels"], "head": cache["head"]}
+    data = {
+        "logits": cache["grouped"] if spec == "mos" else cache["logits"],
+        "features": cache["features"],
+        "labels": cache["labels"],
+        "head": cache["head"],
+    }
     S.fit_all({spec: s}, data, device=device)
     data.pop("labels")
     benchmark.group = f"scores {N} rows {device}"
-    out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=1 if QUICK else 2, warmup_rounds=0 if QUICK else 1)
+    out = benchmark.pedantic(
+        lambda: S.score_all({spec: s}, data, device=device)[spec],
+        rounds=1 if QUICK else 2,
+        warmup_rounds=0 if QUICK else 1,
+    )
     assert out.shape == (N,) and torch.isfinite(out).all()
 
 
@@ -61,8 +87,11 @@ def test_score_10k_rows(benchmark, cache, spec, device):
 def test_fit_10k_rows(benchmark, cache, spec, device):
     data = {"logits": cache["logits"], "features": cache["features"], "labels": cache["labels"], "head": cache["head"]}
     benchmark.group = f"fit {N} rows {device}"
-    s = benchmark.pedantic(lambda: S.fit_all({spec: S.build_scorer(spec)}, data, device=device)[spec],
-                           rounds=1 if QUICK else 2, warmup_rounds=0)
+    s = benchmark.pedantic(
+        lambda: S.fit_all({spec: S.build_scorer(spec)}, data, device=device)[spec],
+        rounds=1 if QUICK else 2,
+        warmup_rounds=0,
+    )
     assert s.fitted
 
 
@@ -93,7 +122,7 @@ def test_knn_against_one_matrix_product(device):
 
     def product():
         for lo in range(0, Q, 1024):
-            queries[lo:lo + 1024] @ knn._bank.T
+            queries[lo : lo + 1024] @ knn._bank.T
         sync()
 
     def search():
@@ -104,22 +133,35 @@ def test_knn_against_one_matrix_product(device):
     repeats = 1 if QUICK else 3
     t_mm, t_knn = _median_seconds(product, repeats), _median_seconds(search, repeats)
     ratio = t_knn / t_mm
-    print(f"\nknn k=50, {M} x {Dk} bank, {Q} queries on {device}: search {t_knn:.3f} s, "
-          f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})")
+    print(
+        f"\nknn k=50, {M} x {Dk} bank, {Q} queries on {device}: search {t_knn:.3f} s, "
+        f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})"
+    )
     if not QUICK:
         assert ratio < 3.0
 
 
 # ------------------------------------------------------------------------------ shaping wrappers (issue 15)
-WRAPPER_SPECS = ["react-energy", "ash-energy:variant=p", "ash-energy:variant=b", "ash-energy", "scale-energy",
-                 "dice-energy", "react-mos", "ash-mos", "scale-mos", "dice-mos"]
+WRAPPER_SPECS = [
+    "react-energy",
+    "ash-energy:variant=p",
+    "ash-energy:variant=b",
+    "ash-energy",
+    "scale-energy",
+    "dice-energy",
+    "react-mos",
+    "ash-mos",
+    "scale-mos",
+    "dice-mos",
+]
 
 
 @pytest.fixture(scope="module")
 def grouped_head(cache):
     gen = torch.Generator().manual_seed(1)
-    return S.LinearHead(torch.randn(cache["groups"].num_logits, D, generator=gen) * 0.02,
-                        torch.zeros(cache["groups"].num_logits))
+    return S.LinearHead(
+        torch.randn(cache["groups"].num_logits, D, generator=gen) * 0.02, torch.zeros(cache["groups"].num_logits)
+    )
 
 
 @pytest.mark.parametrize("spec", WRAPPER_SPECS)
@@ -131,6 +173,9 @@ def test_shaping_wrappers(benchmark, cache, grouped_head, spec, device):
     data = {"features": cache["features"], "head": head}
     S.fit_all({spec: s}, data, device=device)
     benchmark.group = f"shaping {N} rows {device}"
-    out = benchmark.pedantic(lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=1 if QUICK else 2,
-                             warmup_rounds=0 if QUICK else 1)
+    out = benchmark.pedantic(
+        lambda: S.score_all({spec: s}, data, device=device)[spec],
+        rounds=1 if QUICK else 2,
+        warmup_rounds=0 if QUICK else 1,
+    )
     assert out.shape == (N,) and torch.isfinite(out).all()

@@ -13,7 +13,8 @@ namespace {
 int failures = 0;
 
 void expect_close(const at::Tensor& a, const at::Tensor& b, const char* what, double tol = 1e-9) {
-  const bool ok = a.sizes() == b.sizes() && at::allclose(a.to(at::kDouble), b.to(at::kDouble), tol, tol);
+  const bool ok =
+      a.sizes() == b.sizes() && at::allclose(a.to(at::kDouble), b.to(at::kDouble), tol, tol);
   std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
   if (!ok) ++failures;
 }
@@ -44,20 +45,25 @@ int main() {
   for (auto& p : probs) others.push_back(p.select(1, 0));
   const at::Tensor score_ref = -std::get<0>(at::stack(others, 1).min(1));
 
-  auto softmax = op("mosx::group_softmax").typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>();
+  auto softmax =
+      op("mosx::group_softmax").typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>();
   expect_close(softmax.call(x, offsets, false), softmax_ref, "group_softmax");
   expect_close(softmax.call(x, offsets, true), softmax_ref.log(), "group_softmax (log)");
 
   auto score = op("mosx::group_softmax_score")
-                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                         const at::Tensor&)>();
   expect_close(std::get<0>(score.call(x, offsets)), score_ref, "group_softmax_score");
 
   // Cross-entropy for class ids: class c of group g has label within+1 in g, 0 elsewhere.
-  const at::Tensor class_logit = at::tensor(std::vector<int64_t>{1, 2, 3, 5, 7, 8, 9, 10, 11}, at::kLong);
-  const at::Tensor targets = at::tensor(std::vector<int64_t>{0, 3, 8, 2, 4, 6, 1}, at::kLong).view({1, N});
+  const at::Tensor class_logit =
+      at::tensor(std::vector<int64_t>{1, 2, 3, 5, 7, 8, 9, 10, 11}, at::kLong);
+  const at::Tensor targets =
+      at::tensor(std::vector<int64_t>{0, 3, 8, 2, 4, 6, 1}, at::kLong).view({1, N});
   auto ce = op("mosx::group_cross_entropy")
-                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                          const at::Tensor&, int64_t)>();
+                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                          const at::Tensor&, const at::Tensor&,
+                                                          int64_t)>();
   auto [losses, lse] = ce.call(x, offsets, targets, class_logit, -100);
   at::Tensor loss_ref = at::zeros({N}, at::kDouble);
   for (int64_t i = 0; i < N; ++i) {

@@ -9,8 +9,8 @@
 namespace mosx {
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be a 2-D [N, L] tensor, got ",
-              logits.dim(), "-D with shape ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be a 2-D [N, L] tensor, got ", logits.dim(),
+              "-D with shape ", logits.sizes());
   const auto st = logits.scalar_type();
   TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
               ": logits must be float64, float32, float16 or bfloat16, got ", st);

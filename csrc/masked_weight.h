@@ -38,8 +38,10 @@ inline void check_masked_weight_inputs(const at::Tensor& weight, const at::Tenso
               " but the weight is on ", weight.device());
   TORCH_CHECK(std::isfinite(keep) && keep > 0.0 && keep <= 1.0, op,
               ": keep must be a fraction in (0, 1], got ", keep);
-  TORCH_CHECK(weight.numel() < kMaskedWeightMaxNumel, op, ": a masked layer may hold at most 2^32 - 1 "
-              "weights, got ", weight.numel());
+  TORCH_CHECK(weight.numel() < kMaskedWeightMaxNumel, op,
+              ": a masked layer may hold at most 2^32 - 1 "
+              "weights, got ",
+              weight.numel());
 }
 
 // Number of entries kept: round half up, at least one, at most all (0 for an empty layer).
@@ -57,8 +59,9 @@ inline void check_masked_weight_backward_inputs(const at::Tensor& grad, const at
                                                 const at::Tensor& scores, const at::Tensor& mask,
                                                 const char* op) {
   check_masked_weight_inputs(weight, scores, 1.0, op);
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op, ": grad must have the weight's dtype ",
-              weight.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op,
+              ": grad must have the weight's dtype ", weight.scalar_type(), ", got ",
+              grad.scalar_type());
   TORCH_CHECK(grad.sizes() == weight.sizes(), op, ": grad has shape ", grad.sizes(),
               " but the weight has shape ", weight.sizes());
   TORCH_CHECK(grad.device() == weight.device(), op, ": grad is on ", grad.device(),

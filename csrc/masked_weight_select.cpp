@@ -41,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_threshold(const at::Tensor& sco
   // take the first `need` ties in index order: c is the index of the need-th tie.
   const auto bits = flat.view(at::kLong).bitwise_and(std::numeric_limits<int64_t>::max());
   auto t = std::get<0>(at::kthvalue(bits, rank));
-  const auto need = bits.gt(t).sum().neg_().add_(k);                   // >= 1 by construction
-  const auto tie_rank = bits.eq(t).cumsum(0, at::kLong);                // ties at or before i
-  auto c = tie_rank.lt(need).sum();                                     // first i reaching need
+  const auto need = bits.gt(t).sum().neg_().add_(k);      // >= 1 by construction
+  const auto tie_rank = bits.eq(t).cumsum(0, at::kLong);  // ties at or before i
+  auto c = tie_rank.lt(need).sum();                       // first i reaching need
   return {t, c};
 }
 

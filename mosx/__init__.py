@@ -1,11 +1,15 @@
 """mosx: fused MOS group-softmax kernels and OOD detection tools for PyTorch.
 
-    import mosx
-    groups = mosx.Groups.from_sizes([398, 521, 9, 7, 52, 8, 3, 2])
-    score = mosx.group_softmax_score(logits, groups)   # higher = more in-distribution
+import mosx
+groups = mosx.Groups.from_sizes([398, 521, 9, 7, 52, 8, 3, 2])
+score = mosx.group_softmax_score(logits, groups)   # higher = more in-distribution
 """
 
+from . import metrics, reference, scores
+from .gate import OODGate
 from .groups import Groups, as_groups
+from .masking import masked_weight
+from .models import load_model
 from .ops import (
     cuda_built,
     group_cross_entropy,
@@ -14,10 +18,6 @@ from .ops import (
     group_softmax,
     group_softmax_score,
 )
-from .masking import masked_weight
-from .models import load_model
-from .gate import OODGate
-from . import metrics, reference, scores
 
 __version__ = "0.1.0"
 

@@ -62,8 +62,14 @@ def _gate_groups(module: nn.Module) -> Groups | None:
 
 
 # ------------------------------------------------------------------------------ pt2
-def export_pt2(module: nn.Module, path=None, example: torch.Tensor | None = None, *, image_size: int = 224,
-               dynamic_batch: bool = True):
+def export_pt2(
+    module: nn.Module,
+    path=None,
+    example: torch.Tensor | None = None,
+    *,
+    image_size: int = 224,
+    dynamic_batch: bool = True,
+):
     """torch.export of `module` on `example` (default: zeros from :func:`example_input`); the
     batch dimension is dynamic unless dynamic_batch=False. Saved to `path` when given. Returns the
     ExportedProgram."""
@@ -93,7 +99,7 @@ class _Layout:
             self.index[g, :n] = np.arange(off[g], off[g] + n)
             self.index[g, n:] = off[g]
             self.valid[g, :n] = True
-            self.classes[g, : n - 1] = logit_class[off[g] + 1: off[g] + n]
+            self.classes[g, : n - 1] = logit_class[off[g] + 1 : off[g] + n]
         self.others = np.asarray(off[:-1], dtype=np.int64)
         # [L] group of each logit position and [L] slot within its group (for group_softmax).
         self.logit_group = np.repeat(np.arange(k, dtype=np.int64), [z + 1 for z in sizes])
@@ -116,8 +122,10 @@ def onnx_translations(groups, opset_version: int = 18) -> dict:
     def check_width(x):
         shape = getattr(x, "shape", None)
         if shape is not None and len(shape) == 2 and isinstance(shape[1], int) and shape[1] != lay.num_logits:
-            raise ValueError(f"mosx ONNX export: the logits have {shape[1]} columns but the grouping the "
-                             f"translation table was built for needs {lay.num_logits}")
+            raise ValueError(
+                f"mosx ONNX export: the logits have {shape[1]} columns but the grouping the "
+                f"translation table was built for needs {lay.num_logits}"
+            )
 
     def blocks(x):
         """(block [N, K, S] with -inf padding, max m [N, K], sum s [N, K]) of the groups."""
@@ -141,8 +149,12 @@ def onnx_translations(groups, opset_version: int = 18) -> dict:
 
     def group_predict(logits, offsets, logit_class):
         g, m, s = blocks(logits)
-        cls_block = op.Slice(g, const(np.array([1], dtype=np.int64)), const(np.array([S], dtype=np.int64)),
-                             const(np.array([2], dtype=np.int64)))  # [N, K, S-1] class slots only
+        cls_block = op.Slice(
+            g,
+            const(np.array([1], dtype=np.int64)),
+            const(np.array([S], dtype=np.int64)),
+            const(np.array([2], dtype=np.int64)),
+        )  # [N, K, S-1] class slots only
         arg = op.ArgMax(cls_block, axis=2, keepdims=0)  # [N, K] first on ties
         best = op.ReduceMax(cls_block, const(np.array([2], dtype=np.int64)), keepdims=0)  # [N, K]
         prob = op.Div(op.Exp(op.Sub(best, m)), s)  # [N, K]
@@ -165,13 +177,24 @@ def onnx_translations(groups, opset_version: int = 18) -> dict:
         return op.Div(op.Exp(shifted), s_l)
 
     ops = torch.ops.mosx
-    return {ops.group_softmax_score.default: group_softmax_score,
-            ops.group_predict.default: group_predict,
-            ops.group_softmax.default: group_softmax}
+    return {
+        ops.group_softmax_score.default: group_softmax_score,
+        ops.group_predict.default: group_predict,
+        ops.group_softmax.default: group_softmax,
+    }
 
 
-def export_onnx(module: nn.Module, path=None, example: torch.Tensor | None = None, *, groups=None,
-                image_size: int = 224, dynamic_batch: bool = True, opset_version: int = 18, optimize: bool = True):
+def export_onnx(
+    module: nn.Module,
+    path=None,
+    example: torch.Tensor | None = None,
+    *,
+    groups=None,
+    image_size: int = 224,
+    dynamic_batch: bool = True,
+    opset_version: int = 18,
+    optimize: bool = True,
+):
     """ONNX export with the mosx ops rewritten into standard ONNX ops (see the module docstring).
 
     groups: the grouping the mosx ops run on (default: ``module.groups``, an OODGate's); a module
@@ -183,10 +206,18 @@ def export_onnx(module: nn.Module, path=None, example: torch.Tensor | None = Non
     table = onnx_translations(g, opset_version) if g is not None else None
     x = example if example is not None else example_input(module, image_size)
     gated = type(module).__name__ == "OODGate"
-    prog = torch.onnx.export(module, (x,), dynamo=True, custom_translation_table=table,
-                             input_names=["images"], output_names=list(OUTPUT_NAMES) if gated else None,
-                             dynamic_shapes=_dynamic_batch(x, dynamic_batch), opset_version=opset_version,
-                             optimize=optimize, verbose=False)
+    prog = torch.onnx.export(
+        module,
+        (x,),
+        dynamo=True,
+        custom_translation_table=table,
+        input_names=["images"],
+        output_names=list(OUTPUT_NAMES) if gated else None,
+        dynamic_shapes=_dynamic_batch(x, dynamic_batch),
+        opset_version=opset_version,
+        optimize=optimize,
+        verbose=False,
+    )
     if path is not None:
         prog.save(os.fspath(path))
     return prog
@@ -195,26 +226,42 @@ def export_onnx(module: nn.Module, path=None, example: torch.Tensor | None = Non
 # ------------------------------------------------------------------------------ command line
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mosx export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="mosx export",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Export an OOD gate (model + score + threshold) to ONNX or a torch.export .pt2 file. "
-                    "--model is a gate file (OODGate.save), or a mosx model file with --calibrate ID_FOLDER "
-                    "to calibrate the gate first (then --save-gate keeps it as a gate file).")
-    p.add_argument("--model", required=True, help="gate file, or a model file (any form mosx.load_model reads) "
-                                                  "with --calibrate")
+        "--model is a gate file (OODGate.save), or a mosx model file with --calibrate ID_FOLDER "
+        "to calibrate the gate first (then --save-gate keeps it as a gate file).",
+    )
+    p.add_argument(
+        "--model", required=True, help="gate file, or a model file (any form mosx.load_model reads) with --calibrate"
+    )
     p.add_argument("--format", required=True, choices=("onnx", "pt2"))
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--calibrate", metavar="ID_FOLDER", help="ID validation images (class sub-folders or a list "
-                                                             "file) to calibrate the threshold on")
+    p.add_argument(
+        "--calibrate",
+        metavar="ID_FOLDER",
+        help="ID validation images (class sub-folders or a list file) to calibrate the threshold on",
+    )
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of the calibration images kept as ID")
-    p.add_argument("--scorer", default=None, help="mos (grouped model; the default then), msp (flat; the "
-                                                  "default then), maxlogit, energy[:temperature=T], odin:temperature=T")
-    p.add_argument("--groups", help="grouping of a grouped model not stored in its file: groups .json, list "
-                                    "file, or sizes '398,521,...'")
+    p.add_argument(
+        "--scorer",
+        default=None,
+        help="mos (grouped model; the default then), msp (flat; the "
+        "default then), maxlogit, energy[:temperature=T], odin:temperature=T",
+    )
+    p.add_argument(
+        "--groups",
+        help="grouping of a grouped model not stored in its file: groups .json, list file, or sizes '398,521,...'",
+    )
     p.add_argument("--fpr-rule", choices=("nearest", "first"), default="nearest")
     p.add_argument("--save-gate", metavar="FILE", help="also write the calibrated gate file")
-    p.add_argument("--image-size", type=int, help="input height = width of the export (default: the training "
-                                                  "config's eval_resize in the model file, else 224); also the "
-                                                  "calibration transform's")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="input height = width of the export (default: the training "
+        "config's eval_resize in the model file, else 224); also the "
+        "calibration transform's",
+    )
     p.add_argument("--resize", choices=("squash", "crop"), default="squash")
     p.add_argument("--mean", type=float, nargs=3, default=None, help="default: the training config's, else 0.5")
     p.add_argument("--std", type=float, nargs=3, default=None, help="default: the training config's, else 0.5")
@@ -271,21 +318,28 @@ def main(argv=None) -> int:
             gate = model
         else:
             if not args.calibrate:
-                raise ValueError(f"{args.model} is a model, not a gate file: give --calibrate ID_FOLDER (and --tpr, "
-                                 "--scorer) to build the gate, or a gate file written by OODGate.save / --save-gate")
+                raise ValueError(
+                    f"{args.model} is a model, not a gate file: give --calibrate ID_FOLDER (and --tpr, "
+                    "--scorer) to build the gate, or a gate file written by OODGate.save / --save-gate"
+                )
             groups = info.get("groups")
             if args.groups:
                 from .evaluate.run import _parse_groups
+
                 groups = _parse_groups(args.groups)
             scorer = args.scorer or ("mos" if groups is not None else "msp")
             in_chans = int(info.get("in_chans") or _in_chans(model))
-            batches = _calibration_batches(args.calibrate, in_chans, image_size, args.resize, mean, std,
-                                           args.batch_size)
-            gate = OODGate.calibrate((model, info), batches, scorer=scorer, groups=groups, tpr=args.tpr,
-                                     fpr_rule=args.fpr_rule)
+            batches = _calibration_batches(
+                args.calibrate, in_chans, image_size, args.resize, mean, std, args.batch_size
+            )
+            gate = OODGate.calibrate(
+                (model, info), batches, scorer=scorer, groups=groups, tpr=args.tpr, fpr_rule=args.fpr_rule
+            )
             c = gate.calibration
-            print(f"calibrated {gate.scorer} on {c['num_images']} images: threshold {float(gate.threshold):.9g}, "
-                  f"kept {c['kept']} ({100 * c['measured_tpr']:.2f}%, asked {100 * args.tpr:g}%)")
+            print(
+                f"calibrated {gate.scorer} on {c['num_images']} images: threshold {float(gate.threshold):.9g}, "
+                f"kept {c['kept']} ({100 * c['measured_tpr']:.2f}%, asked {100 * args.tpr:g}%)"
+            )
             if args.save_gate:
                 gate.save(args.save_gate)
                 print(f"wrote {args.save_gate}")

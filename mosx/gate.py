@@ -67,7 +67,8 @@ def _scorer_spec(scorer, groups: Groups | None) -> dict:
             if "needs groups" in str(e):
                 raise ValueError(
                     "OODGate: the mos scorer needs the model's grouping: give groups= (or a mosx model file "
-                    "that stores one), or pick a flat-model scorer (msp, maxlogit, energy, odin)") from None
+                    "that stores one), or pick a flat-model scorer (msp, maxlogit, energy, odin)"
+                ) from None
             raise
     if not isinstance(scorer, S.Scorer):
         raise TypeError(f"OODGate: scorer must be a spec string or a mosx.scores.Scorer, got {type(scorer).__name__}")
@@ -85,16 +86,24 @@ def _scorer_spec(scorer, groups: Groups | None) -> dict:
     elif type(scorer) is S.ODIN and scorer.eps == 0:
         spec = {"name": "odin", "temperature": float(scorer.temperature)}
     else:
-        why = ("perturbs the input with a gradient step" if type(scorer) is S.ODIN
-               else "needs statistics fitted on ID data" if scorer.needs_fit
-               else f"reads {', '.join(scorer.needs)}, not the logits alone" if tuple(scorer.needs) != ("logits",)
-               else "is not one of the gate's scorers (its formula is not written into the gate)")
-        raise ValueError(f"OODGate: scorer {scorer!r} {why}; a gate takes a logit scorer that needs no "
-                         f"fitting: {supported}")
+        why = (
+            "perturbs the input with a gradient step"
+            if type(scorer) is S.ODIN
+            else "needs statistics fitted on ID data"
+            if scorer.needs_fit
+            else f"reads {', '.join(scorer.needs)}, not the logits alone"
+            if tuple(scorer.needs) != ("logits",)
+            else "is not one of the gate's scorers (its formula is not written into the gate)"
+        )
+        raise ValueError(
+            f"OODGate: scorer {scorer!r} {why}; a gate takes a logit scorer that needs no fitting: {supported}"
+        )
     if groups is not None:
-        raise ValueError(f"OODGate: scorer {spec['name']!r} reads flat class logits but the model is grouped "
-                         f"({groups.num_logits} = classes + others slots); use scorer='mos', or groups=None "
-                         "for a flat model")
+        raise ValueError(
+            f"OODGate: scorer {spec['name']!r} reads flat class logits but the model is grouped "
+            f"({groups.num_logits} = classes + others slots); use scorer='mos', or groups=None "
+            "for a flat model"
+        )
     return spec
 
 
@@ -129,8 +138,10 @@ def _resolve_model(model):
         if isinstance(model, OODGate):
             raise ValueError("OODGate.calibrate: the model is already a gate; give the model it was built from")
         return model, {}, None
-    raise TypeError(f"OODGate: model must be an nn.Module, a model file path or load_model's (model, info), "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"OODGate: model must be an nn.Module, a model file path or load_model's (model, info), "
+        f"got {type(model).__name__}"
+    )
 
 
 def _model_width(model: nn.Module) -> int | None:
@@ -156,8 +167,10 @@ def _arch_of(model: nn.Module) -> str:
     cfg = getattr(bb, "pretrained_cfg", None) or getattr(bb, "default_cfg", None) or {}
     name = cfg.get("architecture")
     if not name:
-        raise ValueError(f"OODGate.save: cannot tell the architecture of the backbone {type(bb).__name__}; "
-                         "give arch= to OODGate(...) / OODGate.calibrate(...)")
+        raise ValueError(
+            f"OODGate.save: cannot tell the architecture of the backbone {type(bb).__name__}; "
+            "give arch= to OODGate(...) / OODGate.calibrate(...)"
+        )
     return name
 
 
@@ -167,23 +180,30 @@ def _model_record(model: nn.Module, info: dict, record: dict | None, arch: str |
     from .models.backbones import MODEL_FORMAT, Classifier
 
     if not isinstance(model, Classifier):
-        raise ValueError(f"OODGate.save: the gate's model is a {type(model).__name__}, not a mosx model "
-                         "(mosx.models.Classifier: a backbone and a linear head, as mosx train writes and "
-                         "mosx.models.build_model makes); only those can be saved in a gate file. Export it "
-                         "instead (mosx.export.export_onnx / export_pt2), which works for any module")
+        raise ValueError(
+            f"OODGate.save: the gate's model is a {type(model).__name__}, not a mosx model "
+            "(mosx.models.Classifier: a backbone and a linear head, as mosx train writes and "
+            "mosx.models.build_model makes); only those can be saved in a gate file. Export it "
+            "instead (mosx.export.export_onnx / export_pt2), which works for any module"
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     groups = info.get("groups")
     if record is not None:
         return {**record, "state_dict": state}
     conv = _first_conv(model.backbone)
-    return {"format": MODEL_FORMAT, "arch": arch or info.get("arch") or _arch_of(model),
-            "num_features": int(model.head.in_features),
-            "in_chans": int(info.get("in_chans") or (conv.in_channels if conv is not None else 3)),
-            "num_outputs": int(model.head.out_features), "loss": info.get("loss") or ("group" if groups else "flat"),
-            "groups": None if groups is None else {"num_groups": groups.num_groups,
-                                                   "class_to_group": list(groups.class_to_group)},
-            "class_names": list(info["class_names"]) if info.get("class_names") is not None else None,
-            "state_dict": state}
+    return {
+        "format": MODEL_FORMAT,
+        "arch": arch or info.get("arch") or _arch_of(model),
+        "num_features": int(model.head.in_features),
+        "in_chans": int(info.get("in_chans") or (conv.in_channels if conv is not None else 3)),
+        "num_outputs": int(model.head.out_features),
+        "loss": info.get("loss") or ("group" if groups else "flat"),
+        "groups": None
+        if groups is None
+        else {"num_groups": groups.num_groups, "class_to_group": list(groups.class_to_group)},
+        "class_names": list(info["class_names"]) if info.get("class_names") is not None else None,
+        "state_dict": state,
+    }
 
 
 def _images_of(batch):
@@ -196,8 +216,10 @@ def _images_of(batch):
         for key in ("image", "images", "inputs", "x"):
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
-    raise TypeError(f"OODGate.calibrate: a loader batch must be an image tensor, a tuple / list starting with one, "
-                    f"or a dict with 'image'; got {type(batch).__name__}")
+    raise TypeError(
+        f"OODGate.calibrate: a loader batch must be an image tensor, a tuple / list starting with one, "
+        f"or a dict with 'image'; got {type(batch).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------ the gate
@@ -220,9 +242,19 @@ class OODGate(nn.Module):
         arch: the backbone name for :meth:`save` when it cannot be told from the model.
     """
 
-    def __init__(self, model: nn.Module, scorer="mos", threshold: float = math.nan, *, groups=None,
-                 tpr: float | None = None, fpr_rule: str = "nearest", info: dict | None = None,
-                 arch: str | None = None, _record: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer="mos",
+        threshold: float = math.nan,
+        *,
+        groups=None,
+        tpr: float | None = None,
+        fpr_rule: str = "nearest",
+        info: dict | None = None,
+        arch: str | None = None,
+        _record: dict | None = None,
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"OODGate: model must be an nn.Module, got {type(model).__name__}")
@@ -252,9 +284,11 @@ class OODGate(nn.Module):
 
     def _width_message(self, width: int) -> str:
         g = self.groups
-        return (f"OODGate: the model outputs {width} logits but the grouping needs {g.num_logits} "
-                f"(= {g.num_classes} classes + {g.num_groups} others slots): the model's width matches no "
-                f"grouping given; pass the groups it was trained with (groups=None for a flat model)")
+        return (
+            f"OODGate: the model outputs {width} logits but the grouping needs {g.num_logits} "
+            f"(= {g.num_classes} classes + {g.num_groups} others slots): the model's width matches no "
+            f"grouping given; pass the groups it was trained with (groups=None for a flat model)"
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> GateOutput:
@@ -296,8 +330,18 @@ class OODGate(nn.Module):
 
     # ------------------------------------------------------------------ calibration
     @classmethod
-    def calibrate(cls, model, id_loader, scorer="mos", groups=None, tpr: float = 0.95, *,
-                  fpr_rule: str = "nearest", device=None, arch: str | None = None) -> OODGate:
+    def calibrate(
+        cls,
+        model,
+        id_loader,
+        scorer="mos",
+        groups=None,
+        tpr: float = 0.95,
+        *,
+        fpr_rule: str = "nearest",
+        device=None,
+        arch: str | None = None,
+    ) -> OODGate:
         """A gate whose threshold keeps the `tpr` fraction of `id_loader`'s images as ID.
 
         Args:
@@ -335,18 +379,27 @@ class OODGate(nn.Module):
                     continue
                 scores.append(gate.predict_and_score(module(x.to(device)))[2].cpu())
         if not scores:
-            raise ValueError("OODGate.calibrate: id_loader gave no images; the threshold is calibrated on ID "
-                             "validation images, at least one")
+            raise ValueError(
+                "OODGate.calibrate: id_loader gave no images; the threshold is calibrated on ID "
+                "validation images, at least one"
+            )
         s = torch.cat(scores)
         bad = ~torch.isfinite(s)
         if bool(bad.any()):
-            raise ValueError(f"OODGate.calibrate: {int(bad.sum())} calibration score(s) are NaN or infinite; "
-                             "check the model and the images")
+            raise ValueError(
+                f"OODGate.calibrate: {int(bad.sum())} calibration score(s) are NaN or infinite; "
+                "check the model and the images"
+            )
         thr = threshold_at_tpr(s, tpr, fpr_rule=fpr_rule)
         gate.threshold.fill_(thr)
         kept = int((s.double() >= thr).sum())
-        gate.calibration = {"num_images": int(s.numel()), "kept": kept, "measured_tpr": kept / s.numel(),
-                            "score_min": float(s.min()), "score_max": float(s.max())}
+        gate.calibration = {
+            "num_images": int(s.numel()),
+            "kept": kept,
+            "measured_tpr": kept / s.numel(),
+            "score_min": float(s.min()),
+            "score_max": float(s.max()),
+        }
         return gate
 
     # ------------------------------------------------------------------ files
@@ -355,13 +408,16 @@ class OODGate(nn.Module):
         if math.isnan(float(self.threshold)):
             raise ValueError("OODGate.save: the gate has no threshold; calibrate it first")
         g = self.groups
-        return {"format": GATE_FORMAT,
-                "model": _model_record(self.model, self._info, self._record, self._arch),
-                "scorer": dict(self.scorer_spec), "threshold": float(self.threshold), "tpr": self.tpr,
-                "fpr_rule": self.fpr_rule,
-                "groups": None if g is None else {"num_groups": g.num_groups,
-                                                  "class_to_group": list(g.class_to_group)},
-                "calibration": dict(self.calibration)}
+        return {
+            "format": GATE_FORMAT,
+            "model": _model_record(self.model, self._info, self._record, self._arch),
+            "scorer": dict(self.scorer_spec),
+            "threshold": float(self.threshold),
+            "tpr": self.tpr,
+            "fpr_rule": self.fpr_rule,
+            "groups": None if g is None else {"num_groups": g.num_groups, "class_to_group": list(g.class_to_group)},
+            "calibration": dict(self.calibration),
+        }
 
     def save(self, path) -> None:
         """Write the gate file (atomically); :func:`mosx.load_model` reads it back as the gate."""
@@ -376,13 +432,16 @@ class OODGate(nn.Module):
 
         gate, _ = load_model(path, map_location=map_location)
         if not isinstance(gate, OODGate):
-            raise ValueError(f"{os.fspath(path)}: not a gate file (format {GATE_FORMAT!r}); "
-                             "build one with OODGate.calibrate")
+            raise ValueError(
+                f"{os.fspath(path)}: not a gate file (format {GATE_FORMAT!r}); build one with OODGate.calibrate"
+            )
         return gate
 
     def extra_repr(self) -> str:
-        return (f"scorer={self.scorer!r}, threshold={float(self.threshold)!r}, tpr={self.tpr}, "
-                f"fpr_rule={self.fpr_rule!r}, groups={self.groups!r}")
+        return (
+            f"scorer={self.scorer!r}, threshold={float(self.threshold)!r}, tpr={self.tpr}, "
+            f"fpr_rule={self.fpr_rule!r}, groups={self.groups!r}"
+        )
 
 
 def gate_from_file(d: dict, path: str):
@@ -402,10 +461,20 @@ def gate_from_file(d: dict, path: str):
     g = d.get("groups")
     groups = Groups.from_assignment(g["class_to_group"], g["num_groups"]) if g else None
     model.eval()
-    gate = OODGate(model, spec, float(threshold), groups=groups, tpr=d.get("tpr"),
-                   fpr_rule=d.get("fpr_rule", "nearest"), info=info,
-                   _record={k: v for k, v in rec.items() if k != "state_dict"})
+    gate = OODGate(
+        model,
+        spec,
+        float(threshold),
+        groups=groups,
+        tpr=d.get("tpr"),
+        fpr_rule=d.get("fpr_rule", "nearest"),
+        info=info,
+        _record={k: v for k, v in rec.items() if k != "state_dict"},
+    )
     gate.calibration = dict(d.get("calibration") or {})
     gate.eval()
-    return gate, {**info, "groups": groups, "gate": {"scorer": gate.scorer, "threshold": float(threshold),
-                                                     "tpr": gate.tpr, "fpr_rule": gate.fpr_rule}}
+    return gate, {
+        **info,
+        "groups": groups,
+        "gate": {"scorer": gate.scorer, "threshold": float(threshold), "tpr": gate.tpr, "fpr_rule": gate.fpr_rule},
+    }

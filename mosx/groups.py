@@ -23,9 +23,11 @@ __all__ = ["Groups", "GroupRequest", "as_groups", "MAX_LOGITS"]
 MAX_LOGITS = 2**31 - 1
 
 # The spec forms, for error messages.
-_FORMS = ("sizes '398,521,...' or 'sizes:398,521,...', a groups .json (mosx train writes OUT/groups.json), "
-          "a reference list file ('<path> <group> <within>' lines), a .npy array of group sizes "
-          "(MOS group_config/taxonomy_level0.npy)")
+_FORMS = (
+    "sizes '398,521,...' or 'sizes:398,521,...', a groups .json (mosx train writes OUT/groups.json), "
+    "a reference list file ('<path> <group> <within>' lines), a .npy array of group sizes "
+    "(MOS group_config/taxonomy_level0.npy)"
+)
 _REQUEST_FORMS = "kmeans:K, random:K, taxonomy:FILE or list (built from the training data by mosx train)"
 _REQUEST_KINDS = ("kmeans", "random", "taxonomy", "list")
 
@@ -71,7 +73,9 @@ class GroupRequest:
         if self.kind in ("kmeans", "random"):
             k = _int(self.k, f"GroupRequest({self.kind}): k")
             if k < 1 or self.path is not None:
-                raise ValueError(f"GroupRequest: {self.kind} needs k >= 1 and no path, got k={self.k}, path={self.path!r}")
+                raise ValueError(
+                    f"GroupRequest: {self.kind} needs k >= 1 and no path, got k={self.k}, path={self.path!r}"
+                )
             object.__setattr__(self, "k", k)
         elif self.kind == "taxonomy":
             if not self.path or self.k is not None:
@@ -80,8 +84,12 @@ class GroupRequest:
             raise ValueError("GroupRequest: list takes no k and no path")
 
     def __str__(self) -> str:
-        return {"kmeans": f"kmeans:{self.k}", "random": f"random:{self.k}",
-                "taxonomy": f"taxonomy:{self.path}", "list": "list"}[self.kind]
+        return {
+            "kmeans": f"kmeans:{self.k}",
+            "random": f"random:{self.k}",
+            "taxonomy": f"taxonomy:{self.path}",
+            "list": "list",
+        }[self.kind]
 
 
 class Groups:
@@ -103,8 +111,10 @@ class Groups:
             raise ValueError(f"Groups: class assigned to group {max(assignment)} but num_groups={k}")
         # Cheap invariants before the per-group tables: every group needs a class.
         if k > len(assignment):
-            raise ValueError(f"Groups: {k} groups but only {len(assignment)} classes: some group has no class; "
-                             "every group needs >= 1")
+            raise ValueError(
+                f"Groups: {k} groups but only {len(assignment)} classes: some group has no class; "
+                "every group needs >= 1"
+            )
         sizes = [0] * k
         for g in assignment:
             sizes[g] += 1
@@ -143,7 +153,9 @@ class Groups:
         """Class c belongs to group class_to_group[c]; within a group, classes keep id order."""
         if isinstance(class_to_group, torch.Tensor):
             if class_to_group.dtype == torch.bool or class_to_group.is_floating_point() or class_to_group.is_complex():
-                raise ValueError(f"Groups.from_assignment: group ids must be integers, got a {class_to_group.dtype} tensor")
+                raise ValueError(
+                    f"Groups.from_assignment: group ids must be integers, got a {class_to_group.dtype} tensor"
+                )
             class_to_group = class_to_group.tolist()
         return cls(list(class_to_group), num_groups)
 
@@ -158,7 +170,6 @@ class Groups:
         if len(o) < 2:
             raise ValueError(f"Groups.from_offsets: need K + 1 >= 2 offsets, got {len(o)}")
         return cls.from_slices([[o[k], o[k + 1]] for k in range(len(o) - 1)])
-
 
     @classmethod
     def from_list_file(cls, path: str | os.PathLike) -> Groups:
@@ -191,12 +202,15 @@ class Groups:
             within.setdefault(g, []).append(j)
         missing_groups = _gaps(sorted(within))
         if missing_groups:
-            raise ValueError(f"{path}: group(s) {missing_groups} never occur (the largest group id is "
-                             f"{max(within)}); group ids must be 0..K-1 with no gap")
+            raise ValueError(
+                f"{path}: group(s) {missing_groups} never occur (the largest group id is "
+                f"{max(within)}); group ids must be 0..K-1 with no gap"
+            )
         missing = [(g, j) for g in sorted(within) for j in _gaps(sorted(within[g]), 5)][:5]
         if missing:
-            raise ValueError(f"{path}: (group, within) pairs {missing} never occur; "
-                             "each group's within-group indices must be 0..n-1")
+            raise ValueError(
+                f"{path}: (group, within) pairs {missing} never occur; each group's within-group indices must be 0..n-1"
+            )
         return cls.from_sizes([len(within[g]) for g in range(len(within))])
 
     @classmethod
@@ -216,12 +230,14 @@ class Groups:
         if a.ndim != 1 or a.size == 0:
             raise ValueError(f"{path}: a .npy of group sizes must be a non-empty 1-D array, got shape {a.shape}")
         if a.dtype.kind not in "iu":
-            raise ValueError(f"{path}: group sizes must be integers, got dtype {a.dtype} "
-                             f"(first values {a[:5].tolist()})")
+            raise ValueError(
+                f"{path}: group sizes must be integers, got dtype {a.dtype} (first values {a[:5].tolist()})"
+            )
         bad = np.flatnonzero(a < 1)
         if bad.size:
-            raise ValueError(f"{path}: every group needs >= 1 class, got (group, size) "
-                             f"{[(int(k), int(a[k])) for k in bad[:10]]}")
+            raise ValueError(
+                f"{path}: every group needs >= 1 class, got (group, size) {[(int(k), int(a[k])) for k in bad[:10]]}"
+            )
         try:
             return cls.from_sizes(a.tolist())
         except ValueError as e:
@@ -239,8 +255,9 @@ class Groups:
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not a mosx groups file (not UTF-8 JSON text)") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a mosx groups file (invalid JSON: {e.msg} at line {e.lineno} "
-                             f"column {e.colno})") from None
+            raise ValueError(
+                f"{path}: not a mosx groups file (invalid JSON: {e.msg} at line {e.lineno} column {e.colno})"
+            ) from None
         except RecursionError:
             raise ValueError(f"{path}: not a mosx groups file (JSON nested too deeply)") from None
         if not isinstance(data, dict):
@@ -251,18 +268,23 @@ class Groups:
             if key not in data:
                 raise ValueError(f"{path}: mosx groups file without {key!r}")
         if not isinstance(data["class_to_group"], list):
-            raise ValueError(f"{path}: 'class_to_group' must be a list of group ids, "
-                             f"got {type(data['class_to_group']).__name__}")
+            raise ValueError(
+                f"{path}: 'class_to_group' must be a list of group ids, got {type(data['class_to_group']).__name__}"
+            )
         try:
             g = cls.from_assignment(data["class_to_group"], data["num_groups"])
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         if "sizes" in data:
             sizes = data["sizes"]
-            if not isinstance(sizes, list) or len(sizes) != g.num_groups or any(
-                    type(v) is not int or v != w for v, w in zip(sizes, g.sizes)):
-                raise ValueError(f"{path}: 'sizes' {sizes!r:.80} disagrees with 'class_to_group', which gives "
-                                 f"{list(g.sizes)!r:.80}")
+            if (
+                not isinstance(sizes, list)
+                or len(sizes) != g.num_groups
+                or any(type(v) is not int or v != w for v, w in zip(sizes, g.sizes))
+            ):
+                raise ValueError(
+                    f"{path}: 'sizes' {sizes!r:.80} disagrees with 'class_to_group', which gives {list(g.sizes)!r:.80}"
+                )
         return g
 
     @classmethod
@@ -314,13 +336,15 @@ class Groups:
         if os.path.isfile(text):
             return cls._from_file(text)
         if os.path.isdir(text):
-            raise ValueError(f"--groups {text!r} is a folder, not a groups file; the forms are: {_FORMS}; "
-                             f"or {_REQUEST_FORMS}")
+            raise ValueError(
+                f"--groups {text!r} is a folder, not a groups file; the forms are: {_FORMS}; or {_REQUEST_FORMS}"
+            )
         g = _parse_sizes(s, text, strict=False)
         if g is not None:
             return g
-        raise ValueError(f"--groups {text!r}: no such file, and not a grouping spec; the forms are: {_FORMS}; "
-                         f"or {_REQUEST_FORMS}")
+        raise ValueError(
+            f"--groups {text!r}: no such file, and not a grouping spec; the forms are: {_FORMS}; or {_REQUEST_FORMS}"
+        )
 
     @classmethod
     def _from_file(cls, path: str) -> Groups:
@@ -334,8 +358,12 @@ class Groups:
 
     def save(self, path: str | os.PathLike) -> None:
         """Small JSON file (written atomically): the class -> group assignment."""
-        data = {"format": "mosx.groups/1", "num_groups": self.num_groups,
-                "sizes": list(self._sizes), "class_to_group": list(self._assignment)}
+        data = {
+            "format": "mosx.groups/1",
+            "num_groups": self.num_groups,
+            "sizes": list(self._sizes),
+            "class_to_group": list(self._assignment),
+        }
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -395,16 +423,22 @@ class Groups:
             device = torch.device("cuda", torch.cuda.current_device())
         t = self._cache.get(device)
         if t is None:
-            mk = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-            t = {"offsets": mk(self._offsets), "class_logit": mk(self._class_logit),
-                 "logit_class": mk(self._logit_class), "sizes": mk(self._sizes),
-                 "class_group": mk(self._assignment), "class_within": mk(self._within)}
+            mk = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
+            t = {
+                "offsets": mk(self._offsets),
+                "class_logit": mk(self._class_logit),
+                "logit_class": mk(self._logit_class),
+                "sizes": mk(self._sizes),
+                "class_group": mk(self._assignment),
+                "class_within": mk(self._within),
+            }
             self._cache[device] = t
         return t
 
     # ------------------------------------------------------------------ labels
-    def group_labels(self, targets: torch.Tensor, ignore_index: int = -100, *,
-                     label_ignore_index: int | None = None) -> torch.Tensor:
+    def group_labels(
+        self, targets: torch.Tensor, ignore_index: int = -100, *, label_ignore_index: int | None = None
+    ) -> torch.Tensor:
         """[N] global class ids -> [N, K] per-group labels (0 = others, j+1 = class j of the group).
 
         Rows equal to ignore_index are ignored rows, even where ignore_index is also a valid class id
@@ -415,12 +449,15 @@ class Groups:
         negative ignore_index, or pass e.g. label_ignore_index=-100.
         """
         ignore_index = _int(ignore_index, "group_labels: ignore_index")
-        mark = ignore_index if label_ignore_index is None else _int(label_ignore_index, "group_labels: label_ignore_index")
+        mark = (
+            ignore_index if label_ignore_index is None else _int(label_ignore_index, "group_labels: label_ignore_index")
+        )
         if 0 <= mark <= max(self._sizes):
             raise ValueError(
                 f"group_labels: ignore marker {mark} is also a per-group label (0 = others, 1..{max(self._sizes)} "
                 "= classes); ignored rows could not be told from valid ones. Use a negative ignore_index "
-                "(e.g. -100), or give label_ignore_index=-100 for the per-group labels")
+                "(e.g. -100), or give label_ignore_index=-100 for the per-group labels"
+            )
         targets = torch.as_tensor(targets)
         if targets.dim() != 1:
             raise ValueError(f"group_labels: targets must be [N] class ids, got shape {tuple(targets.shape)}")
@@ -461,8 +498,10 @@ class Groups:
 def _refuse_request(req: GroupRequest, text: str):
     what = "list" if req.kind == "list" else f"{req.kind}:{'FILE' if req.kind == 'taxonomy' else 'K'}"
     hint = " (the grouping of the training list file: give that list file itself)" if req.kind == "list" else ""
-    raise ValueError(f"--groups {text!r}: {what} needs training data{hint}, which only mosx train has; "
-                     f"mosx eval takes a grouping given in full: {_FORMS}")
+    raise ValueError(
+        f"--groups {text!r}: {what} needs training data{hint}, which only mosx train has; "
+        f"mosx eval takes a grouping given in full: {_FORMS}"
+    )
 
 
 def _check_sizes(sizes, num_logits: int | None = None, fn: str = "groups") -> list:
@@ -477,11 +516,14 @@ def _check_sizes(sizes, num_logits: int | None = None, fn: str = "groups") -> li
         raise ValueError(f"Groups.from_sizes: every group needs >= 1 class, got (group, size) {bad[:10]}")
     c, k = sum(sizes), len(sizes)
     if num_logits is not None and c + k != num_logits:
-        raise ValueError(f"{fn}: logits have {num_logits} columns but the groups need "
-                         f"{c + k} (= {c} classes + {k} others slots)")
+        raise ValueError(
+            f"{fn}: logits have {num_logits} columns but the groups need {c + k} (= {c} classes + {k} others slots)"
+        )
     if c + k > MAX_LOGITS:
-        raise ValueError(f"Groups.from_sizes: {c} classes in {k} groups need {c + k} logits, "
-                         f"more than the {MAX_LOGITS} mosx supports")
+        raise ValueError(
+            f"Groups.from_sizes: {c} classes in {k} groups need {c + k} logits, "
+            f"more than the {MAX_LOGITS} mosx supports"
+        )
     return sizes
 
 
@@ -538,8 +580,10 @@ def as_groups(groups, num_logits: int | None = None, fn: str = "groups") -> Grou
         else:
             sizes = groups
     else:
-        raise TypeError(f"groups must be a mosx.Groups, a list of group sizes or a [K, 2] slices tensor, "
-                        f"got {type(groups).__name__}")
+        raise TypeError(
+            f"groups must be a mosx.Groups, a list of group sizes or a [K, 2] slices tensor, "
+            f"got {type(groups).__name__}"
+        )
     return _sizes_cached(tuple(_check_sizes(sizes, num_logits, fn)))
 
 
@@ -553,12 +597,12 @@ def _sizes_of_slices(slices) -> list:
         raise ValueError(f"Groups.from_slices: the first group must start at logit 0, got {s[0][0]}")
     for k, (a, b) in enumerate(s):
         if b - a < 2:
-            raise ValueError(
-                f"Groups.from_slices: group {k} spans [{a}, {b}), it needs an others slot and >= 1 class")
+            raise ValueError(f"Groups.from_slices: group {k} spans [{a}, {b}), it needs an others slot and >= 1 class")
         if k + 1 < len(s) and s[k + 1][0] != b:
             raise ValueError(
                 f"Groups.from_slices: group {k + 1} starts at {s[k + 1][0]} but group {k} ends at {b}; "
-                "slices must be contiguous and in order")
+                "slices must be contiguous and in order"
+            )
     return [b - a - 1 for a, b in s]
 
 

@@ -27,7 +27,8 @@ gradient of the surrogate ``sum(grad * weight * |scores|)``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 from torch import nn
@@ -36,8 +37,18 @@ from torch.nn.utils import parametrize
 from . import _C  # noqa: F401  (loads the op library and registers torch.ops.mosx.*)
 from ._dtypes import FLOAT_DTYPES
 
-__all__ = ["masked_weight", "keep_count", "MaskedConv2d", "MaskedLinear", "WeightMask", "apply_masks", "fold_masks",
-           "mask_scores", "masked_layers", "LayerSelector"]
+__all__ = [
+    "masked_weight",
+    "keep_count",
+    "MaskedConv2d",
+    "MaskedLinear",
+    "WeightMask",
+    "apply_masks",
+    "fold_masks",
+    "mask_scores",
+    "masked_layers",
+    "LayerSelector",
+]
 
 _ops = torch.ops.mosx
 
@@ -61,14 +72,19 @@ def _check_keep(keep, fn):
 # ------------------------------------------------------------------------------ fake kernels
 @torch.library.register_fake("mosx::masked_weight")
 def _(weight, scores, keep):
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, dtype=torch.bool, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, dtype=torch.bool, memory_format=torch.contiguous_format),
+    )
 
 
 @torch.library.register_fake("mosx::masked_weight_backward")
 def _(grad, weight, scores, mask, scores_grad, weight_grad):
-    return [torch.empty_like(weight, memory_format=torch.contiguous_format)
-            for wanted in (scores_grad, weight_grad) if wanted]
+    return [
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        for wanted in (scores_grad, weight_grad)
+        if wanted
+    ]
 
 
 # ------------------------------------------------------------------------------ autograd
@@ -109,8 +125,10 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, keep: float, *, re
     if scores.dtype != weight.dtype:
         raise TypeError(f"masked_weight: scores ({scores.dtype}) must have the weight's dtype ({weight.dtype})")
     if scores.shape != weight.shape:
-        raise ValueError(f"masked_weight: scores have shape {tuple(scores.shape)} but the weight has "
-                         f"shape {tuple(weight.shape)}; they must match")
+        raise ValueError(
+            f"masked_weight: scores have shape {tuple(scores.shape)} but the weight has "
+            f"shape {tuple(weight.shape)}; they must match"
+        )
     if scores.device != weight.device:
         raise ValueError(f"masked_weight: scores are on {scores.device} but the weight is on {weight.device}")
     keep = _check_keep(keep, "masked_weight")
@@ -121,7 +139,8 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, keep: float, *, re
 # ------------------------------------------------------------------------------ layer selection
 def _is_maskable(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(
-        getattr(module, "weight", None), (nn.Parameter, torch.Tensor))
+        getattr(module, "weight", None), (nn.Parameter, torch.Tensor)
+    )
 
 
 def select_layers(model: nn.Module, layers: LayerSelector, fn: str):
@@ -152,7 +171,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ UMAP layers
-def _init_scores(weight: torch.Tensor, score_init: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _init_scores(weight: torch.Tensor, score_init: str, generator: torch.Generator | None) -> torch.Tensor:
     w = weight.detach()
     if score_init == "magnitude":
         # |w|: the initial mask is magnitude pruning of the trained weights. Weights that are
@@ -186,8 +205,15 @@ class _MaskedMixin:
     scores: nn.Parameter
 
     @classmethod
-    def from_module(cls, module: nn.Module, keep: float = 0.8, *, train_weights: bool = False,
-                    score_init: str = "magnitude", generator: Optional[torch.Generator] = None):
+    def from_module(
+        cls,
+        module: nn.Module,
+        keep: float = 0.8,
+        *,
+        train_weights: bool = False,
+        score_init: str = "magnitude",
+        generator: torch.Generator | None = None,
+    ):
         """Masked layer sharing `module`'s parameters, buffers, hooks and settings."""
         keep = _check_keep(keep, "apply_masks")
         new = cls.__new__(cls)
@@ -226,8 +252,7 @@ def _freeze(module: nn.Module, train_weights: bool) -> None:
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose weight is masked by the top `keep` fraction of |scores| (UMAP)."""
 
-    def __init__(self, *args, keep: float = 0.8, train_weights: bool = False,
-                 score_init: str = "magnitude", **kwargs):
+    def __init__(self, *args, keep: float = 0.8, train_weights: bool = False, score_init: str = "magnitude", **kwargs):
         super().__init__(*args, **kwargs)
         self._unmasked_cls = nn.Conv2d
         self.keep = _check_keep(keep, "MaskedConv2d")
@@ -241,8 +266,7 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 class MaskedLinear(_MaskedMixin, nn.Linear):
     """nn.Linear whose weight is masked by the top `keep` fraction of |scores| (UMAP)."""
 
-    def __init__(self, *args, keep: float = 0.8, train_weights: bool = False,
-                 score_init: str = "magnitude", **kwargs):
+    def __init__(self, *args, keep: float = 0.8, train_weights: bool = False, score_init: str = "magnitude", **kwargs):
         super().__init__(*args, **kwargs)
         self._unmasked_cls = nn.Linear
         self.keep = _check_keep(keep, "MaskedLinear")
@@ -257,8 +281,13 @@ class WeightMask(nn.Module):
     """The same learned mask as a weight parametrization, for layers whose class has its own
     forward (e.g. weight-standardised convs): module.weight becomes masked_weight(w, scores)."""
 
-    def __init__(self, weight: torch.Tensor, keep: float = 0.8, score_init: str = "magnitude",
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        keep: float = 0.8,
+        score_init: str = "magnitude",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.keep = _check_keep(keep, "WeightMask")
         self.scores = nn.Parameter(_init_scores(weight, score_init, generator))
@@ -275,7 +304,9 @@ def _swap_class(module: nn.Module):
     for base, masked in ((nn.Conv2d, MaskedConv2d), (nn.Linear, MaskedLinear)):
         if isinstance(module, base):
             t = type(module)
-            same = t.forward is base.forward and getattr(t, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+            same = t.forward is base.forward and getattr(t, "_conv_forward", None) is getattr(
+                base, "_conv_forward", None
+            )
             return masked if same else None
     return None
 
@@ -283,7 +314,8 @@ def _swap_class(module: nn.Module):
 def _is_masked(module: nn.Module) -> bool:
     return isinstance(module, _MaskedMixin) or (
         parametrize.is_parametrized(module, "weight")
-        and any(isinstance(p, WeightMask) for p in module.parametrizations.weight))
+        and any(isinstance(p, WeightMask) for p in module.parametrizations.weight)
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -292,9 +324,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_masks(model: nn.Module, keep: float = 0.8, layers: LayerSelector = None, *,
-                train_weights: bool = False, score_init: str = "magnitude",
-                seed: Optional[int] = None) -> list:
+def apply_masks(
+    model: nn.Module,
+    keep: float = 0.8,
+    layers: LayerSelector = None,
+    *,
+    train_weights: bool = False,
+    score_init: str = "magnitude",
+    seed: int | None = None,
+) -> list:
     """Give every chosen conv/linear layer a learned UMAP mask, in place; returns their names.
 
     layers: None (every conv and linear layer), qualified module names, or a predicate
@@ -316,15 +354,21 @@ def apply_masks(model: nn.Module, keep: float = 0.8, layers: LayerSelector = Non
         if _is_masked(module):
             continue
         if name == "":
-            raise ValueError("apply_masks: the model itself is a single layer; wrap it in a container "
-                             "or use MaskedConv2d.from_module / MaskedLinear.from_module")
+            raise ValueError(
+                "apply_masks: the model itself is a single layer; wrap it in a container "
+                "or use MaskedConv2d.from_module / MaskedLinear.from_module"
+            )
         cls = _swap_class(module)
         if cls is not None:
-            _set_submodule(model, name, cls.from_module(module, keep, train_weights=train_weights,
-                                                          score_init=score_init, generator=gen))
+            _set_submodule(
+                model,
+                name,
+                cls.from_module(module, keep, train_weights=train_weights, score_init=score_init, generator=gen),
+            )
         else:
             parametrize.register_parametrization(
-                module, "weight", WeightMask(module.weight, keep, score_init, gen), unsafe=True)
+                module, "weight", WeightMask(module.weight, keep, score_init, gen), unsafe=True
+            )
             _freeze_parametrized(module, train_weights)
         names.append(name)
     return names
@@ -372,7 +416,8 @@ def fold_masks(model: nn.Module) -> list:
                 for attr in ("keep", "_unmasked_cls"):
                     plain.__dict__.pop(attr, None)
                 plain._parameters = type(module._parameters)(
-                    (k, v) for k, v in module._parameters.items() if k != "scores")
+                    (k, v) for k, v in module._parameters.items() if k != "scores"
+                )
                 plain.weight.copy_(folded)
                 if name == "":
                     raise ValueError("fold_masks: the model itself is a masked layer; fold its parent")

@@ -39,8 +39,8 @@ Mahalanobis reference code; it does not depend on the convention.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence, Union
 
 import torch
 
@@ -218,13 +218,13 @@ def _pr_area(dtp, precision, prev_precision, P, kind):
     return (dtp * (precision + prev_precision)).sum() / (2.0 * P)
 
 
-def _aupr_in(c: "_Curve", kind):
+def _aupr_in(c: _Curve, kind):
     precision = c.tp[1:] / c.cnt[1:]  # every point holds >= 1 sample, so no 0 / 0
     prev = torch.cat([precision.new_ones(1), precision[:-1]]) if kind == "trapezoid" else None
     return _pr_area(torch.diff(c.tp), precision, prev, c.P, kind)
 
 
-def _aupr_out(c: "_Curve", kind):
+def _aupr_out(c: _Curve, kind):
     # OOD positive, walking the distinct values upwards: the point at value v_i holds the OOD
     # samples with score <= v_i (N - fp[i-1]) among all samples with score <= v_i.
     precision = (c.N - c.fp[:-1]) / ((c.P + c.N) - c.cnt[:-1])
@@ -288,15 +288,18 @@ def ood_metrics(
         raise ValueError(f"{fn}: tpr must be one level; use fpr_at_tpr for several")
     c = _Curve(a, b)
     pos_tp, pos_fp, Pp, Np = (c.tp, c.fp, c.P, c.N) if positive == "id" else c.flipped()
-    values = torch.stack([
-        _auroc(c.tp, c.fp, c.P, c.N),
-        _aupr_in(c, aupr),
-        _aupr_out(c, aupr),
-        _fpr_at(pos_tp, pos_fp, Pp, Np, levels, fpr_rule)[0],
-        _detection_error(c.tp, c.fp, c.P, c.N),
-    ]).tolist()  # one device -> host copy for everything
-    return OODMetrics(*values, tpr_level=float(levels[0]), num_id=c.P, num_ood=c.N,
-                      positive=positive, fpr_rule=fpr_rule, aupr=aupr)
+    values = torch.stack(
+        [
+            _auroc(c.tp, c.fp, c.P, c.N),
+            _aupr_in(c, aupr),
+            _aupr_out(c, aupr),
+            _fpr_at(pos_tp, pos_fp, Pp, Np, levels, fpr_rule)[0],
+            _detection_error(c.tp, c.fp, c.P, c.N),
+        ]
+    ).tolist()  # one device -> host copy for everything
+    return OODMetrics(
+        *values, tpr_level=float(levels[0]), num_id=c.P, num_ood=c.N, positive=positive, fpr_rule=fpr_rule, aupr=aupr
+    )
 
 
 def auroc(id_scores, ood_scores) -> float:
@@ -324,7 +327,7 @@ def aupr_out(id_scores, ood_scores, *, aupr: str = "ap") -> float:
 def fpr_at_tpr(
     id_scores,
     ood_scores,
-    tpr: Union[float, Sequence[float]] = 0.95,
+    tpr: float | Sequence[float] = 0.95,
     *,
     positive: str = "id",
     fpr_rule: str = "nearest",
@@ -467,13 +470,23 @@ class OODMetricsAccumulator:
     it. ``distributed=False`` keeps it local.
 
     Args:
-        tpr, positive, fpr_rule, aupr: as :func:`ood_metrics`.
+        tpr: as in `ood_metrics`.
+        positive: as in `ood_metrics`.
+        fpr_rule: as in `ood_metrics`.
+        aupr: as in `ood_metrics`.
         distributed: None (default: gather when a process group of more than one is initialised),
             True (require one) or False.
     """
 
-    def __init__(self, *, tpr: float = 0.95, positive: str = "id", fpr_rule: str = "nearest", aupr: str = "ap",
-                 distributed: bool | None = None):
+    def __init__(
+        self,
+        *,
+        tpr: float = 0.95,
+        positive: str = "id",
+        fpr_rule: str = "nearest",
+        aupr: str = "ap",
+        distributed: bool | None = None,
+    ):
         _check_options("OODMetricsAccumulator", positive, fpr_rule, aupr)
         _check_levels(tpr, "OODMetricsAccumulator", "cpu")
         self.tpr, self.positive, self.fpr_rule, self.aupr = tpr, positive, fpr_rule, aupr
@@ -522,8 +535,9 @@ class OODMetricsAccumulator:
             local = torch.cat([p.to(parts[0].device, dtype) for p in parts])
         dist = _dist_world()
         if self.distributed and dist is None:
-            raise RuntimeError("OODMetricsAccumulator: distributed=True but no process group of more than one "
-                               "process is initialised")
+            raise RuntimeError(
+                "OODMetricsAccumulator: distributed=True but no process group of more than one process is initialised"
+            )
         if dist is not None and self.distributed is not False:
             local = _gather_1d(local, dist).to(local.device)
         if local.numel() == 0:
@@ -534,8 +548,9 @@ class OODMetricsAccumulator:
         """The metrics of everything collected (all ranks when distributed), as :func:`ood_metrics`."""
         a = self._collect(self._id, "ID")
         b = self._collect(self._ood, "OOD")
-        return ood_metrics(a, b.to(a.device), tpr=self.tpr, positive=self.positive, fpr_rule=self.fpr_rule,
-                           aupr=self.aupr)
+        return ood_metrics(
+            a, b.to(a.device), tpr=self.tpr, positive=self.positive, fpr_rule=self.fpr_rule, aupr=self.aupr
+        )
 
 
 # ------------------------------------------------------------------------------ open-set classification

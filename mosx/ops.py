@@ -7,8 +7,6 @@ array (the result comes back as the same array type, without copies through DLPa
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _C  # noqa: F401  (loads the op library and registers torch.ops.mosx.*)
@@ -45,7 +43,8 @@ def _check_logits(logits: torch.Tensor, groups, fn: str) -> Groups:
     if logits.shape[1] != groups.num_logits:
         raise ValueError(
             f"{fn}: logits have {logits.shape[1]} columns but the groups need "
-            f"{groups.num_logits} (= {groups.num_classes} classes + {groups.num_groups} others slots)")
+            f"{groups.num_logits} (= {groups.num_classes} classes + {groups.num_groups} others slots)"
+        )
     return groups
 
 
@@ -80,14 +79,23 @@ def _(grad_out, out, offsets, log):
 def _(logits, offsets):
     _fake_devices("group_softmax_score", logits, offsets=offsets)
     n, acc = logits.shape[0], _acc_dtype(logits.dtype)
-    return (logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=torch.int64),
-            logits.new_empty((n,), dtype=acc))
+    return (
+        logits.new_empty((n,), dtype=acc),
+        logits.new_empty((n,), dtype=torch.int64),
+        logits.new_empty((n,), dtype=acc),
+    )
 
 
 @torch.library.register_fake("mosx::group_softmax_score_backward")
 def _(grad_score, logits, offsets, min_group, min_lse):
-    _fake_devices("group_softmax_score_backward", logits, offsets=offsets, grad_score=grad_score,
-                  min_group=min_group, min_lse=min_lse)
+    _fake_devices(
+        "group_softmax_score_backward",
+        logits,
+        offsets=offsets,
+        grad_score=grad_score,
+        min_group=min_group,
+        min_lse=min_lse,
+    )
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -95,9 +103,11 @@ def _(grad_score, logits, offsets, min_group, min_lse):
 def _(logits, offsets, logit_class):
     _fake_devices("group_predict", logits, offsets=offsets, logit_class=logit_class)
     n = logits.shape[0]
-    return (logits.new_empty((n,), dtype=torch.int64),
-            logits.new_empty((n,), dtype=_acc_dtype(logits.dtype)),
-            logits.new_empty((n,), dtype=torch.int64))
+    return (
+        logits.new_empty((n,), dtype=torch.int64),
+        logits.new_empty((n,), dtype=_acc_dtype(logits.dtype)),
+        logits.new_empty((n,), dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("mosx::group_cross_entropy")
@@ -110,8 +120,15 @@ def _(logits, offsets, targets, class_logit, ignore_index):
 
 @torch.library.register_fake("mosx::group_cross_entropy_backward")
 def _(grad_losses, logits, offsets, targets, class_logit, lse, ignore_index):
-    _fake_devices("group_cross_entropy_backward", logits, offsets=offsets, targets=targets,
-                  class_logit=class_logit, grad_losses=grad_losses, lse=lse)
+    _fake_devices(
+        "group_cross_entropy_backward",
+        logits,
+        offsets=offsets,
+        targets=targets,
+        class_logit=class_logit,
+        grad_losses=grad_losses,
+        lse=lse,
+    )
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -156,8 +173,9 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_losses, _grad_lse):
     logits, offsets, targets, class_logit, lse = ctx.saved_tensors
-    grad = _ops.group_cross_entropy_backward(grad_losses.contiguous(), logits, offsets, targets,
-                                             class_logit, lse, ctx.ignore_index)
+    grad = _ops.group_cross_entropy_backward(
+        grad_losses.contiguous(), logits, offsets, targets, class_logit, lse, ctx.ignore_index
+    )
     return grad, None, None, None, None
 
 
@@ -222,15 +240,25 @@ def _as_targets(targets, groups: Groups, n: int, device, name: str) -> torch.Ten
         if tuple(t.shape) != (n, groups.num_groups):
             raise ValueError(
                 f"group_cross_entropy: per-group {name} must be [N, K] = [{n}, {groups.num_groups}], "
-                f"got {tuple(t.shape)}")
+                f"got {tuple(t.shape)}"
+            )
     else:
         raise ValueError(
-            f"group_cross_entropy: {name} must be [N] class ids or [N, K] per-group labels, got shape {tuple(t.shape)}")
+            f"group_cross_entropy: {name} must be [N] class ids or [N, K] per-group labels, got shape {tuple(t.shape)}"
+        )
     return t.long()
 
 
-def group_cross_entropy(logits, targets, groups, *, reduction: str = "mean", ignore_index: int = -100,
-                        mix_targets=None, mix_lambda: Optional[float] = None):
+def group_cross_entropy(
+    logits,
+    targets,
+    groups,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    mix_targets=None,
+    mix_lambda: float | None = None,
+):
     """Group-softmax cross-entropy: sum over groups of the cross-entropy of each group's slice.
 
     targets: [N] global class ids (rows equal to ignore_index count for nothing) or the reference

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from .groups import as_groups
 
-__all__ = ["group_softmax", "group_log_softmax", "group_softmax_score", "group_predict",
-           "group_cross_entropy"]
+__all__ = ["group_softmax", "group_log_softmax", "group_softmax_score", "group_predict", "group_cross_entropy"]
 
 
 def _slices(groups):
@@ -64,8 +63,9 @@ def group_predict(logits, groups):
     return t["logit_class"][pos], final_score, max_group
 
 
-def group_cross_entropy(logits, targets, groups, reduction="mean", ignore_index=-100,
-                        mix_targets=None, mix_lambda=None):
+def group_cross_entropy(
+    logits, targets, groups, reduction="mean", ignore_index=-100, mix_targets=None, mix_lambda=None
+):
     """calc_group_softmax_loss: sum over groups of CrossEntropyLoss(group slice, group label).
 
     targets: [N] class ids (converted with Groups.group_labels) or [N, K] per-group labels.
@@ -81,8 +81,7 @@ def group_cross_entropy(logits, targets, groups, reduction="mean", ignore_index=
     def loss_of(labels):
         loss = 0
         for i, (a, b) in enumerate(_slices(g)):
-            loss = loss + F.cross_entropy(logits[:, a:b], labels[:, i], ignore_index=ignore_index,
-                                          reduction=reduction)
+            loss = loss + F.cross_entropy(logits[:, a:b], labels[:, i], ignore_index=ignore_index, reduction=reduction)
         return loss
 
     loss = loss_of(labels_of(targets))

@@ -54,14 +54,16 @@ class Runtime:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this process computes
-    collective_device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collective tensors live
+    collective_device: torch.device = field(
+        default_factory=lambda: torch.device("cpu")
+    )  # where collective tensors live
     owns_group: bool = False  # setup() initialised the process group, close() tears it down
     amp: bool = False  # bf16 autocast in autocast()
     channels_last: bool = False  # 4-d inputs in channels_last memory format
     fused: bool = False  # fused optimizer kernels
 
     @classmethod
-    def setup(cls, device=None, *, amp=False, channels_last=False, fused=False) -> "Runtime":
+    def setup(cls, device=None, *, amp=False, channels_last=False, fused=False) -> Runtime:
         """The runtime of this process on `device` (see resolve_device). Joins the process group if
         one is initialised; under torchrun (WORLD_SIZE > 1) without one, initialises it (NCCL for a
         CUDA device, gloo otherwise) and owns it. amp / channels_last / fused take True/False or
@@ -121,7 +123,7 @@ class Runtime:
             full = np.empty((n,) + ref.shape[1:], ref.dtype)
             for r, a in enumerate(pieces):
                 if a is not None and len(a):
-                    full[r::self.world] = a
+                    full[r :: self.world] = a
             out.append(full)
         return out
 
@@ -136,11 +138,11 @@ class Runtime:
         dist.all_reduce(dim, op=dist.ReduceOp.MAX)
         buf = torch.zeros(per, int(dim), device=self.collective_device)
         if rows is not None:
-            buf[:rows.shape[0]] = rows.to(self.collective_device)
+            buf[: rows.shape[0]] = rows.to(self.collective_device)
         parts = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(parts, buf)
         full = torch.empty(n, int(dim))
         for r, p in enumerate(parts):
             m = len(range(r, n, self.world))
-            full[r::self.world] = p[:m].cpu()
+            full[r :: self.world] = p[:m].cpu()
         return full

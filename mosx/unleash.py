@@ -26,14 +26,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 # UMAP's layers (and the op) live in mosx.masking; re-exported here, where they were always importable
-from .masking import (LayerSelector, MaskedConv2d, MaskedLinear, WeightMask, apply_masks,  # noqa: F401
-                      dense_weight, fold_masks, keep_count, mask_scores, masked_layers, masked_weight, select_layers)
+from .masking import (  # noqa: F401
+    LayerSelector,
+    MaskedConv2d,
+    MaskedLinear,
+    WeightMask,
+    apply_masks,
+    dense_weight,
+    fold_masks,
+    keep_count,
+    mask_scores,
+    masked_layers,
+    masked_weight,
+    select_layers,
+)
 
 __all__ = [
     "flood",
@@ -53,7 +65,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ flooding
-def flood(loss: torch.Tensor, b: Union[float, torch.Tensor]) -> torch.Tensor:
+def flood(loss: torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
     """Flooding: ``|loss - b| + b``. Same value as the loss when loss >= b; below b the
     gradient flips sign, so the optimiser pushes the loss back up towards b."""
     if not isinstance(loss, torch.Tensor):
@@ -66,8 +78,7 @@ def flood(loss: torch.Tensor, b: Union[float, torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ flood level
-def random_weight_masks(model: nn.Module, keep: float = 0.965, *, seed: int = 0,
-                        layers: LayerSelector = None) -> dict:
+def random_weight_masks(model: nn.Module, keep: float = 0.965, *, seed: int = 0, layers: LayerSelector = None) -> dict:
     """{layer name: bool mask} keeping exactly keep_count(n, keep) weights of each chosen layer,
     chosen uniformly at random (CPU generator seeded with `seed`, so the masks do not depend on
     the device). Layers are visited in `model.named_modules()` order."""
@@ -90,8 +101,7 @@ def _batch_parts(batch):
         return batch["input"], batch["target"]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError("estimate_flood_level: batches must be (inputs, targets, ...) or "
-                    "{'input': ..., 'target': ...}")
+    raise TypeError("estimate_flood_level: batches must be (inputs, targets, ...) or {'input': ..., 'target': ...}")
 
 
 def _to(x, device):
@@ -103,8 +113,7 @@ def _to(x, device):
 
 
 @contextlib.contextmanager
-def randomly_masked(model: nn.Module, keep: float = 0.965, *, seed: int = 0,
-                    layers: LayerSelector = None):
+def randomly_masked(model: nn.Module, keep: float = 0.965, *, seed: int = 0, layers: LayerSelector = None):
     """Context manager: inside, the chosen layers' weights are multiplied by
     random_weight_masks(model, keep, seed, layers) (yielded); on exit every weight is restored bit
     for bit, also after an exception."""
@@ -123,9 +132,17 @@ def randomly_masked(model: nn.Module, keep: float = 0.965, *, seed: int = 0,
                 w.copy_(orig)
 
 
-def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, keep: float = 0.965,
-                         *, seed: int = 0, layers: LayerSelector = None,
-                         max_batches: Optional[int] = None, device=None) -> float:
+def estimate_flood_level(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: Callable,
+    keep: float = 0.965,
+    *,
+    seed: int = 0,
+    layers: LayerSelector = None,
+    max_batches: int | None = None,
+    device=None,
+) -> float:
     """The UM flood level b: mean training loss of `model` under a random weight mask.
 
     Every chosen conv/linear layer (default: all) keeps a random `keep` fraction of its weights
@@ -157,8 +174,10 @@ def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, 
                     n = loss.numel()
                     total += loss.double().sum()
                 else:
-                    raise ValueError(f"estimate_flood_level: loss_fn must return a scalar or [N] "
-                                     f"per-sample losses, got shape {tuple(loss.shape)}")
+                    raise ValueError(
+                        f"estimate_flood_level: loss_fn must return a scalar or [N] "
+                        f"per-sample losses, got shape {tuple(loss.shape)}"
+                    )
                 count += n
     finally:
         for m, mode in modes.items():
@@ -169,8 +188,9 @@ def estimate_flood_level(model: nn.Module, loader: Iterable, loss_fn: Callable, 
 
 
 # ------------------------------------------------------------------------------ per-sample gate
-def gate_samples(losses: torch.Tensor, drop: Optional[torch.Tensor] = None,
-                 reverse: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_samples(
+    losses: torch.Tensor, drop: torch.Tensor | None = None, reverse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sample loss gate for research on UM variants.
 
     losses: [N] per-sample losses. drop / reverse: [N] bool masks (or index tensors) of samples.
@@ -179,8 +199,10 @@ def gate_samples(losses: torch.Tensor, drop: Optional[torch.Tensor] = None,
     as you like (e.g. .mean(), then flood()).
     """
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-        raise ValueError(f"gate_samples: losses must be a 1-D [N] tensor of per-sample losses, got "
-                         f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}")
+        raise ValueError(
+            f"gate_samples: losses must be a 1-D [N] tensor of per-sample losses, got "
+            f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}"
+        )
     n = losses.shape[0]
 
     def as_mask(sel, what):
@@ -210,8 +232,10 @@ def changed_samples(logits: torch.Tensor, masked_logits: torch.Tensor, fraction:
     history drops these (gate_samples(losses, drop=...)); it was never run in the paper. Compute
     masked_logits inside `randomly_masked(model, keep)`."""
     if logits.shape != masked_logits.shape or logits.dim() != 2:
-        raise ValueError(f"changed_samples: logits {tuple(logits.shape)} and masked_logits "
-                         f"{tuple(masked_logits.shape)} must be the same [N, C] shape")
+        raise ValueError(
+            f"changed_samples: logits {tuple(logits.shape)} and masked_logits "
+            f"{tuple(masked_logits.shape)} must be the same [N, C] shape"
+        )
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"changed_samples: fraction must be in [0, 1], got {fraction}")
     logp = torch.log_softmax(logits.detach().float(), 1)

@@ -70,13 +70,16 @@ class BiTResNetV2(nn.Module):
 
     def __init__(self, units=(3, 4, 23, 3), wf=1, head_size=1000, layout="mos", in_chans=3):
         super().__init__()
-        self.root = nn.Sequential(OrderedDict(
-            conv=_ws(in_chans, 64 * wf, 7, 2),
-            pad=nn.ConstantPad2d(1, 0.0),
-            pool=nn.MaxPool2d(3, stride=2, padding=0)))
+        self.root = nn.Sequential(
+            OrderedDict(
+                conv=_ws(in_chans, 64 * wf, 7, 2),
+                pad=nn.ConstantPad2d(1, 0.0),
+                pool=nn.MaxPool2d(3, stride=2, padding=0),
+            )
+        )
         blocks, cin = OrderedDict(), 64 * wf
         for b, n in enumerate(units):
-            cout, cmid = 256 * wf * 2 ** b, 64 * wf * 2 ** b
+            cout, cmid = 256 * wf * 2**b, 64 * wf * 2**b
             block = OrderedDict()
             for u in range(n):
                 stride = 2 if (u == 0 and b > 0) else 1
@@ -110,8 +113,10 @@ def randomise(model: nn.Module, gen: torch.Generator, conv_std: float | None = N
         if isinstance(m, WSConv2d):
             fan_in = m.weight[0].numel()
             std = conv_std if conv_std is not None else (2.0 / fan_in) ** 0.5
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std
-                           + 0.1 * std * torch.randn((m.weight.shape[0], 1, 1, 1), generator=gen))
+            m.weight.copy_(
+                torch.randn(m.weight.shape, generator=gen) * std
+                + 0.1 * std * torch.randn((m.weight.shape[0], 1, 1, 1), generator=gen)
+            )
         elif isinstance(m, nn.GroupNorm):
             m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
             m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))

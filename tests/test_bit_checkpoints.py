@@ -53,8 +53,9 @@ def check_same_logits(ref, model, gen, size=32, batch=3, f32=True):
     x = torch.randn(batch, ref.root.conv.in_channels, size, size, generator=gen)
     if f32:
         torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits(model.double(), x.double()), logits(ref.double(), x.double()),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        logits(model.double(), x.double()), logits(ref.double(), x.double()), rtol=1e-10, atol=1e-10
+    )
     ref.float(), model.float()
 
 
@@ -143,7 +144,9 @@ def test_bad_checkpoints(tmp_path, gen):
     sd = {"module." + k: v for k, v in ref.state_dict().items()}
     extra = dict(sd, **{"module.body.block2.unit01.se.fc.weight": torch.zeros(1), "module.aux.weight": torch.zeros(1)})
     torch.save({"step": 1, "model": extra, "optim": {}}, tmp_path / "extra.pt")
-    with pytest.raises(ValueError, match=r"2 key\(s\).*match no layer.*body\.block2\.unit01\.se\.fc\.weight, aux\.weight"):
+    with pytest.raises(
+        ValueError, match=r"2 key\(s\).*match no layer.*body\.block2\.unit01\.se\.fc\.weight, aux\.weight"
+    ):
         mosx.load_model(str(tmp_path / "extra.pt"))
     lacking = {k: v for k, v in sd.items() if "block3.unit01.downsample" not in k}
     torch.save({"step": 1, "model": lacking, "optim": {}}, tmp_path / "lacking.pt")
@@ -191,11 +194,26 @@ def test_evaluate_an_official_checkpoint(tmp_path, gen):
         _png(tmp_path / "ood" / f"{i}.png", (128, 128, 128), rng)
     path = str(tmp_path / "bit.pth.tar")
     save_like_finetune(reference(TINY, head=5, gen=gen), path)  # 3 classes in groups [2, 1]: 5 logits
-    opts = dict(image_size=32, batch_size=4, workers=0, device="cpu", precision="fp32", progress=False,
-                verbose=False, plots=False)
+    opts = dict(
+        image_size=32,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        verbose=False,
+        plots=False,
+    )
     with pytest.raises(ValueError, match="outputs 5 logits but the grouping needs 6"):
-        E.evaluate(path, str(tmp_path / "id"), {"ood": str(tmp_path / "ood")}, groups=[1, 1, 1],
-                   out_dir=str(tmp_path / "bad"), **opts)
-    res = E.evaluate(path, str(tmp_path / "id"), {"ood": str(tmp_path / "ood")}, groups=[2, 1],
-                     out_dir=str(tmp_path / "out"), **opts)
+        E.evaluate(
+            path,
+            str(tmp_path / "id"),
+            {"ood": str(tmp_path / "ood")},
+            groups=[1, 1, 1],
+            out_dir=str(tmp_path / "bad"),
+            **opts,
+        )
+    res = E.evaluate(
+        path, str(tmp_path / "id"), {"ood": str(tmp_path / "ood")}, groups=[2, 1], out_dir=str(tmp_path / "out"), **opts
+    )
     assert res is not None

@@ -41,7 +41,8 @@ def test_gpu_visible_means_cuda_built():
         pytest.skip("no GPU visible")
     assert mosx.cuda_built(), (
         "a GPU is visible but this build of mosx has no CUDA kernels (built with MOSX_CUDA=0, or "
-        "without nvcc / with a CPU-only torch): rebuild with MOSX_CUDA=1")
+        "without nvcc / with a CPU-only torch): rebuild with MOSX_CUDA=1"
+    )
 
 
 ops = torch.ops.mosx
@@ -55,13 +56,13 @@ OUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch
 def _layouts():
     g = torch.Generator().manual_seed(1234)
     return {
-        "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES),          # 1008 logits, 8 uneven groups
-        "10k": [100] * 100,                                       # 10,100 logits, groups cross chunks
+        "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES),  # 1008 logits, 8 uneven groups
+        "10k": [100] * 100,  # 10,100 logits, groups cross chunks
         "hundreds_small": torch.randint(1, 7, (300,), generator=g).tolist(),
-        "many_medium": [40] * 60,                                 # lane-serial medium groups
-        "wide": [6000, 4100, 3, 1],                               # groups spanning several chunks
-        "tiny": [1],                                              # L = 2
-        "over_2047_groups": [1] * 1500 + [2] * 600,               # offsets read from global memory
+        "many_medium": [40] * 60,  # lane-serial medium groups
+        "wide": [6000, 4100, 3, 1],  # groups spanning several chunks
+        "tiny": [1],  # L = 2
+        "over_2047_groups": [1] * 1500 + [2] * 600,  # offsets read from global memory
     }
 
 
@@ -78,12 +79,12 @@ def make_logits(gen, n, num_logits, dtype, strided=False, scale=4.0):
     16-byte aligned, so every row has a different alignment shift."""
     width = num_logits + 3 if strided else num_logits
     base = torch.randn(n, width, generator=gen, dtype=torch.float64) * scale
-    x = base[:, 1:num_logits + 1] if strided else base
+    x = base[:, 1 : num_logits + 1] if strided else base
     x = x.to(dtype)
     dev = torch.empty((n, width), dtype=dtype, device="cuda")
     if strided:
-        dev[:, 1:num_logits + 1] = x.cuda()
-        return dev[:, 1:num_logits + 1], x
+        dev[:, 1 : num_logits + 1] = x.cuda()
+        return dev[:, 1 : num_logits + 1], x
     dev.copy_(x)
     return dev, x
 
@@ -164,7 +165,7 @@ def test_score_backward_matches_cpu(layout, gen):
         off = off_c.tolist()
         inside = torch.zeros(n, layout.num_logits, dtype=torch.bool)
         for i, k in enumerate(mg.tolist()):
-            inside[i, off[k]:off[k + 1]] = True
+            inside[i, off[k] : off[k + 1]] = True
         assert (gx.cpu()[~inside] == 0).all() and (rgx[~inside] == 0).all()
 
 
@@ -189,8 +190,9 @@ def test_cross_entropy_forward_backward_match_cpu(layout, gen, form, mix):
         close(losses, rl, ACC_TOL[dtype] * 5)
         close(lse, rlse, ACC_TOL[dtype] * 5)
         grad = torch.rand(m, n, layout.num_groups, generator=gen, dtype=torch.float64).to(rl.dtype)
-        gx = ops.group_cross_entropy_backward(grad.cuda(), xd, t_gpu["offsets"], targets.cuda(),
-                                              t_gpu["class_logit"], lse, -100)
+        gx = ops.group_cross_entropy_backward(
+            grad.cuda(), xd, t_gpu["offsets"], targets.cuda(), t_gpu["class_logit"], lse, -100
+        )
         rgx = ops.group_cross_entropy_backward(grad, xc, t_cpu["offsets"], targets, t_cpu["class_logit"], rlse, -100)
         assert gx.dtype == dtype and gx.is_contiguous()
         close(gx, rgx, OUT_TOL[dtype])
@@ -213,20 +215,22 @@ def test_nan_inf_and_ties_match_cpu_exactly():
     g = Groups.from_sizes([3, 2, 4])  # logits: [o a b c | o d e | o f g h i]
     L = g.num_logits
     rows = []
+
     def row(**set_):
         r = torch.zeros(L)
         for k, v in set_.items():
             r[int(k[1:])] = v
         rows.append(r)
-    row()                                   # all equal: first group / first class wins
-    row(p1=float("nan"))                    # NaN in the first class slot: group 0 is NaN, class 0
-    row(p2=float("nan"))                    # NaN later: the same (first class of the NaN group)
-    row(p5=float("inf"))                    # +inf: that group is NaN
+
+    row()  # all equal: first group / first class wins
+    row(p1=float("nan"))  # NaN in the first class slot: group 0 is NaN, class 0
+    row(p2=float("nan"))  # NaN later: the same (first class of the NaN group)
+    row(p5=float("inf"))  # +inf: that group is NaN
     row(p0=float("-inf"), p1=float("-inf"), p2=float("-inf"), p3=float("-inf"))  # only -inf: NaN
-    row(p0=float("-inf"))                   # one -inf: others prob exactly 0
-    row(p6=float("nan"), p9=float("nan"))   # two NaN groups: the first NaN group wins
-    row(p2=3.0, p3=3.0)                     # tie inside a group: first index
-    row(p1=2.0, p6=2.0)                     # equal logits in groups of different sizes
+    row(p0=float("-inf"))  # one -inf: others prob exactly 0
+    row(p6=float("nan"), p9=float("nan"))  # two NaN groups: the first NaN group wins
+    row(p2=3.0, p3=3.0)  # tie inside a group: first index
+    row(p1=2.0, p6=2.0)  # equal logits in groups of different sizes
     x = torch.stack(rows)
     tc, tg = g.tensors("cpu"), g.tensors("cuda")
     for dtype in DTYPES:
@@ -262,8 +266,11 @@ def test_bitwise_deterministic(gen):
                 out += ops.group_predict(x, t["offsets"], t["logit_class"])
                 losses, lse = ops.group_cross_entropy(x, t["offsets"], targets, t["class_logit"], -100)
                 out += [losses, lse]
-                out.append(ops.group_cross_entropy_backward(torch.ones_like(losses), x, t["offsets"], targets,
-                                                            t["class_logit"], lse, -100))
+                out.append(
+                    ops.group_cross_entropy_backward(
+                        torch.ones_like(losses), x, t["offsets"], targets, t["class_logit"], lse, -100
+                    )
+                )
                 y = ops.group_softmax(x, t["offsets"], False)
                 out += [y, ops.group_softmax_backward(x, y, t["offsets"], False)]
                 out.append(ops.group_softmax_score_backward(out[0], x, t["offsets"], out[1], out[2]))
@@ -298,16 +305,21 @@ def test_bad_offsets_and_labels_never_fault():
     g = Groups.from_sizes([2, 2])
     tg = g.tensors("cuda")
     x = torch.zeros(3, 6, device="cuda")
-    losses, lse = ops.group_cross_entropy(x, tg["offsets"], torch.tensor([[0, 4, -100]], device="cuda"),
-                                          tg["class_logit"], -100)
+    losses, lse = ops.group_cross_entropy(
+        x, tg["offsets"], torch.tensor([[0, 4, -100]], device="cuda"), tg["class_logit"], -100
+    )
     assert losses[0, 1].isnan().all() and not losses[0, 0].isnan().any() and (losses[0, 2] == 0).all()
     per_group = torch.tensor([[[0, 3], [1, 0], [0, -100]]], device="cuda")
     losses, lse = ops.group_cross_entropy(x, tg["offsets"], per_group, tg["class_logit"], -100)
     assert losses[0, 0, 1].isnan() and not losses[0, 0, 0].isnan() and losses[0, 2, 1] == 0
-    gx = ops.group_cross_entropy_backward(torch.ones_like(losses), x, tg["offsets"], per_group, tg["class_logit"], lse, -100)
+    gx = ops.group_cross_entropy_backward(
+        torch.ones_like(losses), x, tg["offsets"], per_group, tg["class_logit"], lse, -100
+    )
     assert gx[0, 3:].isnan().all() and not gx[1].isnan().any()
     bad_group = torch.tensor([0, 7, -1], device="cuda")
-    gx = ops.group_softmax_score_backward(torch.ones(3, device="cuda"), x, tg["offsets"], bad_group, torch.zeros(3, device="cuda"))
+    gx = ops.group_softmax_score_backward(
+        torch.ones(3, device="cuda"), x, tg["offsets"], bad_group, torch.zeros(3, device="cuda")
+    )
     assert not gx[0].isnan().any() and gx[1:].isnan().all()
     with pytest.raises(RuntimeError, match="need at least"):
         ops.group_softmax_score(torch.zeros(2, 5, device="cuda"), torch.tensor([0, 2, 4, 5], device="cuda"))
@@ -385,8 +397,12 @@ CUDA_PATH = "chunked" if os.environ.get("MOSX_CUDA_KERNELS") == "chunked" else "
 # 512), one below, at and one above.
 TIER_WIDTHS = sorted({w + d for w in (256, 512, 1024, 2048) for d in (-1, 0, 1)})
 SHIFTS = [0, 1, 3]
-ROWS_PER_WARP_LAYOUTS = {"L168": [20] * 8, "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES), "L1200": [99] * 12,
-                         "10k": [100] * 100}
+ROWS_PER_WARP_LAYOUTS = {
+    "L168": [20] * 8,
+    "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES),
+    "L1200": [99] * 12,
+    "10k": [100] * 100,
+}
 # MOSX_TEST_SUBSET=sanitize: a smaller draw of the same tests that still runs every kernel and tier
 # (tools/gpu_check.sh runs compute-sanitizer over it).
 if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":
@@ -443,15 +459,21 @@ def check_every_op(x, xc, g, dtype, gen, what=""):
     clear = clear_winner(per_group_best_prob(x64, g), largest=True)
     assert torch.equal(c.cpu()[clear], rc[clear]) and torch.equal(grp.cpu()[clear], rg[clear]), what
     gs = torch.randn(n, generator=gen, dtype=torch.float64).to(rs.dtype)
-    close(ops.group_softmax_score_backward(gs.to(DEV), x, td["offsets"], rmg.to(DEV), rml.to(DEV)),
-          ops.group_softmax_score_backward(gs, xc, tc["offsets"], rmg, rml), out_tol)
+    close(
+        ops.group_softmax_score_backward(gs.to(DEV), x, td["offsets"], rmg.to(DEV), rml.to(DEV)),
+        ops.group_softmax_score_backward(gs, xc, tc["offsets"], rmg, rml),
+        out_tol,
+    )
     for log in (False, True):
         y = ops.group_softmax(x, td["offsets"], log)
         ry = ops.group_softmax(xc, tc["offsets"], log)
         close(y, ry, out_tol, msg=lambda m: f"{what} softmax log={log}: {m}")
         go = (torch.randn(n, L, generator=gen, dtype=torch.float64)).to(dtype)
-        close(ops.group_softmax_backward(go.to(DEV), ry.to(DEV), td["offsets"], log),
-              ops.group_softmax_backward(go, ry, tc["offsets"], log), out_tol)
+        close(
+            ops.group_softmax_backward(go.to(DEV), ry.to(DEV), td["offsets"], log),
+            ops.group_softmax_backward(go, ry, tc["offsets"], log),
+            out_tol,
+        )
     cls = torch.randint(0, g.num_classes, (2, n), generator=gen)
     cls[:, ::5] = -100
     losses, lse = ops.group_cross_entropy(x, td["offsets"], cls.to(DEV), td["class_logit"], -100)
@@ -459,9 +481,13 @@ def check_every_op(x, xc, g, dtype, gen, what=""):
     close(losses, rl, acc_tol * 5, msg=lambda m: f"{what} cross-entropy: {m}")
     close(lse, rlse, acc_tol * 5)
     gl = torch.rand(2, n, g.num_groups, generator=gen, dtype=torch.float64).to(rl.dtype)
-    close(ops.group_cross_entropy_backward(gl.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"],
-                                           rlse.to(DEV), -100),
-          ops.group_cross_entropy_backward(gl, xc, tc["offsets"], cls, tc["class_logit"], rlse, -100), out_tol)
+    close(
+        ops.group_cross_entropy_backward(
+            gl.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], rlse.to(DEV), -100
+        ),
+        ops.group_cross_entropy_backward(gl, xc, tc["offsets"], cls, tc["class_logit"], rlse, -100),
+        out_tol,
+    )
 
 
 def rehearsable(fn):
@@ -483,10 +509,17 @@ def test_chunked_kernels_pass_the_same_tests():
         pytest.skip("the caller runs both kernel paths itself")
     env = {**os.environ, "MOSX_CUDA_KERNELS": "chunked"}
     here = os.path.dirname(os.path.abspath(__file__))
-    for target, k in ((__file__, "not more_than_2_31 and not chunked_kernels_pass"),
-                      (os.path.join(here, "test_ops.py"), "cuda")):
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "-k", k],
-                           env=env, capture_output=True, text=True, timeout=1500)
+    for target, k in (
+        (__file__, "not more_than_2_31 and not chunked_kernels_pass"),
+        (os.path.join(here, "test_ops.py"), "cuda"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "-k", k],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert " passed" in r.stdout
 
@@ -565,8 +598,11 @@ def test_softmax_backward_grad_and_out_at_different_alignments(gshift, oshift, g
             ry = ops.group_softmax(xc, tc["offsets"], log)
             go = torch.randn(n, g.num_logits, generator=gen).to(dtype)
             out, grad = edge_copy(ry, oshift), edge_copy(go, gshift)
-            close(ops.group_softmax_backward(grad, out, td["offsets"], log),
-                  ops.group_softmax_backward(go, ry, tc["offsets"], log), OUT_TOL[dtype])
+            close(
+                ops.group_softmax_backward(grad, out, td["offsets"], log),
+                ops.group_softmax_backward(go, ry, tc["offsets"], log),
+                OUT_TOL[dtype],
+            )
 
 
 @rehearsable
@@ -575,20 +611,28 @@ def test_cross_entropy_empty_batch_and_its_backward():
     td = g.tensors(DEV)
     K, L = g.num_groups, g.num_logits
     x = torch.empty(0, L, device=DEV)
-    for targets in (torch.empty(1, 0, dtype=torch.long, device=DEV), torch.empty(2, 0, K, dtype=torch.long, device=DEV)):
+    for targets in (
+        torch.empty(1, 0, dtype=torch.long, device=DEV),
+        torch.empty(2, 0, K, dtype=torch.long, device=DEV),
+    ):
         losses, lse = ops.group_cross_entropy(x, td["offsets"], targets, td["class_logit"], -100)
         assert losses.shape == (targets.shape[0], 0, K) and lse.shape == (0, K)
-        gx = ops.group_cross_entropy_backward(torch.ones_like(losses), x, td["offsets"], targets,
-                                              td["class_logit"], lse, -100)
+        gx = ops.group_cross_entropy_backward(
+            torch.ones_like(losses), x, td["offsets"], targets, td["class_logit"], lse, -100
+        )
         assert gx.shape == (0, L)
     xg = torch.empty(0, L, device=DEV, requires_grad=True)
     loss = mosx.group_cross_entropy(xg, torch.empty(0, dtype=torch.long, device=DEV), g, reduction="sum")
     loss.backward()
     assert xg.grad.shape == (0, L)
     assert ops.group_softmax_backward(x, x, td["offsets"], True).shape == (0, L)
-    assert ops.group_softmax_score_backward(torch.empty(0, device=DEV), x, td["offsets"],
-                                            torch.empty(0, dtype=torch.long, device=DEV),
-                                            torch.empty(0, device=DEV)).shape == (0, L)
+    assert ops.group_softmax_score_backward(
+        torch.empty(0, device=DEV),
+        x,
+        td["offsets"],
+        torch.empty(0, dtype=torch.long, device=DEV),
+        torch.empty(0, device=DEV),
+    ).shape == (0, L)
 
 
 @rehearsable
@@ -606,9 +650,13 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
     close(losses, rl, 1e-4)
     assert (losses[:, ::3] == 0).all() and (losses[:, 1::3] != 0).any()
     grad = torch.rand(2, n, g.num_groups, generator=gen)
-    close(ops.group_cross_entropy_backward(grad.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], lse,
-                                           ignore_index),
-          ops.group_cross_entropy_backward(grad, xc, tc["offsets"], cls, tc["class_logit"], rlse, ignore_index), 2e-5)
+    close(
+        ops.group_cross_entropy_backward(
+            grad.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], lse, ignore_index
+        ),
+        ops.group_cross_entropy_backward(grad, xc, tc["offsets"], cls, tc["class_logit"], rlse, ignore_index),
+        2e-5,
+    )
     # and the Python API against the reference loop (float64 on the CPU)
     got = mosx.group_cross_entropy(x, cls[0].to(DEV), g, reduction="none", ignore_index=ignore_index)
     want = reference.group_cross_entropy(xc.double(), cls[0], g, reduction="none", ignore_index=ignore_index)
@@ -617,8 +665,11 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
 
 @rehearsable
 @pytest.mark.parametrize("shift", SHIFTS)
-@pytest.mark.parametrize("size,k", [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3)],
-                         ids=["fast_L1200", "fast_small_groups", "fast_L800", "lane_serial", "medium", "wide"])
+@pytest.mark.parametrize(
+    "size,k",
+    [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3)],
+    ids=["fast_L1200", "fast_small_groups", "fast_L800", "lane_serial", "medium", "wide"],
+)
 def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
     # Bit-identical groups placed so that the fast reductions sum them in different orders: in
     # different lanes of the register tiles, lane-serially or by the whole warp, inside one chunk

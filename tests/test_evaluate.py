@@ -63,8 +63,17 @@ def net(outputs=3, seed=0):
 
 
 def common(tmp_path, **kw):
-    return dict(out_dir=str(tmp_path / "out"), image_size=SIZE, batch_size=5, workers=0, device="cpu",
-                precision="fp32", progress=False, verbose=False, **kw)
+    return dict(
+        out_dir=str(tmp_path / "out"),
+        image_size=SIZE,
+        batch_size=5,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        verbose=False,
+        **kw,
+    )
 
 
 def load_images(images):
@@ -133,8 +142,9 @@ def test_rerun_reads_the_cache(folders, tmp_path):
     E.evaluate(model, str(folders / "id"), ood, scores=["msp"], plots=False, **common(tmp_path))
     calls = model.calls
     assert calls >= 30
-    res = E.evaluate(model, str(folders / "id"), ood, scores=["energy:temperature=3", "maxlogit"], plots=False,
-                     **common(tmp_path))
+    res = E.evaluate(
+        model, str(folders / "id"), ood, scores=["energy:temperature=3", "maxlogit"], plots=False, **common(tmp_path)
+    )
     assert model.calls == calls  # no backbone pass the second time
     assert set(res.metrics) == {"energy:temperature=3", "maxlogit"}
     # other weights: a new pass
@@ -147,8 +157,9 @@ def test_rerun_reads_the_cache(folders, tmp_path):
 def test_grouped_model_and_mos(folders, tmp_path):
     groups = mosx.Groups.from_sizes([2, 1])  # cat, dog | eel: 5 logits
     model = net(groups.num_logits)
-    res = E.evaluate(model, str(folders / "id"), {"far": str(folders / "ood_far")}, groups=groups,
-                     plots=False, **common(tmp_path))
+    res = E.evaluate(
+        model, str(folders / "id"), {"far": str(folders / "ood_far")}, groups=groups, plots=False, **common(tmp_path)
+    )
     assert list(res.metrics) == ["mos"] and res.grouped
     z, _ = direct_logits(model, E.image_list(str(folders / "id"), "id"))
     z = z.half().float()
@@ -183,8 +194,11 @@ def test_bad_input_stops_before_work(folders, tmp_path):
 
 def test_list_file_formats(folders, tmp_path):
     groups = mosx.Groups.from_sizes([2, 1])
-    lines = {"plain.txt": "id/cat/0.png\n", "cls.txt": "id/cat/0.png 0\nid/eel/1.png 2\n",
-             "mos.txt": "id/cat/0.png 0 0\nid/eel/1.png 1 0\nid/dog/2.png 0 1\n"}
+    lines = {
+        "plain.txt": "id/cat/0.png\n",
+        "cls.txt": "id/cat/0.png 0\nid/eel/1.png 2\n",
+        "mos.txt": "id/cat/0.png 0 0\nid/eel/1.png 1 0\nid/dog/2.png 0 1\n",
+    }
     for n, text in lines.items():
         (folders / n).write_text(text)
     assert E.image_list(str(folders / "plain.txt"), "x").labels == [-1]
@@ -197,7 +211,11 @@ def test_list_file_formats(folders, tmp_path):
 
 def test_score_list_parsing():
     assert E._split_scores("msp,energy:temperature=2,odin:temperature=1000,eps=0.001,maxlogit") == [
-        "msp", "energy:temperature=2", "odin:temperature=1000,eps=0.001", "maxlogit"]
+        "msp",
+        "energy:temperature=2",
+        "odin:temperature=1000,eps=0.001",
+        "maxlogit",
+    ]
     assert E._split_scores("energy:temperature=2;eps=1") == ["energy:temperature=2", "eps=1"]
     assert E._split_scores("") is None
 
@@ -208,10 +226,33 @@ def test_cli(folders, tmp_path):
     torch.save(model, path)
     out = tmp_path / "cli"
     # a whole pickled module needs pickle to load: only with --trust-pickle (test_pickled_model_is_refused)
-    rc = E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
-                 "--ood", f"near={folders / 'near.txt'}", "--scores", "msp,energy:temperature=2,odin:temperature=5,eps=0", "--out", str(out),
-                 "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
-                 "--batch-size", "4", "--trust-pickle"])
+    rc = E.main(
+        [
+            "--model",
+            str(path),
+            "--id",
+            str(folders / "id"),
+            "--ood",
+            f"far={folders / 'ood_far'}",
+            "--ood",
+            f"near={folders / 'near.txt'}",
+            "--scores",
+            "msp,energy:temperature=2,odin:temperature=5,eps=0",
+            "--out",
+            str(out),
+            "--image-size",
+            str(SIZE),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-plots",
+            "--batch-size",
+            "4",
+            "--trust-pickle",
+        ]
+    )
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["metrics"]) == {"msp", "energy:temperature=2", "odin:temperature=5,eps=0"}
@@ -219,8 +260,22 @@ def test_cli(folders, tmp_path):
     assert E.main(["--model", str(path), "--id", str(folders / "id"), "--ood", "nonsense", "--out", str(out)]) == 2
     from mosx.cli import main as cli_main
 
-    assert cli_main(["eval", "--model", str(path), "--id", str(folders / "id"), "--ood",
-                     f"e={folders / 'empty'}", "--out", str(out)]) == 2
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(path),
+                "--id",
+                str(folders / "id"),
+                "--ood",
+                f"e={folders / 'empty'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 # ------------------------------------------------------------------------------ distributed (gloo)
@@ -234,13 +289,31 @@ def _worker(rank, world, port, root, out, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     model = net()
-    res = E.evaluate(model, os.path.join(root, "id"), {"far": os.path.join(root, "ood_far"),
-                                                       "near": os.path.join(root, "near.txt")},
-                     scores=["msp", "energy", "odin:temperature=10,eps=0.005"], out_dir=out, image_size=SIZE, batch_size=4, workers=0,
-                     device="cpu", precision="fp32", progress=False, verbose=False, plots=False)
+    res = E.evaluate(
+        model,
+        os.path.join(root, "id"),
+        {"far": os.path.join(root, "ood_far"), "near": os.path.join(root, "near.txt")},
+        scores=["msp", "energy", "odin:temperature=10,eps=0.005"],
+        out_dir=out,
+        image_size=SIZE,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        verbose=False,
+        plots=False,
+    )
     if rank == 0:
-        torch.save({"scores": res.scores, "metrics": {m: {o: v.as_dict() for o, v in p.items()} for m, p in res.metrics.items()},
-                    "counts": res.counts, "unreadable": res.unreadable}, result_file)
+        torch.save(
+            {
+                "scores": res.scores,
+                "metrics": {m: {o: v.as_dict() for o, v in p.items()} for m, p in res.metrics.items()},
+                "counts": res.counts,
+                "unreadable": res.unreadable,
+            },
+            result_file,
+        )
     else:
         assert res is None
 
@@ -251,11 +324,22 @@ def test_distributed_gloo_two_processes(folders, tmp_path):
     result_file = str(tmp_path / "dist.pt")
     # fork: the workers need not import torch again (they use one thread each, so no OpenMP state is
     # inherited in use).
-    mp.start_processes(_worker, args=(2, _free_port(), str(folders), str(tmp_path / "dist"), result_file),
-                       nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _worker,
+        args=(2, _free_port(), str(folders), str(tmp_path / "dist"), result_file),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     got = torch.load(result_file, weights_only=False)
-    single = E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
-                        scores=["msp", "energy", "odin:temperature=10,eps=0.005"], plots=False, **common(tmp_path))
+    single = E.evaluate(
+        net(),
+        str(folders / "id"),
+        {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
+        scores=["msp", "energy", "odin:temperature=10,eps=0.005"],
+        plots=False,
+        **common(tmp_path),
+    )
     assert got["counts"] == single.counts and got["unreadable"] == single.unreadable
     for m in ("msp", "energy", "odin:temperature=10,eps=0.005"):
         for s in ("id", "far", "near"):  # every image scored once, in the original order
@@ -274,15 +358,18 @@ def test_in_memory_datasets(tmp_path):
     id_ds = torch.utils.data.TensorDataset(x_id, y_id)
     ood_ds = torch.utils.data.TensorDataset(x_ood)
     model = net()
-    res = E.evaluate(model, id_ds, {"dark": ood_ds}, scores=["msp", "mahalanobis"], fit_data=id_ds, plots=False,
-                     **common(tmp_path))
+    res = E.evaluate(
+        model, id_ds, {"dark": ood_ds}, scores=["msp", "mahalanobis"], fit_data=id_ds, plots=False, **common(tmp_path)
+    )
     with torch.no_grad():
         z, f = S.model_outputs(model, x_id)
         zo, fo = S.model_outputs(model, x_ood)
     msp = S.MSP().score(logits=z.half().float())
     np.testing.assert_allclose(res.scores["msp"]["id"], msp, atol=1e-6)
     maha = S.Mahalanobis().fit(features=f.half().float(), labels=y_id)
-    np.testing.assert_allclose(res.scores["mahalanobis"]["dark"], maha.score(features=fo.half().float()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        res.scores["mahalanobis"]["dark"], maha.score(features=fo.half().float()), rtol=1e-4, atol=1e-4
+    )
     assert res.id_accuracy == pytest.approx(float((z.half().float().argmax(1) == y_id).double().mean()))
     calls = model.calls
     E.evaluate(model, id_ds, {"dark": ood_ds}, scores=["energy"], plots=False, **common(tmp_path))
@@ -298,11 +385,34 @@ def test_cli_with_a_trainer_model_file(folders, tmp_path):
     model, _ = tm.build_model("small-cnn-4", groups.num_logits)
     torch.nn.init.normal_(model.head.weight)
     path = str(tmp_path / "model.pt")
-    tm.save_model(path, model, arch="small-cnn-4", num_features=model.head.in_features, groups=groups,
-                  loss="group", class_names=["cat", "dog", "eel"])
+    tm.save_model(
+        path,
+        model,
+        arch="small-cnn-4",
+        num_features=model.head.in_features,
+        groups=groups,
+        loss="group",
+        class_names=["cat", "dog", "eel"],
+    )
     out = tmp_path / "cli"
-    args = ["--model", path, "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--out", str(out),
-            "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots"]
+    args = [
+        "--model",
+        path,
+        "--id",
+        str(folders / "id"),
+        "--ood",
+        f"far={folders / 'ood_far'}",
+        "--out",
+        str(out),
+        "--image-size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-plots",
+    ]
     assert E.main(args) == 0  # grouping and class list come from the file
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["metrics"]) == ["mos"] and doc["grouped_model"] and doc["id_accuracy"] is not None
@@ -336,18 +446,44 @@ def test_cli_grouped_and_flat_models_in_one_table(folders, tmp_path, capsys):
     torch.save(grouped, gpath)
     torch.save(flat, fpath)
     out = tmp_path / "both"
-    rc = E.main(["--model", str(gpath), "--groups", "2,1", "--flat-model", str(fpath), "--flat-scores", "msp,energy",
-                 "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--out", str(out),
-                 "--image-size", str(SIZE), "--workers", "0", "--device", "cpu", "--no-progress", "--no-plots",
-                 "--precision", "fp32", "--trust-pickle"])  # whole pickled modules
+    rc = E.main(
+        [
+            "--model",
+            str(gpath),
+            "--groups",
+            "2,1",
+            "--flat-model",
+            str(fpath),
+            "--flat-scores",
+            "msp,energy",
+            "--id",
+            str(folders / "id"),
+            "--ood",
+            f"far={folders / 'ood_far'}",
+            "--out",
+            str(out),
+            "--image-size",
+            str(SIZE),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-plots",
+            "--precision",
+            "fp32",
+            "--trust-pickle",
+        ]
+    )  # whole pickled modules
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ID accuracy (grouped)" in printed and "ID accuracy (flat)" in printed
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["metrics"]) == ["mos", "msp", "energy"]
     assert set(doc["id_accuracy"]) == {"grouped", "flat"}
-    single = E.evaluate(flat, str(folders / "id"), {"far": str(folders / "ood_far")}, scores=["msp"], plots=False,
-                        **common(tmp_path))
+    single = E.evaluate(
+        flat, str(folders / "id"), {"far": str(folders / "ood_far")}, scores=["msp"], plots=False, **common(tmp_path)
+    )
     assert doc["metrics"]["msp"]["far"]["auroc"] == pytest.approx(single.metrics["msp"]["far"].auroc, abs=1e-12)
     assert doc["id_accuracy"]["flat"] == pytest.approx(single.id_accuracy)
 
@@ -379,8 +515,25 @@ def test_config_and_keywords_give_the_same_result(folders, tmp_path):
 
 
 def test_cli_builds_the_config_evaluate_takes():
-    args = E.build_parser().parse_args(["--model", "m.pt", "--id", "val", "--ood", "a=x", "--ood", "b=y", "--out", "o",
-                                        "--scores", "msp,energy:temperature=2", "--groups", "2,3", "--no-plots"])
+    args = E.build_parser().parse_args(
+        [
+            "--model",
+            "m.pt",
+            "--id",
+            "val",
+            "--ood",
+            "a=x",
+            "--ood",
+            "b=y",
+            "--out",
+            "o",
+            "--scores",
+            "msp,energy:temperature=2",
+            "--groups",
+            "2,3",
+            "--no-plots",
+        ]
+    )
     cfg = E.config_from_args(args)
     assert isinstance(cfg, E.EvalConfig)
     assert cfg.model == "m.pt" and cfg.ood_data == {"a": "x", "b": "y"} and cfg.groups == "2,3"
@@ -401,9 +554,24 @@ def test_pickled_model_is_refused(folders, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": _Payload(str(marker))}, evil)
-    args = ["--model", str(evil), "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}",
-            "--out", str(tmp_path / "o"), "--image-size", str(SIZE), "--workers", "0", "--device", "cpu",
-            "--no-progress", "--no-plots"]
+    args = [
+        "--model",
+        str(evil),
+        "--id",
+        str(folders / "id"),
+        "--ood",
+        f"far={folders / 'ood_far'}",
+        "--out",
+        str(tmp_path / "o"),
+        "--image-size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-plots",
+    ]
     assert E.main(args) == 2
     assert not marker.exists()
     with pytest.raises(ValueError, match="trust_pickle=True"):
@@ -503,9 +671,26 @@ def test_one_channel_model_file_gets_grey_images(folders, tmp_path):
     torch.nn.init.normal_(model.head.weight)
     path = str(tmp_path / "grey.pt")
     save_model(path, model, arch="small-cnn-4", num_features=model.head.in_features, loss="flat", in_chans=1)
-    args = ["--model", path, "--id", str(folders / "id"), "--ood", f"far={folders / 'ood_far'}", "--scores", "msp",
-            "--out", str(tmp_path / "o"), "--image-size", str(SIZE), "--workers", "0", "--device", "cpu",
-            "--no-progress", "--no-plots"]
+    args = [
+        "--model",
+        path,
+        "--id",
+        str(folders / "id"),
+        "--ood",
+        f"far={folders / 'ood_far'}",
+        "--scores",
+        "msp",
+        "--out",
+        str(tmp_path / "o"),
+        "--image-size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-plots",
+    ]
     assert E.main(args) == 0  # it crashed mid-pass on 3-channel images before
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     assert doc["images_scored"]["id"] == 21
@@ -520,14 +705,19 @@ def test_one_channel_model_file_gets_grey_images(folders, tmp_path):
 
 # ------------------------------------------------------------------------------ report.html
 def test_html_report_is_self_contained(folders, tmp_path):
-    res = E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
-                     scores=["msp", "energy"], **common(tmp_path))
+    res = E.evaluate(
+        net(),
+        str(folders / "id"),
+        {"far": str(folders / "ood_far"), "near": str(folders / "near.txt")},
+        scores=["msp", "energy"],
+        **common(tmp_path),
+    )
     page = (tmp_path / "out" / "report.html").read_text()
     assert res.files["html"] == str(tmp_path / "out" / "report.html")
     assert "<table>" in page and "far" in page and "near" in page and "energy" in page
     assert f"{100 * res.metrics['msp']['far'].auroc:.2f}" in page
     assert page.count("data:image/png;base64,") == 4  # ROC + histogram per method, embedded
-    assert "src=\"http" not in page and "href=\"http" not in page  # nothing fetched: opens offline
+    assert 'src="http' not in page and 'href="http' not in page  # nothing fetched: opens offline
     assert "image_size" in page and "torch" in page  # settings and versions
 
 
@@ -545,10 +735,21 @@ def test_html_report_renders_in_a_browser(folders, tmp_path):
 
     E.evaluate(net(), str(folders / "id"), {"far": str(folders / "ood_far")}, scores=["msp"], **common(tmp_path))
     shot = tmp_path / "shot.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
-           (tmp_path / "out" / "report.html").as_uri()]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,1600",
+        f"--screenshot={shot}",
+        (tmp_path / "out" / "report.html").as_uri(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert img.std() > 10  # not blank: text, table rules and plots
@@ -562,8 +763,15 @@ def test_groups_spec_is_the_trainers(folders, tmp_path):
     a = E.evaluate(model, str(folders / "id"), ood, groups="2,1", scores=["mos"], plots=False, **common(tmp_path))
     b = E.evaluate(model, str(folders / "id"), ood, groups="sizes:2,1", scores=["mos"], plots=False, **common(tmp_path))
     np.save(tmp_path / "sizes.npy", np.array([2, 1]))
-    c = E.evaluate(model, str(folders / "id"), ood, groups=str(tmp_path / "sizes.npy"), scores=["mos"], plots=False,
-                   **common(tmp_path))
+    c = E.evaluate(
+        model,
+        str(folders / "id"),
+        ood,
+        groups=str(tmp_path / "sizes.npy"),
+        scores=["mos"],
+        plots=False,
+        **common(tmp_path),
+    )
     for r in (b, c):
         np.testing.assert_array_equal(r.scores["mos"]["far"], a.scores["mos"]["far"])
     with pytest.raises(ValueError, match="kmeans"):
@@ -575,7 +783,17 @@ def test_wrappers_on_a_grouped_model_only_over_mos(folders, tmp_path):
     ood = {"far": str(folders / "ood_far")}
     for spec in ("react-msp", "ash-msp:variant=p", "scale-energy", "dice-msp"):
         with pytest.raises(ValueError, match="reads flat class logits"):
-            E.evaluate(model, str(folders / "id"), ood, groups=[2, 1], scores=[spec], fit_on_id=True, **common(tmp_path))
-    res = E.evaluate(model, str(folders / "id"), ood, groups=[2, 1], scores=["mos", "ash-mos", "scale-mos", "react-mos"],
-                     fit_on_id=True, plots=False, **common(tmp_path))
+            E.evaluate(
+                model, str(folders / "id"), ood, groups=[2, 1], scores=[spec], fit_on_id=True, **common(tmp_path)
+            )
+    res = E.evaluate(
+        model,
+        str(folders / "id"),
+        ood,
+        groups=[2, 1],
+        scores=["mos", "ash-mos", "scale-mos", "react-mos"],
+        fit_on_id=True,
+        plots=False,
+        **common(tmp_path),
+    )
     assert set(res.metrics) == {"mos", "ash-mos", "scale-mos", "react-mos"}

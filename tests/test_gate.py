@@ -15,8 +15,10 @@ from mosx.export import export_onnx, export_pt2
 from mosx.models import build_model, save_model
 
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
-needs_ort = pytest.mark.skipif(not HAVE_ORT, reason="ONNX export tests need onnx, onnxscript and onnxruntime "
-                                                    "(pip install onnx onnxruntime onnxscript)")
+needs_ort = pytest.mark.skipif(
+    not HAVE_ORT,
+    reason="ONNX export tests need onnx, onnxscript and onnxruntime (pip install onnx onnxruntime onnxscript)",
+)
 
 # Uneven groups, one of a single class, classes of a group not contiguous: 11 classes, 4 groups.
 ASSIGNMENT = [0, 2, 0, 1, 2, 2, 3, 2, 3, 0, 2]
@@ -75,10 +77,16 @@ def test_grouped_gate_outputs(grouped_gate, groups, gen):
     assert grouped_gate.scorer == "mos" and grouped_gate.grouped
 
 
-@pytest.mark.parametrize("spec, scorer", [
-    ("msp", S.MSP()), ("maxlogit", S.MaxLogit()), ("energy", S.Energy()), ("energy:temperature=2", S.Energy(2.0)),
-    ("odin:temperature=1000", S.ODIN(1000.0)),
-])
+@pytest.mark.parametrize(
+    "spec, scorer",
+    [
+        ("msp", S.MSP()),
+        ("maxlogit", S.MaxLogit()),
+        ("energy", S.Energy()),
+        ("energy:temperature=2", S.Energy(2.0)),
+        ("odin:temperature=1000", S.ODIN(1000.0)),
+    ],
+)
 def test_flat_gate_scores_are_the_scorers(spec, scorer, gen):
     torch.manual_seed(0)
     model, _ = build_model("small-cnn-4", 5, head_init="random")
@@ -114,8 +122,15 @@ def test_calibration_matches_ood_metrics(grouped_gate, gen):
 def test_calibrate_from_a_model_file(tmp_path, groups, gen):
     model = grouped_model(groups, seed=5)
     path = str(tmp_path / "model.pt")
-    save_model(path, model, arch="small-cnn-4", num_features=model.head.in_features, groups=groups, loss="group",
-               class_names=[f"c{i}" for i in range(groups.num_classes)])
+    save_model(
+        path,
+        model,
+        arch="small-cnn-4",
+        num_features=model.head.in_features,
+        groups=groups,
+        loss="group",
+        class_names=[f"c{i}" for i in range(groups.num_classes)],
+    )
     loader = [images(gen, 10)]
     gate = mosx.OODGate.calibrate(path, loader, tpr=0.8)  # groups and scorer "mos" from the file
     assert gate.groups == groups and gate.scorer == "mos"
@@ -190,14 +205,17 @@ def test_bad_input(groups, gen):
         mosx.OODGate.calibrate(mosx.OODGate(model, "mos", groups=groups), loader)
 
 
-@pytest.mark.parametrize("spec, why", [
-    ("mahalanobis", "needs statistics fitted on ID data"),
-    ("kl_matching", "needs statistics fitted on ID data"),
-    ("react-energy", "needs statistics fitted on ID data"),
-    ("odin:temperature=1000,eps=0.001", "perturbs the input"),
-    ("gradnorm", "reads"),
-    ("entropy", "not one of the gate's scorers"),
-])
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("mahalanobis", "needs statistics fitted on ID data"),
+        ("kl_matching", "needs statistics fitted on ID data"),
+        ("react-energy", "needs statistics fitted on ID data"),
+        ("odin:temperature=1000,eps=0.001", "perturbs the input"),
+        ("gradnorm", "reads"),
+        ("entropy", "not one of the gate's scorers"),
+    ],
+)
 def test_unsupported_scorers_are_refused(spec, why):
     model, _ = build_model("small-cnn-4", 5)
     with pytest.raises(ValueError, match=why) as e:
@@ -309,8 +327,25 @@ def test_cli_calibrates_and_exports(tmp_path, groups, gen, capsys):
     _write_images(str(tmp_path / "id" / "a"), gen, 6)
     _write_images(str(tmp_path / "id" / "b"), gen, 5)
     gpath, out = str(tmp_path / "gate.pt"), str(tmp_path / "gate.pt2")
-    rc = main(["export", "--model", mpath, "--calibrate", str(tmp_path / "id"), "--tpr", "0.9",
-               "--image-size", str(SIZE), "--format", "pt2", "--out", out, "--save-gate", gpath])
+    rc = main(
+        [
+            "export",
+            "--model",
+            mpath,
+            "--calibrate",
+            str(tmp_path / "id"),
+            "--tpr",
+            "0.9",
+            "--image-size",
+            str(SIZE),
+            "--format",
+            "pt2",
+            "--out",
+            out,
+            "--save-gate",
+            gpath,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "calibrated mos on 11 images" in capsys.readouterr().out
     gate = mosx.OODGate.load(gpath)
@@ -319,6 +354,5 @@ def test_cli_calibrates_and_exports(tmp_path, groups, gen, capsys):
     # A model file without --calibrate, and --calibrate on a gate file: clear errors.
     assert main(["export", "--model", mpath, "--format", "pt2", "--out", out]) == 2
     assert "--calibrate ID_FOLDER" in capsys.readouterr().err
-    assert main(["export", "--model", gpath, "--calibrate", str(tmp_path / "id"), "--format", "pt2",
-                 "--out", out]) == 2
+    assert main(["export", "--model", gpath, "--calibrate", str(tmp_path / "id"), "--format", "pt2", "--out", out]) == 2
     assert "already calibrated" in capsys.readouterr().err

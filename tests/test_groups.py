@@ -80,10 +80,13 @@ def test_from_list_file(tmp_path):
         Groups.from_list_file(p)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ([], "at least one group"),
-    ([3, 0, 2], "needs >= 1 class"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ([], "at least one group"),
+        ([3, 0, 2], "needs >= 1 class"),
+    ],
+)
 def test_bad_sizes(bad, msg):
     with pytest.raises(ValueError, match=msg):
         Groups.from_sizes(bad)
@@ -117,6 +120,7 @@ SIZES = (2, 1, 3)
 
 class FakeData:
     """What resolve_groups needs of a data set: 6 classes, no list-file grouping."""
+
     num_classes, class_names, list_groups, targets = 6, ["a", "b", "c", "d", "e", "f"], None, []
 
 
@@ -124,9 +128,14 @@ class FakeData:
 def group_files(tmp_path):
     """The same grouping (sizes 2, 1, 3) in every file form."""
     g = Groups.from_sizes(SIZES)
-    files = {"json": tmp_path / "groups.json", "json_txt": tmp_path / "groups.txt",
-             "list": tmp_path / "train.txt", "list_noext": tmp_path / "trainlist",
-             "npy": tmp_path / "taxonomy_level0.npy", "npy_noext": tmp_path / "sizes.bin"}
+    files = {
+        "json": tmp_path / "groups.json",
+        "json_txt": tmp_path / "groups.txt",
+        "list": tmp_path / "train.txt",
+        "list_noext": tmp_path / "trainlist",
+        "npy": tmp_path / "taxonomy_level0.npy",
+        "npy_noext": tmp_path / "sizes.bin",
+    }
     g.save(files["json"])
     g.save(files["json_txt"])  # mosx train read any file as Groups JSON
     lines = "a/1.jpg 0 0\na/2.jpg 0 1\nb/1.jpg 1 0\nc/1.jpg 2 2\nc/2.jpg 2 0\nc/3.jpg 2 1\n"
@@ -141,14 +150,28 @@ def group_files(tmp_path):
 def test_parse_forms_without_data(group_files):
     g, files = group_files
     assert Groups.parse(g) is g
-    for spec in ([2, 1, 3], (2, 1, 3), torch.tensor([2, 1, 3]), np.array([2, 1, 3]), g.slices, g.slices.tolist(),
-                 "2,1,3", " 2, 1, 3, ", "sizes:2,1,3", "sizes:2,1,3,", *files.values(), *map(str, files.values())):
+    for spec in (
+        [2, 1, 3],
+        (2, 1, 3),
+        torch.tensor([2, 1, 3]),
+        np.array([2, 1, 3]),
+        g.slices,
+        g.slices.tolist(),
+        "2,1,3",
+        " 2, 1, 3, ",
+        "sizes:2,1,3",
+        "sizes:2,1,3,",
+        *files.values(),
+        *map(str, files.values()),
+    ):
         got = Groups.parse(spec)
         assert got == g, spec
         assert Groups.parse(spec, need_data=False) == g, spec
-    assert Groups.parse(",".join(map(str, mosx.IMAGENET_TAXONOMY_SIZES))) == \
-        Groups.parse("sizes:" + ",".join(map(str, mosx.IMAGENET_TAXONOMY_SIZES))) == \
-        Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    assert (
+        Groups.parse(",".join(map(str, mosx.IMAGENET_TAXONOMY_SIZES)))
+        == Groups.parse("sizes:" + ",".join(map(str, mosx.IMAGENET_TAXONOMY_SIZES)))
+        == Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    )
     # an assignment that is not group by group survives the JSON round trip
     h = Groups.from_assignment([2, 0, 1, 0, 2, 2])
     h.save(files["json"])
@@ -169,8 +192,12 @@ def test_old_spellings_of_both_commands_give_the_same_groups(group_files):
 
 def test_parse_requests_need_data(tmp_path):
     tax = str(tmp_path / "tax.txt")
-    cases = {"kmeans:8": GroupRequest("kmeans", k=8), "random:3": GroupRequest("random", k=3),
-             f"taxonomy:{tax}": GroupRequest("taxonomy", path=tax), "list": GroupRequest("list")}
+    cases = {
+        "kmeans:8": GroupRequest("kmeans", k=8),
+        "random:3": GroupRequest("random", k=3),
+        f"taxonomy:{tax}": GroupRequest("taxonomy", path=tax),
+        "list": GroupRequest("list"),
+    }
     for spec, want in cases.items():
         got = Groups.parse(spec)
         assert got == want and str(got) == spec
@@ -188,22 +215,26 @@ def test_parse_requests_need_data(tmp_path):
 
     class ListData(FakeData):
         list_groups = Groups.from_sizes(SIZES)
+
     assert resolve_groups(None, ListData) is ListData.list_groups is resolve_groups("list", ListData)
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ("kmeans:0", r"kmeans:K needs a whole number of groups K >= 1, got '0'"),
-    ("kmeans:x", r"kmeans:K needs a whole number"),
-    ("random:", r"random:K needs a whole number"),
-    ("random:2.5", r"random:K needs a whole number"),
-    ("taxonomy:", r"taxonomy:FILE needs a file"),
-    ("sizes:", r"sizes must be comma-separated whole numbers"),
-    ("sizes:2,x", r"sizes must be comma-separated whole numbers"),
-    ("sizes:2,0", r"'sizes:2,0'.*every group needs >= 1 class"),
-    ("2,-1", r"'2,-1'.*every group needs >= 1 class"),
-    ("2.0,3", r"no such file, and not a grouping spec"),
-    ("no/such/groups.json", r"no such file.*the forms are"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("kmeans:0", r"kmeans:K needs a whole number of groups K >= 1, got '0'"),
+        ("kmeans:x", r"kmeans:K needs a whole number"),
+        ("random:", r"random:K needs a whole number"),
+        ("random:2.5", r"random:K needs a whole number"),
+        ("taxonomy:", r"taxonomy:FILE needs a file"),
+        ("sizes:", r"sizes must be comma-separated whole numbers"),
+        ("sizes:2,x", r"sizes must be comma-separated whole numbers"),
+        ("sizes:2,0", r"'sizes:2,0'.*every group needs >= 1 class"),
+        ("2,-1", r"'2,-1'.*every group needs >= 1 class"),
+        ("2.0,3", r"no such file, and not a grouping spec"),
+        ("no/such/groups.json", r"no such file.*the forms are"),
+    ],
+)
 def test_parse_bad_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         Groups.parse(spec)
@@ -227,16 +258,19 @@ def test_from_npy(tmp_path):
     assert Groups.from_npy(p).sizes == (2, 3)
 
 
-@pytest.mark.parametrize("array, msg", [
-    (np.array([2.0, 3.0]), r"group sizes must be integers, got dtype float64"),
-    (np.array([True, True]), r"group sizes must be integers, got dtype bool"),
-    (np.array([2, 0, 3]), r"every group needs >= 1 class, got \(group, size\) \[\(1, 0\)\]"),
-    (np.array([2, -3]), r"every group needs >= 1 class, got \(group, size\) \[\(1, -3\)\]"),
-    (np.array([[2, 3]]), r"non-empty 1-D array, got shape \(1, 2\)"),
-    (np.array([], dtype=np.int64), r"non-empty 1-D array, got shape \(0,\)"),
-    (np.array(5), r"non-empty 1-D array, got shape \(\)"),
-    (np.array([10**12]), r"more than the 2147483647 mosx supports"),
-])
+@pytest.mark.parametrize(
+    "array, msg",
+    [
+        (np.array([2.0, 3.0]), r"group sizes must be integers, got dtype float64"),
+        (np.array([True, True]), r"group sizes must be integers, got dtype bool"),
+        (np.array([2, 0, 3]), r"every group needs >= 1 class, got \(group, size\) \[\(1, 0\)\]"),
+        (np.array([2, -3]), r"every group needs >= 1 class, got \(group, size\) \[\(1, -3\)\]"),
+        (np.array([[2, 3]]), r"non-empty 1-D array, got shape \(1, 2\)"),
+        (np.array([], dtype=np.int64), r"non-empty 1-D array, got shape \(0,\)"),
+        (np.array(5), r"non-empty 1-D array, got shape \(\)"),
+        (np.array([10**12]), r"more than the 2147483647 mosx supports"),
+    ],
+)
 def test_from_npy_refuses_bad_arrays(tmp_path, array, msg):
     p = tmp_path / "bad.npy"
     np.save(p, array)
@@ -253,6 +287,7 @@ def test_from_npy_never_unpickles(tmp_path):
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
+
     np.save(p, np.array([Payload()], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"evil.npy: not a .npy array of group sizes"):
         Groups.parse(str(p))
@@ -263,8 +298,21 @@ def test_from_npy_never_unpickles(tmp_path):
 
 
 # ---------------------------------------------------------------------- strict integers (issue 12)
-@pytest.mark.parametrize("bad", [[0, 1.0], [0, 1.5], [0, "1"], [0, True], [False, 1], [0, np.float64(1)],
-                                 [0, np.True_], [0, torch.tensor(1.0)], [0, torch.tensor(True)], [0, None]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [0, 1.0],
+        [0, 1.5],
+        [0, "1"],
+        [0, True],
+        [False, 1],
+        [0, np.float64(1)],
+        [0, np.True_],
+        [0, torch.tensor(1.0)],
+        [0, torch.tensor(True)],
+        [0, None],
+    ],
+)
 def test_assignment_refuses_non_integers(bad):
     with pytest.raises(ValueError, match=r"group ids must be integers, got .* at class 1|at class 0"):
         Groups.from_assignment(bad)
@@ -282,11 +330,14 @@ def test_assignment_accepts_integer_scalars():
         Groups.from_assignment(torch.tensor([0.0, 1.0]))
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ([2.0, 3], r"group sizes must be integers, got 2.0 \(float\) at group 0"),
-    ([2, "3"], r"group sizes must be integers, got '3' \(str\) at group 1"),
-    ([True, 2], r"group sizes must be integers, got True \(bool\)"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ([2.0, 3], r"group sizes must be integers, got 2.0 \(float\) at group 0"),
+        ([2, "3"], r"group sizes must be integers, got '3' \(str\) at group 1"),
+        ([True, 2], r"group sizes must be integers, got True \(bool\)"),
+    ],
+)
 def test_sizes_refuse_non_integers(bad, msg):
     with pytest.raises(ValueError, match=msg):
         Groups.from_sizes(bad)
@@ -309,27 +360,32 @@ def _write_json(path, **data):
     return path
 
 
-@pytest.mark.parametrize("data, msg", [
-    ({"num_groups": 2, "class_to_group": [0, 1.0]}, r"group ids must be integers, got 1.0 \(float\) at class 1"),
-    ({"num_groups": 2, "class_to_group": [0, 1.7]}, r"group ids must be integers, got 1.7"),
-    ({"num_groups": 2, "class_to_group": [0, "1"]}, r"group ids must be integers, got '1' \(str\)"),
-    ({"num_groups": 2, "class_to_group": [0, True]}, r"group ids must be integers, got True \(bool\)"),
-    ({"num_groups": "2", "class_to_group": [0, 1]}, r"num_groups must be integers, got '2'"),
-    ({"num_groups": 2.0, "class_to_group": [0, 1]}, r"num_groups must be integers, got 2.0"),
-    ({"num_groups": 2, "class_to_group": [0, 1], "sizes": [1, 2]},
-     r"'sizes' \[1, 2\] disagrees with 'class_to_group', which gives \[1, 1\]"),
-    ({"num_groups": 2, "class_to_group": [0, 1], "sizes": [1, 1.0]}, r"'sizes' .* disagrees"),
-    ({"num_groups": 2, "class_to_group": [0, 1], "sizes": [2]}, r"'sizes' .* disagrees"),
-    ({"num_groups": 2, "class_to_group": [0, 1], "sizes": "1,1"}, r"'sizes' .* disagrees"),
-    ({"num_groups": 3, "class_to_group": [0, 1]}, r"3 groups but only 2 classes"),
-    ({"num_groups": 10**12, "class_to_group": [0, 1]}, r"1000000000000 groups but only 2 classes"),
-    ({"num_groups": 2, "class_to_group": [0, 2]}, r"class assigned to group 2 but num_groups=2"),
-    ({"num_groups": 2, "class_to_group": [0, -1]}, r"group indices must be >= 0"),
-    ({"num_groups": 1, "class_to_group": []}, r"at least one class"),
-    ({"num_groups": 2, "class_to_group": {"0": 0}}, r"'class_to_group' must be a list of group ids, got dict"),
-    ({"class_to_group": [0, 1]}, r"mosx groups file without 'num_groups'"),
-    ({"num_groups": 2}, r"mosx groups file without 'class_to_group'"),
-])
+@pytest.mark.parametrize(
+    "data, msg",
+    [
+        ({"num_groups": 2, "class_to_group": [0, 1.0]}, r"group ids must be integers, got 1.0 \(float\) at class 1"),
+        ({"num_groups": 2, "class_to_group": [0, 1.7]}, r"group ids must be integers, got 1.7"),
+        ({"num_groups": 2, "class_to_group": [0, "1"]}, r"group ids must be integers, got '1' \(str\)"),
+        ({"num_groups": 2, "class_to_group": [0, True]}, r"group ids must be integers, got True \(bool\)"),
+        ({"num_groups": "2", "class_to_group": [0, 1]}, r"num_groups must be integers, got '2'"),
+        ({"num_groups": 2.0, "class_to_group": [0, 1]}, r"num_groups must be integers, got 2.0"),
+        (
+            {"num_groups": 2, "class_to_group": [0, 1], "sizes": [1, 2]},
+            r"'sizes' \[1, 2\] disagrees with 'class_to_group', which gives \[1, 1\]",
+        ),
+        ({"num_groups": 2, "class_to_group": [0, 1], "sizes": [1, 1.0]}, r"'sizes' .* disagrees"),
+        ({"num_groups": 2, "class_to_group": [0, 1], "sizes": [2]}, r"'sizes' .* disagrees"),
+        ({"num_groups": 2, "class_to_group": [0, 1], "sizes": "1,1"}, r"'sizes' .* disagrees"),
+        ({"num_groups": 3, "class_to_group": [0, 1]}, r"3 groups but only 2 classes"),
+        ({"num_groups": 10**12, "class_to_group": [0, 1]}, r"1000000000000 groups but only 2 classes"),
+        ({"num_groups": 2, "class_to_group": [0, 2]}, r"class assigned to group 2 but num_groups=2"),
+        ({"num_groups": 2, "class_to_group": [0, -1]}, r"group indices must be >= 0"),
+        ({"num_groups": 1, "class_to_group": []}, r"at least one class"),
+        ({"num_groups": 2, "class_to_group": {"0": 0}}, r"'class_to_group' must be a list of group ids, got dict"),
+        ({"class_to_group": [0, 1]}, r"mosx groups file without 'num_groups'"),
+        ({"num_groups": 2}, r"mosx groups file without 'class_to_group'"),
+    ],
+)
 def test_load_refuses_bad_json_naming_the_file(tmp_path, data, msg):
     p = _write_json(tmp_path / "bad.json", **data)
     for load in (Groups.load, Groups.parse):
@@ -338,15 +394,18 @@ def test_load_refuses_bad_json_naming_the_file(tmp_path, data, msg):
         assert str(e.value).startswith(f"{p}: "), str(e.value)
 
 
-@pytest.mark.parametrize("text, msg", [
-    ("{not json", r"invalid JSON: Expecting property name .* at line 1 column 2"),
-    ("", r"invalid JSON"),
-    ("[1, 2]", r"expected a JSON object, got list"),
-    ('"mosx.groups/1"', r"expected a JSON object, got str"),
-    ("[" * 100000, r"invalid JSON|nested too deeply"),
-    ('{"format": "other"}', r"not a mosx groups file \(format 'other'\)"),
-    ('{"format": ["mosx.groups/1"]}', r"not a mosx groups file \(format \['mosx.groups/1'\]\)"),
-])
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("{not json", r"invalid JSON: Expecting property name .* at line 1 column 2"),
+        ("", r"invalid JSON"),
+        ("[1, 2]", r"expected a JSON object, got list"),
+        ('"mosx.groups/1"', r"expected a JSON object, got str"),
+        ("[" * 100000, r"invalid JSON|nested too deeply"),
+        ('{"format": "other"}', r"not a mosx groups file \(format 'other'\)"),
+        ('{"format": ["mosx.groups/1"]}', r"not a mosx groups file \(format \['mosx.groups/1'\]\)"),
+    ],
+)
 def test_load_refuses_bad_files_naming_the_file(tmp_path, text, msg):
     p = tmp_path / "bad.json"
     p.write_text(text)
@@ -395,8 +454,10 @@ def test_group_labels_with_a_class_id_ignore_index_match_the_op():
     x = torch.randn(6, g.num_logits, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor([0, 1, 3, 1, 4, 2])
     lab = g.group_labels(t, ignore_index=1, label_ignore_index=-100)
-    want = sum(torch.nn.functional.cross_entropy(x[:, a:b], lab[:, k], ignore_index=-100, reduction="sum")
-               for k, (a, b) in enumerate(g.slices.tolist()))
+    want = sum(
+        torch.nn.functional.cross_entropy(x[:, a:b], lab[:, k], ignore_index=-100, reduction="sum")
+        for k, (a, b) in enumerate(g.slices.tolist())
+    )
     got = mosx.group_cross_entropy(x, t, g, ignore_index=1, reduction="sum")
     torch.testing.assert_close(got, want)
 
@@ -412,12 +473,15 @@ def _peak_mib(fn):
     return peak / 2**20
 
 
-@pytest.mark.parametrize("lines, msg", [
-    ("a 0 0\nb 100000000 0\n", r"group\(s\) \[1, 2, 3, 4, 5\] never occur \(the largest group id is 100000000\)"),
-    ("a 0 0\nb 0 100000000\n", r"pairs \[\(0, 1\), \(0, 2\), \(0, 3\), \(0, 4\), \(0, 5\)\] never occur"),
-    ("a 0 0\nb 2 0\n", r"group\(s\) \[1\] never occur"),
-    ("a 0 0\nb -1 0\n", r"train.txt:2: negative group or within-group index \(-1, 0\)"),
-])
+@pytest.mark.parametrize(
+    "lines, msg",
+    [
+        ("a 0 0\nb 100000000 0\n", r"group\(s\) \[1, 2, 3, 4, 5\] never occur \(the largest group id is 100000000\)"),
+        ("a 0 0\nb 0 100000000\n", r"pairs \[\(0, 1\), \(0, 2\), \(0, 3\), \(0, 4\), \(0, 5\)\] never occur"),
+        ("a 0 0\nb 2 0\n", r"group\(s\) \[1\] never occur"),
+        ("a 0 0\nb -1 0\n", r"train.txt:2: negative group or within-group index \(-1, 0\)"),
+    ],
+)
 def test_list_file_checks_ids_against_its_lines(tmp_path, lines, msg):
     p = tmp_path / "train.txt"
     p.write_text(lines)
@@ -426,6 +490,7 @@ def test_list_file_checks_ids_against_its_lines(tmp_path, lines, msg):
         with pytest.raises(ValueError, match=msg) as e:
             Groups.parse(str(p))
         assert str(p) in str(e.value)
+
     assert _peak_mib(load) < 16
 
 
@@ -442,14 +507,14 @@ def test_huge_sizes_fail_at_once():
     assert time.perf_counter() - t0 < 1.0
 
 
-@pytest.mark.parametrize("groups", [[10**10], [10**8], (5, 10**8), torch.tensor([10**8]),
-                                    torch.tensor([[0, 10**8]])])
+@pytest.mark.parametrize("groups", [[10**10], [10**8], (5, 10**8), torch.tensor([10**8]), torch.tensor([[0, 10**8]])])
 @pytest.mark.parametrize("op", [mosx.group_softmax_score, mosx.group_softmax, mosx.group_predict])
 def test_ops_check_the_width_before_building_groups(monkeypatch, op, groups):
     x = torch.randn(2, 5)
 
     def no_build(*a, **k):
         raise AssertionError("a Groups was built before the width check")
+
     monkeypatch.setattr(Groups, "__init__", no_build)
     with pytest.raises(ValueError, match=r"logits have 5 columns but the groups need \d+ "):
         op(x, groups)
@@ -457,8 +522,11 @@ def test_ops_check_the_width_before_building_groups(monkeypatch, op, groups):
 
 def test_ops_width_check_of_cross_entropy_is_immediate():
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=r"group_cross_entropy: logits have 5 columns but the groups need "
-                                         r"10000000001 \(= 10000000000 classes \+ 1 others slots\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"group_cross_entropy: logits have 5 columns but the groups need "
+        r"10000000001 \(= 10000000000 classes \+ 1 others slots\)",
+    ):
         mosx.group_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), [10**10])
     assert time.perf_counter() - t0 < 1.0
     # the right width still works, and a Groups of the wrong width gets the same message

@@ -73,7 +73,7 @@ def test_ties_exactly_k_lower_index_first(device, gen, dtype, kind, keep):
     a = np.abs(s.double().cpu().numpy().reshape(-1))
     order = np.lexsort((np.arange(a.size), -a))
     expected = np.zeros(a.size, dtype=bool)
-    expected[order[:keep_count(a.size, keep)]] = True
+    expected[order[: keep_count(a.size, keep)]] = True
     np.testing.assert_array_equal(mask.cpu().numpy().reshape(-1), expected)
 
 
@@ -225,8 +225,9 @@ def test_opcheck(device, gen, dtype):
     w = torch.randn(7, 3, 2, generator=gen, dtype=dtype).to(device)
     s = torch.randn(7, 3, 2, generator=gen, dtype=dtype).to(device)
     for rw, rs in [(False, False), (True, True), (False, True)]:
-        torch.library.opcheck(torch.ops.mosx.masked_weight.default,
-                              (w.clone().requires_grad_(rw), s.clone().requires_grad_(rs), 0.6))
+        torch.library.opcheck(
+            torch.ops.mosx.masked_weight.default, (w.clone().requires_grad_(rw), s.clone().requires_grad_(rs), 0.6)
+        )
     mask = masked_weight(w, s, 0.6, return_mask=True)[1]
     g = torch.randn_like(w)
     for flags in [(True, True), (True, False), (False, True)]:

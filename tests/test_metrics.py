@@ -308,13 +308,16 @@ def test_threshold_at_tpr_examples():
     assert M.threshold_at_tpr(torch.tensor([3.0, 1.0], dtype=torch.float16), 0.5, fpr_rule="first") == 3.0
 
 
-@pytest.mark.parametrize("args, match", [
-    (([], 0.95), "empty"),
-    (([1.0, float("nan")], 0.95), "NaN"),
-    (([1.0, 2.0], 0.0), r"\(0, 1\]"),
-    (([1.0, 2.0], 1.5), r"\(0, 1\]"),
-    (([[1.0, 2.0]], 0.95), "1-D"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([], 0.95), "empty"),
+        (([1.0, float("nan")], 0.95), "NaN"),
+        (([1.0, 2.0], 0.0), r"\(0, 1\]"),
+        (([1.0, 2.0], 1.5), r"\(0, 1\]"),
+        (([[1.0, 2.0]], 0.95), "1-D"),
+    ],
+)
 def test_threshold_at_tpr_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         M.threshold_at_tpr(*args)

@@ -52,8 +52,9 @@ def groups(request, gen):
 def worked_example():
     """Two groups: group 0 = classes {0, 1}, group 1 = class {2}; logits [others, c0, c1 | others, c2]."""
     g = Groups.from_sizes([2, 1])
-    x = torch.tensor([[0.0, 0.0, math.log(2), 0.0, math.log(3)],
-                      [math.log(3), 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    x = torch.tensor(
+        [[0.0, 0.0, math.log(2), 0.0, math.log(3)], [math.log(3), 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
     return g, x
 
 
@@ -83,7 +84,9 @@ def test_score_matches_reference(groups, gen, device):
         for n in batch_sizes(gen, groups.num_logits):
             x = make_logits(gen, n, groups, dtype, device)
             got = mosx.group_softmax_score(x, groups)
-            ref = reference.group_softmax_score(x.to(torch.float64 if dtype == torch.float64 else torch.float32), groups)
+            ref = reference.group_softmax_score(
+                x.to(torch.float64 if dtype == torch.float64 else torch.float32), groups
+            )
             assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             assert got.shape == (n,)
             torch.testing.assert_close(got, ref, atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
@@ -94,8 +97,9 @@ def test_score_vs_reference_in_input_dtype(gen, device):
     g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
     for dtype, tol in [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]:
         x = make_logits(gen, 64, g, dtype, device)
-        torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g).float(),
-                                   atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g).float(), atol=tol, rtol=tol
+        )
 
 
 def test_predict_matches_reference(groups, gen, device):
@@ -197,9 +201,18 @@ def test_backward_matches_reference(groups, gen, device):
         w = torch.randn(n, groups.num_logits, generator=gen, dtype=acc).to(device)
         cases = [
             (lambda z: mosx.group_cross_entropy(z, t, groups), lambda z: reference.group_cross_entropy(z, t, groups)),
-            (lambda z: mosx.group_softmax_score(z, groups).sum(), lambda z: reference.group_softmax_score(z, groups).sum()),
-            (lambda z: (mosx.group_softmax(z, groups) * w).sum(), lambda z: (reference.group_softmax(z, groups) * w).sum()),
-            (lambda z: (mosx.group_log_softmax(z, groups) * w).sum(), lambda z: (reference.group_log_softmax(z, groups) * w).sum()),
+            (
+                lambda z: mosx.group_softmax_score(z, groups).sum(),
+                lambda z: reference.group_softmax_score(z, groups).sum(),
+            ),
+            (
+                lambda z: (mosx.group_softmax(z, groups) * w).sum(),
+                lambda z: (reference.group_softmax(z, groups) * w).sum(),
+            ),
+            (
+                lambda z: (mosx.group_log_softmax(z, groups) * w).sum(),
+                lambda z: (reference.group_log_softmax(z, groups) * w).sum(),
+            ),
         ]
         for i, (fused, ref) in enumerate(cases):
             a = x.detach().clone().requires_grad_()
@@ -234,15 +247,14 @@ def test_gradcheck(gen, device):
     assert torch.autograd.gradcheck(lambda z: mosx.group_softmax_score(z, g), (x,))
     assert torch.autograd.gradcheck(lambda z: mosx.group_cross_entropy(z, t, g, reduction="none"), (x,))
     assert torch.autograd.gradcheck(lambda z: mosx.group_cross_entropy(z, lab, g), (x,))
-    assert torch.autograd.gradcheck(
-        lambda z: mosx.group_cross_entropy(z, t, g, mix_targets=tb, mix_lambda=0.3), (x,))
+    assert torch.autograd.gradcheck(lambda z: mosx.group_cross_entropy(z, t, g, mix_targets=tb, mix_lambda=0.3), (x,))
 
 
 # ------------------------------------------------------------------------ layouts and types
 def test_non_contiguous_inputs(gen, device):
     g = Groups.from_sizes([5, 2, 9, 1])
     big = make_logits(gen, 50, Groups.from_sizes([40]), torch.float32, device)
-    row_strided = big[::2, 3:3 + g.num_logits]  # row stride 41, unit inner stride
+    row_strided = big[::2, 3 : 3 + g.num_logits]  # row stride 41, unit inner stride
     col_strided = make_logits(gen, g.num_logits, Groups.from_sizes([24]), torch.float32, device)[:, :25].t()
     for x in (row_strided, col_strided):
         assert not x.is_contiguous()
@@ -309,13 +321,21 @@ def test_nan_and_inf_propagate_like_reference(dtype, device):
     got = mosx.group_softmax_score(x, g)
     torch.testing.assert_close(got, reference.group_softmax_score(x32, g), equal_nan=True)
     assert torch.isnan(got[:3]).all() and got[3].item() == 0.0 and torch.isfinite(got[4]) and torch.isnan(got[5])
-    torch.testing.assert_close(mosx.group_softmax(x, g).float(), reference.group_softmax(x32, g), equal_nan=True,
-                               atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    torch.testing.assert_close(
+        mosx.group_softmax(x, g).float(),
+        reference.group_softmax(x32, g),
+        equal_nan=True,
+        atol=OUT_TOL[dtype],
+        rtol=OUT_TOL[dtype],
+    )
     _, prob = mosx.group_predict(x, g)
     assert torch.isnan(prob[0]) and torch.isfinite(prob[3:5]).all()
     t = torch.tensor([0, 1, 2, 3, 4, 0], device=device)
-    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
-                               reference.group_cross_entropy(x32, t, g, reduction="none"), equal_nan=True)
+    torch.testing.assert_close(
+        mosx.group_cross_entropy(x, t, g, reduction="none"),
+        reference.group_cross_entropy(x32, t, g, reduction="none"),
+        equal_nan=True,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -380,16 +400,28 @@ def test_logits_far_from_zero(dtype, gen, device):
     x = shifted_group_logits(gen, 50, g, [-120.0, -60.0, -38.0, 0.0, 20.0, 64.0, 71.0, 100.0])
     x = x.to(dtype).to(device)
     x32 = x.float()
-    torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x32, g),
-                               atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
-    torch.testing.assert_close(mosx.group_log_softmax(x, g).float(), reference.group_log_softmax(x32, g),
-                               atol=OUT_TOL[dtype] * 4, rtol=OUT_TOL[dtype])
+    torch.testing.assert_close(
+        mosx.group_softmax_score(x, g),
+        reference.group_softmax_score(x32, g),
+        atol=SCORE_TOL[dtype],
+        rtol=SCORE_TOL[dtype],
+    )
+    torch.testing.assert_close(
+        mosx.group_log_softmax(x, g).float(),
+        reference.group_log_softmax(x32, g),
+        atol=OUT_TOL[dtype] * 4,
+        rtol=OUT_TOL[dtype],
+    )
     _, prob = mosx.group_predict(x, g)
     _, ref_prob, _ = reference.group_predict(x32, g)
     torch.testing.assert_close(prob, ref_prob, atol=SCORE_TOL[dtype], rtol=SCORE_TOL[dtype])
     t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
-    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
-                               reference.group_cross_entropy(x32, t, g, reduction="none"), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        mosx.group_cross_entropy(x, t, g, reduction="none"),
+        reference.group_cross_entropy(x32, t, g, reduction="none"),
+        atol=1e-4,
+        rtol=1e-5,
+    )
 
 
 def test_logits_inside_the_sweep_range_with_extreme_group_sums(gen, device):
@@ -400,21 +432,26 @@ def test_logits_inside_the_sweep_range_with_extreme_group_sums(gen, device):
     g = Groups.from_sizes([5, 17, 1, 40, 3, 9, 2, 30])
     x = shifted_group_logits(gen, 60, g, [-80.0, -45.0, -38.0, 0.0, 20.0, 64.0, 71.0, 82.0])
     x = x.clamp(-86.9, 86.9)
-    x[::7, 3] = 87.5          # just past the sweep's range
+    x[::7, 3] = 87.5  # just past the sweep's range
     x[1::7, -1] = -90.0
-    x[2::7, 60] = -math.inf   # a masked-out logit
-    x[3::7, 10] = 400.0       # far enough past it that an unclamped exp would wrap to a finite value
+    x[2::7, 60] = -math.inf  # a masked-out logit
+    x[3::7, 10] = 400.0  # far enough past it that an unclamped exp would wrap to a finite value
     x[4::7, 70] = -400.0
     x = x.float().to(device)
-    torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g), atol=1e-5, rtol=1e-5
+    )
     cls, prob = mosx.group_predict(x, g)
     ref_cls, ref_prob, _ = reference.group_predict(x, g)
     torch.testing.assert_close(prob, ref_prob, atol=1e-5, rtol=1e-5)
     assert torch.equal(cls, ref_cls)
     t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
-    torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
-                               reference.group_cross_entropy(x, t, g, reduction="none"), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        mosx.group_cross_entropy(x, t, g, reduction="none"),
+        reference.group_cross_entropy(x, t, g, reduction="none"),
+        atol=1e-4,
+        rtol=1e-5,
+    )
 
 
 def test_group_ends_at_every_position_of_a_vector(gen, device):
@@ -426,16 +463,24 @@ def test_group_ends_at_every_position_of_a_vector(gen, device):
     for sizes in layouts:
         g = Groups.from_sizes(sizes)
         x = make_logits(gen, 9, g, torch.float32, device)
-        torch.testing.assert_close(mosx.group_softmax_score(x, g), reference.group_softmax_score(x, g),
-                                   atol=1e-6, rtol=1e-5, msg=lambda m: f"sizes {sizes}: {m}")
+        torch.testing.assert_close(
+            mosx.group_softmax_score(x, g),
+            reference.group_softmax_score(x, g),
+            atol=1e-6,
+            rtol=1e-5,
+            msg=lambda m: f"sizes {sizes}: {m}",
+        )
         cls, prob = mosx.group_predict(x, g)
         ref_cls, ref_prob, _ = reference.group_predict(x, g)
         assert torch.equal(cls, ref_cls), sizes
         torch.testing.assert_close(prob, ref_prob, atol=1e-6, rtol=1e-5)
         t = torch.randint(0, g.num_classes, (x.shape[0],), generator=gen).to(device)
-        torch.testing.assert_close(mosx.group_cross_entropy(x, t, g, reduction="none"),
-                                   reference.group_cross_entropy(x, t, g, reduction="none"),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            mosx.group_cross_entropy(x, t, g, reduction="none"),
+            reference.group_cross_entropy(x, t, g, reduction="none"),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("size", [6, 20, 33])
@@ -480,12 +525,18 @@ def test_baseline_cpu_kernels_pass_the_same_tests():
     # portable); this runs the core comparisons again in a fresh process forced onto the portable one.
     if torch.ops.mosx._cpu_kernels() == "baseline":
         pytest.skip("already running the baseline kernels")
-    tests = ("cpu and (kernel_variant or score_matches or predict or softmax_matches or "
-             "cross_entropy_matches or backward_matches or nan_and_inf or far_from_zero or worked_example or "
-             "sweep_range or every_position or very_wide or identical_groups)")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", tests],
-                       env={**os.environ, "MOSX_CPU_KERNELS": "baseline"}, capture_output=True, text=True,
-                       timeout=900)
+    tests = (
+        "cpu and (kernel_variant or score_matches or predict or softmax_matches or "
+        "cross_entropy_matches or backward_matches or nan_and_inf or far_from_zero or worked_example or "
+        "sweep_range or every_position or very_wide or identical_groups)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, "-k", tests],
+        env={**os.environ, "MOSX_CPU_KERNELS": "baseline"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
 
@@ -630,8 +681,13 @@ def test_raw_ops_reject_what_crashed_them(variant, dtype):
     env = {**os.environ}
     if variant == "baseline":
         env["MOSX_CPU_KERNELS"] = "baseline"
-    r = subprocess.run([sys.executable, "-c", _RAW_CASES.replace("DTYPE", f"torch.{dtype}")], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _RAW_CASES.replace("DTYPE", f"torch.{dtype}")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, f"exit {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
     lines = r.stdout.splitlines()
     assert lines[-1] == "END"
@@ -668,13 +724,25 @@ def _opcheck_cases(device):
         (ops.group_softmax.default, (xg, t["offsets"], True)),
         (ops.group_softmax_backward.default, (x, y, t["offsets"], False)),
         (ops.group_softmax_score.default, (xg, t["offsets"])),
-        (ops.group_softmax_score_backward.default,
-         (x[:, 0].clone(), x, t["offsets"], torch.tensor([0, 1, 2, 0, 1, 2], device=device), lse[:, 0].clone())),
+        (
+            ops.group_softmax_score_backward.default,
+            (x[:, 0].clone(), x, t["offsets"], torch.tensor([0, 1, 2, 0, 1, 2], device=device), lse[:, 0].clone()),
+        ),
         (ops.group_predict.default, (x, t["offsets"], t["logit_class"])),
         (ops.group_cross_entropy.default, (xg, t["offsets"], ids, t["class_logit"], -100)),
         (ops.group_cross_entropy.default, (xg, t["offsets"], torch.cat([labels, labels]), t["class_logit"], -100)),
-        (ops.group_cross_entropy_backward.default,
-         (torch.rand(1, 6, 3, dtype=torch.float64, device=device), x, t["offsets"], ids, t["class_logit"], lse, -100)),
+        (
+            ops.group_cross_entropy_backward.default,
+            (
+                torch.rand(1, 6, 3, dtype=torch.float64, device=device),
+                x,
+                t["offsets"],
+                ids,
+                t["class_logit"],
+                lse,
+                -100,
+            ),
+        ),
     ]
 
 

@@ -35,7 +35,7 @@ def ref_mos(z, sizes):
     for r in z:
         others, o = [], 0
         for n in sizes:
-            sl = r[o:o + n + 1]
+            sl = r[o : o + n + 1]
             others.append(math.exp(sl[0]) / sum(math.exp(v) for v in sl))
             o += n + 1
         out.append(-min(others))
@@ -279,7 +279,9 @@ def test_select_eps_picks_the_best_of_the_grid(gen):
 
     for eps, m in results:  # each row is the metric of that eps's scores
         s_id = S.ODIN(10.0, eps).score(inputs=id_x, model=net) if eps else S.ODIN(10.0).score(logits=net(id_x).detach())
-        s_ood = S.ODIN(10.0, eps).score(inputs=ood_x, model=net) if eps else S.ODIN(10.0).score(logits=net(ood_x).detach())
+        s_ood = (
+            S.ODIN(10.0, eps).score(inputs=ood_x, model=net) if eps else S.ODIN(10.0).score(logits=net(ood_x).detach())
+        )
         assert m.auroc == pytest.approx(ood_metrics(s_id, s_ood).auroc, abs=1e-9)
     fprs = [m.fpr_at_tpr for _, m in results]
     assert dict(results)[best].fpr_at_tpr == min(fprs)
@@ -333,8 +335,14 @@ def test_score_all_matches_single_scorers(gen):
     y = torch.randint(0, C, (N,), generator=gen)
     head = S.LinearHead(rand(gen, C, D).float(), rand(gen, C).float())
     flat = {
-        "msp": S.MSP(), "energy": S.Energy(2.0), "maxlogit": S.MaxLogit(), "odin": S.ODIN(1000),
-        "kl": S.KLMatching(), "maha": S.Mahalanobis(), "gradnorm": S.GradNorm(), "react": S.ReAct(S.Energy()),
+        "msp": S.MSP(),
+        "energy": S.Energy(2.0),
+        "maxlogit": S.MaxLogit(),
+        "odin": S.ODIN(1000),
+        "kl": S.KLMatching(),
+        "maha": S.Mahalanobis(),
+        "gradnorm": S.GradNorm(),
+        "react": S.ReAct(S.Energy()),
     }
     S.fit_all(flat, {"logits": z, "features": f, "labels": y, "head": head})
     timings = {}
@@ -369,7 +377,6 @@ def test_build_scorer():
         S.build_scorer("msp:temperature=2")
 
 
-
 # ------------------------------------------------------------------------------ registry
 def scorer_classes(cls=S.Scorer):
     """Every Scorer subclass defined in the mosx.scores package (found by walking the class tree)."""
@@ -382,8 +389,25 @@ def scorer_classes(cls=S.Scorer):
 def test_registry_lists_every_scorer_and_builds_each_name():
     assert set(scorer_classes()) == set(S.SCORERS.values()) | set(S.WRAPPERS.values())
     # the order of the --scores help and of build_scorer's "known:" list
-    assert S.scorer_names() == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm",
-                                "entropy", "gen", "vim", "knn", "nnguide", "rmd", "she", "fdbd", "nci")
+    assert S.scorer_names() == (
+        "mos",
+        "msp",
+        "maxlogit",
+        "energy",
+        "odin",
+        "kl_matching",
+        "mahalanobis",
+        "gradnorm",
+        "entropy",
+        "gen",
+        "vim",
+        "knn",
+        "nnguide",
+        "rmd",
+        "she",
+        "fdbd",
+        "nci",
+    )
     assert S.wrapper_names() == ("react", "dice", "ash", "scale")
     for name in S.scorer_names():
         s = S.build_scorer(name, groups=[2, 3])
@@ -391,7 +415,10 @@ def test_registry_lists_every_scorer_and_builds_each_name():
         for w in S.wrapper_names():
             r = S.build_scorer(f"{w}-{name}", groups=[2, 3])
             assert type(r) is S.WRAPPERS[w] and type(r.base) is S.SCORERS[name] and r.name == f"{w}-{name}"
-    with pytest.raises(ValueError, match=r"known: mos, msp, .*, gradnorm, .*, nci \(and react-<name>, dice-<name>, ash-<name>, scale-<name>\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"known: mos, msp, .*, gradnorm, .*, nci \(and react-<name>, dice-<name>, ash-<name>, scale-<name>\)",
+    ):
         S.build_scorer("react-nope")
 
 
@@ -419,6 +446,7 @@ def test_a_new_scorer_class_registers_itself():
     with pytest.raises(ValueError, match="'msp' is taken"):
         type("OtherMSP", (S.Scorer,), {"spec_name": "msp"})
     assert S.SCORERS["msp"] is S.MSP
+
 
 # ------------------------------------------------------------------------------ errors
 def test_shape_and_fit_errors(gen):

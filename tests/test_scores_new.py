@@ -289,7 +289,9 @@ def test_nci_against_openood_formula(gen, device):
             c = fi - mu
             want.append(w[zi.argmax()] @ c / np.linalg.norm(c) + alpha * np.abs(fi).sum())
         s = S.build_scorer(f"nci:alpha={alpha}").fit(features=f_fit.to(device), head=head)
-        np.testing.assert_allclose(s.score(logits=z.to(device), features=f.to(device)).cpu(), want, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            s.score(logits=z.to(device), features=f.to(device)).cpu(), want, rtol=1e-9, atol=1e-12
+        )
     with pytest.raises(ValueError, match="alpha"):
         S.NCI(alpha=-1)
 
@@ -301,7 +303,9 @@ def test_kl_matching_with_label_templates(gen, device):
     y = torch.randint(0, C - 1, (200,), generator=gen)  # class 4 has no labelled sample: no template
     p_fit = np.array([softmax_row(r) for r in z_fit.numpy()])
     templates = [p_fit[y.numpy() == c].mean(0) for c in range(C - 1)]
-    want = [-min(sum(pi * math.log(pi / qi) for pi, qi in zip(softmax_row(r), q)) for q in templates) for r in z.numpy()]
+    want = [
+        -min(sum(pi * math.log(pi / qi) for pi, qi in zip(softmax_row(r), q)) for q in templates) for r in z.numpy()
+    ]
     k = S.build_scorer("kl_matching:templates=labels").fit(logits=z_fit.to(device), labels=y.to(device))
     assert k.fit_needs == ("logits", "labels") and k._log_templates.shape == (C - 1, C)
     np.testing.assert_allclose(k.score(logits=z.to(device)).cpu(), want, atol=TOL)
@@ -339,8 +343,15 @@ def test_fit_and_score_refuse_data_they_do_not_read(gen):
     head = S.LinearHead(rand(gen, 4, 3), rand(gen, 4))
     zf = head(f)
     data = {"logits": zf, "features": f, "labels": y, "head": head}
-    scorers = {"kl": S.KLMatching(), "kll": S.KLMatching("labels"), "maha": S.Mahalanobis(), "vim": S.ViM(dim=1),
-               "knn": S.KNN(k=3), "react": S.ReAct(S.KLMatching()), "msp": S.MSP()}
+    scorers = {
+        "kl": S.KLMatching(),
+        "kll": S.KLMatching("labels"),
+        "maha": S.Mahalanobis(),
+        "vim": S.ViM(dim=1),
+        "knn": S.KNN(k=3),
+        "react": S.ReAct(S.KLMatching()),
+        "msp": S.MSP(),
+    }
     S.fit_all(scorers, data)
     out = S.score_all(scorers, {k: v for k, v in data.items() if k != "labels"})
     torch.testing.assert_close(out["kl"], S.KLMatching().fit(logits=zf).score(logits=zf))
@@ -383,7 +394,7 @@ def blobs():
     D, C = 16, 4
     centres = torch.zeros(C, D)
     for c in range(C):
-        centres[c, 2 * c:2 * c + 2] = 4.0
+        centres[c, 2 * c : 2 * c + 2] = 4.0
 
     def draw(mu, n):
         return (mu + 0.3 * torch.randn(n, D, generator=g)).relu()
@@ -405,13 +416,28 @@ def blobs():
     ood_centres[1, 10:] = 3.0  # along directions no class uses
     f_ood = torch.cat([draw(ood_centres[0], 200), draw(ood_centres[1], 200)])
     with torch.no_grad():
-        return {"fit": {"features": f_fit, "labels": y_fit, "logits": fc(f_fit), "head": S.LinearHead.from_module(fc)},
-                "id": {"features": f_id, "logits": fc(f_id)}, "ood": {"features": f_ood, "logits": fc(f_ood)},
-                "accuracy": float((fc(f_id).argmax(1) == y_id).float().mean())}
+        return {
+            "fit": {"features": f_fit, "labels": y_fit, "logits": fc(f_fit), "head": S.LinearHead.from_module(fc)},
+            "id": {"features": f_id, "logits": fc(f_id)},
+            "ood": {"features": f_ood, "logits": fc(f_ood)},
+            "accuracy": float((fc(f_id).argmax(1) == y_id).float().mean()),
+        }
 
 
-SPECS = ["entropy", "gen", "gen:gamma=0.5,M=2", "vim:dim=8", "knn:k=10", "nnguide:k=10", "rmd", "she", "fdbd",
-         "fdbd:normalizer=norm", "nci", "kl_matching:templates=labels"]
+SPECS = [
+    "entropy",
+    "gen",
+    "gen:gamma=0.5,M=2",
+    "vim:dim=8",
+    "knn:k=10",
+    "nnguide:k=10",
+    "rmd",
+    "she",
+    "fdbd",
+    "fdbd:normalizer=norm",
+    "nci",
+    "kl_matching:templates=labels",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -428,7 +454,7 @@ def test_a_tiny_trained_model_ranks_id_above_ood(blobs, spec):
 def test_registry_has_the_new_scorers_in_order():
     names = S.scorer_names()
     new = ("entropy", "gen", "vim", "knn", "nnguide", "rmd", "she", "fdbd", "nci")
-    assert names[-len(new):] == new
+    assert names[-len(new) :] == new
     assert names[:8] == ("mos", "msp", "maxlogit", "energy", "odin", "kl_matching", "mahalanobis", "gradnorm")
     for name in new:
         s = S.build_scorer(name)

@@ -379,7 +379,7 @@ def test_on_a_tiny_trained_model(gen):
                 for k, v in (("fit", x_fit), ("id", x_id), ("ood", x_ood), ("far", x_ood2))
             }
         head = S.linear_head(net)
-        fc = lambda f: net.fc(torch.as_tensor(f)).detach().numpy()  # noqa: E731 - the model's own layer
+        fc = lambda f: net.fc(torch.as_tensor(f)).detach().numpy()
         bases = (
             {"mos": (lambda: S.MOS(SIZES), ref_mos)}
             if grouped

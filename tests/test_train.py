@@ -26,9 +26,23 @@ from mosx.train.mixup import Mixup, mix_inputs
 from mosx.train.schedule import lr_at
 
 # A tiny recipe: 4-wide small CNN, 8x8 tensors cropped to 6, batch 8, one thread, no workers.
-TINY = dict(model="small-cnn-4", batch_size=8, resize=0, crop=6, eval_resize=0, warmup_steps=3,
-            milestones=(10,), steps=16, log_every=4, ckpt_every=4, threads=1, workers=0, progress=False,
-            amp="off", seed=3)
+TINY = dict(
+    model="small-cnn-4",
+    batch_size=8,
+    resize=0,
+    crop=6,
+    eval_resize=0,
+    warmup_steps=3,
+    milestones=(10,),
+    steps=16,
+    log_every=4,
+    ckpt_every=4,
+    threads=1,
+    workers=0,
+    progress=False,
+    amp="off",
+    seed=3,
+)
 
 
 def tiny_data(gen, n=48, classes=4, size=8):
@@ -136,9 +150,15 @@ def test_mixup_losses_mix_targets(gen):
 # ---------------------------------------------------------------------- data, labels and groupings
 def test_list_file_labels(tmp_path):
     from PIL import Image
+
     lines = []
-    entries = [("dogs/a.png", 1, 0), ("cats/b.png", 0, 1), ("cars/c.png", 1, 1), ("owls/d.png", 0, 0),
-               ("dogs/e.png", 1, 0)]
+    entries = [
+        ("dogs/a.png", 1, 0),
+        ("cats/b.png", 0, 1),
+        ("cars/c.png", 1, 1),
+        ("owls/d.png", 0, 0),
+        ("dogs/e.png", 1, 0),
+    ]
     for rel, g, j in entries:
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         Image.new("RGB", (5, 5)).save(tmp_path / rel)
@@ -163,6 +183,7 @@ def test_taxonomy_random_and_sizes_groupings(tmp_path):
 
     class D:
         num_classes, class_names, list_groups, targets = 5, names, None, []
+
     g = taxonomy_groups(str(tax), names)
     assert g.class_to_group == (0, 1, 0, 1, 0) and g.num_logits == 7
     assert resolve_groups(f"taxonomy:{tax}", D) == g
@@ -183,6 +204,7 @@ def test_taxonomy_random_and_sizes_groupings(tmp_path):
 def test_kmeans_matches_sklearn_on_separated_clusters(gen):
     sklearn = pytest.importorskip("sklearn.cluster")
     from sklearn.metrics import adjusted_rand_score
+
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     truth = torch.arange(40) % 4
     x = centres[truth] + 0.5 * torch.randn(40, 2, generator=gen)
@@ -203,6 +225,7 @@ def test_kmeans_grouping_uses_backbone_class_means(gen):
     x = feats[y] + 0.01 * torch.randn(40, 2, generator=gen)
     cfg = make_config(**{**TINY, "model": "identity", "steps": 0, "groups": "kmeans:2", "out": "unused"})
     from mosx.train.data import open_data
+
     d = open_data((x, y))
     g = resolve_groups(cfg.groups, d, lambda idx: x[idx], seed=0)
     assert g.class_to_group[0] == g.class_to_group[2] != g.class_to_group[1] == g.class_to_group[3]
@@ -216,7 +239,7 @@ def test_transform_crop_flip_normalise():
     assert a.shape == (3, 4, 4) and torch.equal(a, b)
     full = (img.float() / 255 - 0.5) / 0.5
     # the output is a 4x4 window of the normalised image, possibly flipped
-    windows = [full[:, i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
+    windows = [full[:, i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
     assert any(torch.allclose(a, w) or torch.allclose(a, w.flip(-1)) for w in windows)
     e = RecipeTransform(False, 0, 4, True, (0.5,) * 3, (0.5,) * 3, 0)(img)
     assert torch.allclose(e, full)
@@ -226,6 +249,7 @@ def test_transform_crop_flip_normalise():
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_batched_tensor_path_equals_per_item_path(gen, dtype, train_mode):
     from mosx.train.data import KeyedDataset, TensorData, tensor_batch
+
     x = torch.randint(0, 256, (10, 1, 9, 9), generator=gen).to(dtype)
     data = TensorData(x, torch.arange(10) % 3)
     tf = RecipeTransform(train_mode, 12, 10, True, (0.5,) * 3, (0.25,) * 3, 11)
@@ -250,6 +274,7 @@ def test_open_data_accepts_image_sets_and_datasets(gen):
 
         def __getitem__(self, i):
             return self.images[i].float() / 255, self.labels[i]
+
     s = ImageSetLike()
     d = open_data(s)
     assert isinstance(d, TensorData) and d.x.dtype == torch.uint8 and d.num_classes == 3
@@ -287,6 +312,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def broken_save(obj, f):
         f.write(b"partial")
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_save({"v": torch.zeros(3)}, str(path))
@@ -303,11 +329,52 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, gen):
     ref = train(cfg.replace(out=str(tmp_path / "ref")))
 
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "mosx.cli", "train", "--preset", "cpu-demo", "--model", "small-cnn-4",
-            "--data", str(tmp_path / "d.pt"), "--groups", "sizes:2,2", "--batch-size", "8", "--resize", "0",
-            "--crop", "6", "--eval-resize", "0", "--warmup-steps", "3", "--milestones", "10",
-            "--steps", str(steps), "--log-every", "4", "--ckpt-every", "4", "--threads", "1", "--workers", "0",
-            "--progress", "off", "--amp", "off", "--seed", "3", "--out", str(out), "--step-sleep", "0.25"]
+    args = [
+        sys.executable,
+        "-m",
+        "mosx.cli",
+        "train",
+        "--preset",
+        "cpu-demo",
+        "--model",
+        "small-cnn-4",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--groups",
+        "sizes:2,2",
+        "--batch-size",
+        "8",
+        "--resize",
+        "0",
+        "--crop",
+        "6",
+        "--eval-resize",
+        "0",
+        "--warmup-steps",
+        "3",
+        "--milestones",
+        "10",
+        "--steps",
+        str(steps),
+        "--log-every",
+        "4",
+        "--ckpt-every",
+        "4",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--progress",
+        "off",
+        "--amp",
+        "off",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--step-sleep",
+        "0.25",
+    ]
     proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ck = out / "checkpoint.pt"
     deadline = time.time() + 90
@@ -339,15 +406,70 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path, gen):
     x, y = tiny_data(gen)
     torch.save({"x": x, "y": y}, tmp_path / "d.pt")
     steps = 6
-    cfg = make_config("cpu-demo", **{**TINY, "steps": steps, "groups": "sizes:2,2", "micro_batch": 4,
-                                     "data": str(tmp_path / "d.pt"), "ckpt_every": 0, "out": str(tmp_path / "one")})
+    cfg = make_config(
+        "cpu-demo",
+        **{
+            **TINY,
+            "steps": steps,
+            "groups": "sizes:2,2",
+            "micro_batch": 4,
+            "data": str(tmp_path / "d.pt"),
+            "ckpt_every": 0,
+            "out": str(tmp_path / "one"),
+        },
+    )
     one = train(cfg)  # one process, accumulating 2 micro-batches of 4
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "mosx.cli", "train", "--preset", "cpu-demo", "--model", "small-cnn-4",
-            "--data", str(tmp_path / "d.pt"), "--groups", "sizes:2,2", "--batch-size", "8", "--micro-batch", "4",
-            "--resize", "0", "--crop", "6", "--eval-resize", "0", "--warmup-steps", "3", "--milestones", "10",
-            "--steps", str(steps), "--log-every", "4", "--ckpt-every", "0", "--threads", "1", "--workers", "0",
-            "--progress", "off", "--amp", "off", "--seed", "3", "--out", str(tmp_path / "two")]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mosx.cli",
+        "train",
+        "--preset",
+        "cpu-demo",
+        "--model",
+        "small-cnn-4",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--groups",
+        "sizes:2,2",
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "4",
+        "--resize",
+        "0",
+        "--crop",
+        "6",
+        "--eval-resize",
+        "0",
+        "--warmup-steps",
+        "3",
+        "--milestones",
+        "10",
+        "--steps",
+        str(steps),
+        "--log-every",
+        "4",
+        "--ckpt-every",
+        "0",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--progress",
+        "off",
+        "--amp",
+        "off",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     r = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "model.pt", weights_only=False)["state_dict"]
@@ -363,12 +485,23 @@ def test_feature_cache_matches_full_pipeline_when_frozen(tmp_path, gen):
     # No mixup and no augmentation: the head sees the same features either way, so the head
     # trained on the cache must equal the head trained through the frozen backbone.
     x, y = tiny_data(gen)
-    base = {**TINY, "train_blocks": 0, "mixup_alpha": 0.0, "crop": 0, "flip": False, "steps": 8,
-            "groups": "sizes:2,2", "ckpt_every": 0, "lr": 0.5}
+    base = {
+        **TINY,
+        "train_blocks": 0,
+        "mixup_alpha": 0.0,
+        "crop": 0,
+        "flip": False,
+        "steps": 8,
+        "groups": "sizes:2,2",
+        "ckpt_every": 0,
+        "lr": 0.5,
+    }
     full = train(make_config("cpu-demo", **base, out=str(tmp_path / "full")), data=(x, y))
     cached = train(make_config("cpu-demo", **base, cache_features=True, out=str(tmp_path / "cache")), data=(x, y))
-    assert torch.equal(cached.model.head.weight.detach(),
-                       torch.load(tmp_path / "cache" / "model.pt", weights_only=False)["state_dict"]["head.weight"])
+    assert torch.equal(
+        cached.model.head.weight.detach(),
+        torch.load(tmp_path / "cache" / "model.pt", weights_only=False)["state_dict"]["head.weight"],
+    )
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "cache" / "model.pt", weights_only=False)["state_dict"]
     assert torch.equal(a["backbone.stages.0.0.weight"], b["backbone.stages.0.0.weight"])
@@ -381,8 +514,21 @@ def test_feature_cache_matches_full_pipeline_when_frozen(tmp_path, gen):
 
 def test_bf16_autocast_on_cpu_and_partial_backbone(tmp_path, gen):
     x, y = tiny_data(gen)
-    r = train(make_config("cpu-demo", **{**TINY, "steps": 3, "amp": "bf16", "train_blocks": 1, "loss": "flat",
-                                         "ckpt_every": 0, "out": str(tmp_path / "bf16")}), data=(x, y))
+    r = train(
+        make_config(
+            "cpu-demo",
+            **{
+                **TINY,
+                "steps": 3,
+                "amp": "bf16",
+                "train_blocks": 1,
+                "loss": "flat",
+                "ckpt_every": 0,
+                "out": str(tmp_path / "bf16"),
+            },
+        ),
+        data=(x, y),
+    )
     assert np.isfinite(r.final_loss)
     st = torch.load(tmp_path / "bf16" / "model.pt", weights_only=False)["state_dict"]
     init, _ = build_model_for_check()
@@ -393,12 +539,14 @@ def test_bf16_autocast_on_cpu_and_partial_backbone(tmp_path, gen):
 
 def build_model_for_check():
     from mosx.train.models import build_model
+
     torch.manual_seed(TINY["seed"])
     return build_model("small-cnn-4", 4)
 
 
 def test_head_zero_init_and_frozen_backbone(tmp_path, gen):
     from mosx.train.models import build_model, set_trainable
+
     model, _ = build_model("small-cnn-4", 7)
     assert model.head.weight.abs().sum() == 0 and model.head.bias.abs().sum() == 0
     trainable = set_trainable(model, 0)
@@ -412,6 +560,7 @@ def test_head_zero_init_and_frozen_backbone(tmp_path, gen):
 
 def test_plain_cnn_shapes_blocks_and_round_trip(tmp_path):
     from mosx.train.models import PlainCNN, backbone_blocks, build_model, save_model, set_trainable
+
     torch.manual_seed(0)
     model, _ = build_model("plain-cnn-4", 6, in_chans=1)
     net = model.backbone
@@ -437,6 +586,7 @@ def test_plain_cnn_shapes_blocks_and_round_trip(tmp_path):
 
 def test_head_init_zero_or_random(tmp_path, gen):
     from mosx.train.models import Classifier, build_model
+
     zero, _ = build_model("small-cnn-4", 7)
     rand, _ = build_model("small-cnn-4", 7, head_init="random")
     assert zero.head.weight.abs().sum() == 0 and zero.head.bias.abs().sum() == 0
@@ -455,17 +605,22 @@ def test_head_init_zero_or_random(tmp_path, gen):
     data = tiny_data(gen)
     heads = {}
     for init in ("zero", "random"):
-        cfg = make_config("cpu-demo", **{**TINY, "steps": 1, "lr": 1e-12, "mixup_alpha": 0.0, "ckpt_every": 0},
-                          loss="flat", head_init=init, out=str(tmp_path / init))
+        cfg = make_config(
+            "cpu-demo",
+            **{**TINY, "steps": 1, "lr": 1e-12, "mixup_alpha": 0.0, "ckpt_every": 0},
+            loss="flat",
+            head_init=init,
+            out=str(tmp_path / init),
+        )
         heads[init] = train(cfg, data=data).model.head.weight.detach()
     assert heads["zero"].abs().max() < 1e-9 and heads["random"].abs().max() > 1e-3
 
 
 def test_load_local_weights(tmp_path):
-    from mosx.train.models import build_model, load_backbone_weights, build_backbone
+    from mosx.train.models import build_backbone, build_model, load_backbone_weights
+
     src, _ = build_backbone("small-cnn-4")
-    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3},
-               tmp_path / "w.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3}, tmp_path / "w.pth")
     dst, info = build_model("small-cnn-4", 5, weights=str(tmp_path / "w.pth"))
     assert states_equal(src.state_dict(), dst.backbone.state_dict()) and not info["missing"]
     torch.save({"other": torch.zeros(2)}, tmp_path / "bad.pth")
@@ -477,28 +632,34 @@ def test_load_local_weights(tmp_path):
 
 
 def test_bit_npz_through_timm(tmp_path):
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.resnetv2 import ResNetV2
+
     from mosx.train.models import load_backbone_weights
+
     # A tiny ResNetV2 written in BiT's TensorFlow naming, read back through timm's npz loader.
     net = ResNetV2(layers=(1, 1), channels=(128, 256), num_classes=0, stem_chs=32, width_factor=1)
     g = torch.Generator().manual_seed(0)
     arrays = {}
-    hwio = lambda w: w.permute(2, 3, 1, 0).numpy()  # noqa: E731
+    hwio = lambda w: w.permute(2, 3, 1, 0).numpy()
     arrays["resnet/root_block/standardized_conv2d/kernel"] = hwio(torch.randn(net.stem.conv.weight.shape, generator=g))
     arrays["resnet/group_norm/gamma"] = torch.rand(net.norm.weight.shape, generator=g).numpy()
     arrays["resnet/group_norm/beta"] = torch.rand(net.norm.bias.shape, generator=g).numpy()
     for i, stage in enumerate(net.stages):
         for j, block in enumerate(stage.blocks):
             p = f"resnet/block{i + 1}/unit{j + 1:02d}/"
-            for part, conv, norm in (("a", block.conv1, block.norm1), ("b", block.conv2, block.norm2),
-                                     ("c", block.conv3, block.norm3)):
+            for part, conv, norm in (
+                ("a", block.conv1, block.norm1),
+                ("b", block.conv2, block.norm2),
+                ("c", block.conv3, block.norm3),
+            ):
                 arrays[p + f"{part}/standardized_conv2d/kernel"] = hwio(torch.randn(conv.weight.shape, generator=g))
                 arrays[p + f"{part}/group_norm/gamma"] = torch.rand(norm.weight.shape, generator=g).numpy()
                 arrays[p + f"{part}/group_norm/beta"] = torch.rand(norm.bias.shape, generator=g).numpy()
             if block.downsample is not None:
                 arrays[p + "a/proj/standardized_conv2d/kernel"] = hwio(
-                    torch.randn(block.downsample.conv.weight.shape, generator=g))
+                    torch.randn(block.downsample.conv.weight.shape, generator=g)
+                )
     np.savez(tmp_path / "bit.npz", **arrays)
     load_backbone_weights(net, str(tmp_path / "bit.npz"))
     want = torch.from_numpy(arrays["resnet/block1/unit01/b/standardized_conv2d/kernel"]).permute(3, 2, 0, 1)
@@ -508,7 +669,9 @@ def test_bit_npz_through_timm(tmp_path):
 # ---------------------------------------------------------------------- end to end
 def test_mosx_train_cli_on_image_folder(tmp_path):
     from PIL import Image
+
     from mosx.cli import main
+
     rng = np.random.default_rng(0)
     for c, colour in enumerate([(220, 30, 30), (30, 220, 30), (30, 30, 220)]):
         d = tmp_path / "imgs" / f"class{c}"
@@ -517,11 +680,45 @@ def test_mosx_train_cli_on_image_folder(tmp_path):
             arr = np.clip(np.array(colour) + rng.integers(-20, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(d / f"{i}.png")
     out = tmp_path / "run"
-    rc = main(["train", "--preset", "cpu-demo", "--model", "small-cnn-4", "--data", str(tmp_path / "imgs"),
-               "--val-data", str(tmp_path / "imgs"), "--groups", "random:2", "--batch-size", "6",
-               "--steps", "5", "--resize", "10", "--crop", "8", "--eval-resize", "8", "--warmup-steps", "2",
-               "--milestones", "4", "--log-every", "2", "--ckpt-every", "3", "--threads", "1",
-               "--progress", "off", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--preset",
+            "cpu-demo",
+            "--model",
+            "small-cnn-4",
+            "--data",
+            str(tmp_path / "imgs"),
+            "--val-data",
+            str(tmp_path / "imgs"),
+            "--groups",
+            "random:2",
+            "--batch-size",
+            "6",
+            "--steps",
+            "5",
+            "--resize",
+            "10",
+            "--crop",
+            "8",
+            "--eval-resize",
+            "8",
+            "--warmup-steps",
+            "2",
+            "--milestones",
+            "4",
+            "--log-every",
+            "2",
+            "--ckpt-every",
+            "3",
+            "--threads",
+            "1",
+            "--progress",
+            "off",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     for name in ("checkpoint.pt", "model.pt", "groups.json", "config.json", "log.jsonl"):
         assert (out / name).exists(), name
@@ -538,6 +735,7 @@ def test_mosx_train_cli_on_image_folder(tmp_path):
 def need_unleash():
     """The UM tests need mosx.unleash and a mosx._C built with the masked_weight op."""
     import importlib.util
+
     if importlib.util.find_spec("mosx.unleash") is None:
         pytest.skip("mosx.unleash is not there")
     try:
@@ -547,8 +745,17 @@ def need_unleash():
 
 
 def _trained_model(tmp_path, x, y, loss="group"):
-    cfg = make_config("cpu-demo", **{**TINY, "steps": 6, "groups": "sizes:2,2", "loss": loss, "ckpt_every": 0,
-                                     "out": str(tmp_path / f"base_{loss}")})
+    cfg = make_config(
+        "cpu-demo",
+        **{
+            **TINY,
+            "steps": 6,
+            "groups": "sizes:2,2",
+            "loss": loss,
+            "ckpt_every": 0,
+            "out": str(tmp_path / f"base_{loss}"),
+        },
+    )
     train(cfg, data=(x, y))
     return str(tmp_path / f"base_{loss}" / "model.pt")
 
@@ -558,8 +765,17 @@ def test_flooding_above_the_loss_reverses_the_first_step(tmp_path, gen, loss):
     need_unleash()
     x, y = tiny_data(gen)
     init = _trained_model(tmp_path, x, y, loss)
-    base = {**TINY, "steps": 1, "warmup_steps": 0, "train_blocks": 0, "groups": "sizes:2,2", "loss": loss,
-            "ckpt_every": 0, "init": init, "mixup_alpha": 0.0}
+    base = {
+        **TINY,
+        "steps": 1,
+        "warmup_steps": 0,
+        "train_blocks": 0,
+        "groups": "sizes:2,2",
+        "loss": loss,
+        "ckpt_every": 0,
+        "init": init,
+        "mixup_alpha": 0.0,
+    }
     plain = train(make_config("cpu-demo", **base, out=str(tmp_path / "plain")), data=(x, y))
     flooded = train(make_config("cpu-demo", **base, um_flood_level=1e3, out=str(tmp_path / "flood")), data=(x, y))
     w0 = torch.load(init, weights_only=False)["state_dict"]["head.weight"]
@@ -575,9 +791,19 @@ def test_um_estimate_with_keep_one_is_the_mean_training_loss(tmp_path, gen):
     need_unleash()
     x, y = tiny_data(gen)
     init = _trained_model(tmp_path, x, y)
-    cfg = make_config("cpu-demo", **{**TINY, "groups": "sizes:2,2", "init": init, "um_estimate": 1.0,
-                                     "um_estimate_only": True, "crop": 0, "flip": False,
-                                     "out": str(tmp_path / "est")})
+    cfg = make_config(
+        "cpu-demo",
+        **{
+            **TINY,
+            "groups": "sizes:2,2",
+            "init": init,
+            "um_estimate": 1.0,
+            "um_estimate_only": True,
+            "crop": 0,
+            "flip": False,
+            "out": str(tmp_path / "est"),
+        },
+    )
     r = train(cfg, data=(x, y))
     model, info = load_model(init)
     with torch.no_grad():
@@ -593,8 +819,19 @@ def test_umap_masks_train_and_fold(tmp_path, gen):
     need_unleash()
     x, y = tiny_data(gen)
     init = _trained_model(tmp_path, x, y)
-    cfg = make_config("cpu-demo", **{**TINY, "steps": 4, "groups": "sizes:2,2", "init": init, "umap_keep": 0.75,
-                                     "um_flood_level": 0.1, "ckpt_every": 0, "out": str(tmp_path / "umap")})
+    cfg = make_config(
+        "cpu-demo",
+        **{
+            **TINY,
+            "steps": 4,
+            "groups": "sizes:2,2",
+            "init": init,
+            "umap_keep": 0.75,
+            "um_flood_level": 0.1,
+            "ckpt_every": 0,
+            "out": str(tmp_path / "umap"),
+        },
+    )
     train(cfg, data=(x, y))
     model, _ = load_model(str(tmp_path / "umap" / "model.pt"))  # plain layers: the masks were folded
     w = model.backbone.stages[1][0].weight

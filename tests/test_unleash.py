@@ -9,16 +9,28 @@ from torch.nn import functional as F
 
 import mosx
 from mosx.masking import keep_count
-from mosx.unleash import (MaskedConv2d, MaskedLinear, WeightMask, apply_masks, changed_samples,
-                          estimate_flood_level, flood, fold_masks, gate_samples, mask_scores,
-                          masked_layers, random_weight_masks, randomly_masked)
+from mosx.unleash import (
+    MaskedConv2d,
+    MaskedLinear,
+    WeightMask,
+    apply_masks,
+    changed_samples,
+    estimate_flood_level,
+    flood,
+    fold_masks,
+    gate_samples,
+    mask_scores,
+    masked_layers,
+    random_weight_masks,
+    randomly_masked,
+)
 
 
 def top_k_mask(scores, keep):
     """Independent top-k by |scores| (stable sort: lower index first among ties)."""
     a = scores.detach().reshape(-1).abs()
     mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
-    mask[torch.sort(a, descending=True, stable=True).indices[:keep_count(a.numel(), keep)]] = True
+    mask[torch.sort(a, descending=True, stable=True).indices[: keep_count(a.numel(), keep)]] = True
     return mask.view(scores.shape)
 
 
@@ -33,8 +45,16 @@ class StdConv(nn.Conv2d):
 
 def small_net(gen, std_conv=False, num_out=5):
     conv1 = (StdConv if std_conv else nn.Conv2d)(3, 6, 3, padding=1)
-    net = nn.Sequential(conv1, nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_out))
+    net = nn.Sequential(
+        conv1,
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_out),
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
@@ -46,7 +66,7 @@ def small_net(gen, std_conv=False, num_out=5):
 # ------------------------------------------------------------------------------ flooding
 def test_flood_value_and_gradient_sign(gen):
     x = torch.randn(10, generator=gen, dtype=torch.float64, requires_grad=True)
-    loss = (x ** 2).mean()
+    loss = (x**2).mean()
     (g_plain,) = torch.autograd.grad(loss, x, retain_graph=True)
     hi = loss.item() + 1.0  # loss below b: value 2b - L, gradient flipped
     out = flood(loss, hi)
@@ -161,8 +181,9 @@ def test_frozen_weights_train_only_scores(gen):
     s7, m7 = net[7].scores, net[7].mask()
     assert (s7.grad[~m7] != 0).any()
     torch.optim.SGD(scores, lr=0.1).step()
-    for p, before in zip([net[0].weight, net[3].weight, net[7].weight],
-                         [weights_before[0], weights_before[4], weights_before[6]]):
+    for p, before in zip(
+        [net[0].weight, net[3].weight, net[7].weight], [weights_before[0], weights_before[4], weights_before[6]]
+    ):
         assert torch.equal(p, before)
 
 
@@ -260,8 +281,10 @@ def test_estimate_flood_level_matches_direct_and_restores(gen):
     b = estimate_flood_level(net, loader, F.cross_entropy, keep=0.9, seed=5)
     # Restored bit for bit (parameters and buffers: eval mode never updates BN statistics).
     for k, v in net.state_dict().items():
-        assert torch.equal(v.view(torch.uint8) if v.is_floating_point() else v,
-                           before[k].view(torch.uint8) if v.is_floating_point() else before[k]), k
+        assert torch.equal(
+            v.view(torch.uint8) if v.is_floating_point() else v,
+            before[k].view(torch.uint8) if v.is_floating_point() else before[k],
+        ), k
     assert net.training and not net[1].training and net[0].training
     # Direct computation: masked copy, eval mode, one batch of everything.
     ref = copy.deepcopy(net).eval()
@@ -279,11 +302,17 @@ def test_estimate_flood_level_grouped_and_per_sample(gen):
     groups = mosx.Groups.from_sizes([2, 3])
     net = small_net(gen, num_out=groups.num_logits)
     loader, x, y = _data(gen)
-    b = estimate_flood_level(net, loader, lambda out, t: mosx.group_cross_entropy(out, t, groups),
-                             keep=0.8, seed=0, max_batches=2)
+    b = estimate_flood_level(
+        net, loader, lambda out, t: mosx.group_cross_entropy(out, t, groups), keep=0.8, seed=0, max_batches=2
+    )
     b_none = estimate_flood_level(
-        net, loader, lambda out, t: mosx.group_cross_entropy(out, t, groups, reduction="none"),
-        keep=0.8, seed=0, max_batches=2)
+        net,
+        loader,
+        lambda out, t: mosx.group_cross_entropy(out, t, groups, reduction="none"),
+        keep=0.8,
+        seed=0,
+        max_batches=2,
+    )
     ref = copy.deepcopy(net).eval()
     with torch.no_grad():
         for name, m in random_weight_masks(ref, 0.8, seed=0).items():
@@ -342,8 +371,7 @@ def test_randomly_masked_and_changed_samples(gen):
             masked = net(x)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     chosen = changed_samples(logits, masked, 0.3)
-    kl = F.kl_div(F.log_softmax(masked, 1), F.log_softmax(logits, 1), log_target=True,
-                  reduction="none").sum(1)
+    kl = F.kl_div(F.log_softmax(masked, 1), F.log_softmax(logits, 1), log_target=True, reduction="none").sum(1)
     assert int(chosen.sum()) == 3
     assert torch.equal(chosen.nonzero().view(-1).sort().values, kl.topk(3).indices.sort().values)
     with pytest.raises(ValueError, match="same"):

@@ -35,6 +35,7 @@ def prepare() -> str:
     (needed by the planner, not used) into WORK/fonts; build the dev benchmark into WORK/data."""
     import mosx.data
     from mosx.data import glyphs
+
     demo = mosx.data.load_benchmark(num_classes=100, progress=False)  # the quick demo's benchmark
     side = demo.manifest["family_split"]
     src = demo.manifest["config"]["font_dir"]
@@ -55,8 +56,10 @@ def prepare() -> str:
 
 def dev_benchmark():
     import mosx.data
-    return mosx.data.load_benchmark(os.path.join(WORK, "data"), font_dir=os.path.join(WORK, "fonts"),
-                                    progress=False, **DEV)
+
+    return mosx.data.load_benchmark(
+        os.path.join(WORK, "data"), font_dir=os.path.join(WORK, "fonts"), progress=False, **DEV
+    )
 
 
 class Variant(nn.Module):
@@ -73,8 +76,7 @@ class Variant(nn.Module):
         self.stages = nn.Sequential(*layers)
         self.pool = pool
         d = c if pool == "gap" else c * (32 // 2 ** len(widths)) ** 2
-        self.fc = (nn.Sequential(nn.Linear(d, fc), nn.BatchNorm1d(fc), nn.ReLU(inplace=True)) if fc
-                   else nn.Identity())
+        self.fc = nn.Sequential(nn.Linear(d, fc), nn.BatchNorm1d(fc), nn.ReLU(inplace=True)) if fc else nn.Identity()
         self.num_features = fc or d
 
     def forward(self, x):
@@ -84,6 +86,7 @@ class Variant(nn.Module):
 
 def _install_variants():
     import mosx.train.loop as loop
+
     base = loop.build_backbone
 
     def build(name, num_features=None, in_chans=3):
@@ -93,11 +96,13 @@ def _install_variants():
             net = Variant(tuple(int(v) for v in parts[1].split(".")), parts[2], parts[3], fc)
             return net, net.num_features
         return base(name, num_features, in_chans)
+
     loop.build_backbone = build
 
 
 def run(tag: str, args: list[str]) -> dict:
     from mosx.train import make_config, train
+
     _install_variants()
     kw = dict(a.split("=", 1) for a in args)
     model = kw.pop("model", "plain-cnn-16")
@@ -110,15 +115,46 @@ def run(tag: str, args: list[str]) -> dict:
     x, y = bench.train.tensors()
     xv, yv = bench.test.tensors()
     steps = round(epochs * len(y) / bs)
-    cfg = make_config("cpu-demo", model=model, loss="flat", head_init="random", steps=steps, batch_size=bs, lr=lr,
-                      weight_decay=wd, warmup_steps=min(20, max(1, steps // 10)),
-                      milestones=tuple(int(steps * m) for m in ms), mixup_alpha=mix, resize=32 + pad, crop=32,
-                      eval_resize=32, flip=False, seed=0, device="cpu", out=os.path.join(WORK, "runs", tag),
-                      progress=False, ckpt_every=0, log_every=max(1, steps // 8), workers=0)
+    cfg = make_config(
+        "cpu-demo",
+        model=model,
+        loss="flat",
+        head_init="random",
+        steps=steps,
+        batch_size=bs,
+        lr=lr,
+        weight_decay=wd,
+        warmup_steps=min(20, max(1, steps // 10)),
+        milestones=tuple(int(steps * m) for m in ms),
+        mixup_alpha=mix,
+        resize=32 + pad,
+        crop=32,
+        eval_resize=32,
+        flip=False,
+        seed=0,
+        device="cpu",
+        out=os.path.join(WORK, "runs", tag),
+        progress=False,
+        ckpt_every=0,
+        log_every=max(1, steps // 8),
+        workers=0,
+    )
     t0 = time.perf_counter()
     r = train(cfg, data={"x": x, "y": y, "class_names": bench.class_names}, val_data=(xv, yv), log=lambda m: None)
-    rec = dict(tag=tag, model=model, epochs=epochs, bs=bs, lr=lr, wd=wd, mixup=mix, pad=pad, ms=ms,
-               val_acc=r.val_accuracy, seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    rec = dict(
+        tag=tag,
+        model=model,
+        epochs=epochs,
+        bs=bs,
+        lr=lr,
+        wd=wd,
+        mixup=mix,
+        pad=pad,
+        ms=ms,
+        val_acc=r.val_accuracy,
+        seconds=round(time.perf_counter() - t0, 1),
+        threads=torch.get_num_threads(),
+    )
     print(json.dumps(rec), flush=True)
     with open(os.path.join(WORK, "results.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")

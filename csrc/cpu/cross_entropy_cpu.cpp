@@ -16,7 +16,6 @@ namespace mosx {
 namespace cpu {
 namespace {
 
-
 // Logit position of the target of (target set m, row i, group k), or -1 when ignored.
 struct TargetSlots {
   const int64_t* t;
@@ -31,15 +30,15 @@ struct TargetSlots {
       const int64_t lab = t[(m * N + i) * K + k];
       if (lab == ignore_index) return -1;
       const int64_t n_k = o[k + 1] - o[k] - 1;
-      TORCH_CHECK(lab >= 0 && lab <= n_k, op, ": per-group label ", lab, " at row ", i,
-                  ", group ", k, " is out of range [0, ", n_k, "] (0 = others) and is not ",
-                  "ignore_index (", ignore_index, ")");
+      TORCH_CHECK(lab >= 0 && lab <= n_k, op, ": per-group label ", lab, " at row ", i, ", group ",
+                  k, " is out of range [0, ", n_k, "] (0 = others) and is not ", "ignore_index (",
+                  ignore_index, ")");
       return o[k] + lab;
     }
     const int64_t c = t[m * N + i];
     if (c == ignore_index) return -1;
-    TORCH_CHECK(c >= 0 && c < C, op, ": target class ", c, " at row ", i,
-                " is out of range [0, ", C, ") and is not ignore_index (", ignore_index, ")");
+    TORCH_CHECK(c >= 0 && c < C, op, ": target class ", c, " at row ", i, " is out of range [0, ",
+                C, ") and is not ignore_index (", ignore_index, ")");
     const int64_t pos = class_logit[c];
     TORCH_CHECK(pos >= 0 && pos < L, op, ": class_logit[", c, "] = ", pos,
                 " is not a logit position in [0, ", L, ")");
@@ -87,24 +86,26 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cpu(const at::Tensor& log
     const auto& ops = row_ops<real>();
     real* lossp = losses.mutable_data_ptr<real>();
     real* lsep = lse.mutable_data_ptr<real>();
-    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& in, real*) {
-      real* lse_row = lsep + i * K;
-      ops.lse(in, o.data(), K, lse_row);
-      for (int64_t m = 0; m < M; ++m) {
-        real* loss_row = lossp + (m * N + i) * K;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t s = slot(m, i, k);
-          loss_row[k] = s < 0 ? real(0) : lse_row[k] - ops.value(in, s);
-        }
-      }
-    }, /*widen=*/false);
+    for_each_row(
+        x, K, static_cast<scalar_t*>(nullptr),
+        [&](int64_t i, const RowIn<real>& in, real*) {
+          real* lse_row = lsep + i * K;
+          ops.lse(in, o.data(), K, lse_row);
+          for (int64_t m = 0; m < M; ++m) {
+            real* loss_row = lossp + (m * N + i) * K;
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t s = slot(m, i, k);
+              loss_row[k] = s < 0 ? real(0) : lse_row[k] - ops.value(in, s);
+            }
+          }
+        },
+        /*widen=*/false);
   });
   return {losses, lse};
 }
 
 at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
-                                            const at::Tensor& logits_in,
-                                            const at::Tensor& offsets,
+                                            const at::Tensor& logits_in, const at::Tensor& offsets,
                                             const at::Tensor& targets_in,
                                             const at::Tensor& class_logit_in,
                                             const at::Tensor& lse_in, int64_t ignore_index) {
@@ -127,24 +128,25 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
     const auto& ops = row_ops<real>();
     const real* gp = g.const_data_ptr<real>();
     const real* lsep = lse.const_data_ptr<real>();
-    for_each_row(x, K, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
-      const real* row = in.x;
-      for (int64_t k = 0; k < K; ++k) {
-        // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
-        int64_t slots[2];
-        real coef[2], total = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          slots[m] = slot(m, i, k);
-          coef[m] = slots[m] < 0 ? real(0) : gp[(m * N + i) * K + k];
-          total += coef[m];
-        }
-        const int64_t start = o[k];
-        ops.scaled_softmax(row + start, o[k + 1] - start, lsep[i * K + k], total, dst + start);
-        for (int64_t m = 0; m < M; ++m) {
-          if (slots[m] >= 0) dst[slots[m]] -= coef[m];
-        }
-      }
-    });
+    for_each_row(
+        x, K, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
+          const real* row = in.x;
+          for (int64_t k = 0; k < K; ++k) {
+            // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
+            int64_t slots[2];
+            real coef[2], total = 0;
+            for (int64_t m = 0; m < M; ++m) {
+              slots[m] = slot(m, i, k);
+              coef[m] = slots[m] < 0 ? real(0) : gp[(m * N + i) * K + k];
+              total += coef[m];
+            }
+            const int64_t start = o[k];
+            ops.scaled_softmax(row + start, o[k + 1] - start, lsep[i * K + k], total, dst + start);
+            for (int64_t m = 0; m < M; ++m) {
+              if (slots[m] >= 0) dst[slots[m]] -= coef[m];
+            }
+          }
+        });
   });
   return gx;
 }

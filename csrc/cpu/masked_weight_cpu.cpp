@@ -99,21 +99,22 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_cpu(const at::Tensor& weight,
   const int64_t n = w.numel();
   if (n == 0) return {out, mask};
   const int64_t k = masked_weight_keep_count(n, keep);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const auto [t, c] = select_threshold_cpu(sp, n, k);
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    bool* mp = mask.mutable_data_ptr<bool>();
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = abs_bits(sp[i]);
-        const bool kept = b > t || (b == t && i <= c);
-        mp[i] = kept;
-        op[i] = kept ? wp[i] : scalar_t(0);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_cpu",
+                                  [&] {
+                                    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+                                    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+                                    const auto [t, c] = select_threshold_cpu(sp, n, k);
+                                    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+                                    bool* mp = mask.mutable_data_ptr<bool>();
+                                    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+                                      for (int64_t i = begin; i < end; ++i) {
+                                        const int64_t b = abs_bits(sp[i]);
+                                        const bool kept = b > t || (b == t && i <= c);
+                                        mp[i] = kept;
+                                        op[i] = kept ? wp[i] : scalar_t(0);
+                                      }
+                                    });
+                                  });
   return {out, mask};
 }
 
@@ -131,27 +132,29 @@ std::vector<at::Tensor> masked_weight_backward_cpu(const at::Tensor& grad, const
   if (weight_grad) result.push_back(gw = at::empty_like(w, at::MemoryFormat::Contiguous));
   const int64_t n = w.numel();
   if (n == 0 || result.empty()) return result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const bool* mp = m.const_data_ptr<bool>();
-    scalar_t* gsp = scores_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gwp = weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      if (gsp) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t sv = static_cast<acc_t>(sp[i]);
-          const acc_t sgn = static_cast<acc_t>((sv > acc_t(0)) - (sv < acc_t(0)));
-          gsp[i] = static_cast<scalar_t>(static_cast<acc_t>(gp[i]) * static_cast<acc_t>(wp[i]) * sgn);
-        }
-      }
-      if (gwp) {
-        for (int64_t i = begin; i < end; ++i) gwp[i] = mp[i] ? gp[i] : scalar_t(0);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_backward_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        const scalar_t* sp = s.const_data_ptr<scalar_t>();
+        const bool* mp = m.const_data_ptr<bool>();
+        scalar_t* gsp = scores_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gwp = weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr;
+        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+          if (gsp) {
+            for (int64_t i = begin; i < end; ++i) {
+              const acc_t sv = static_cast<acc_t>(sp[i]);
+              const acc_t sgn = static_cast<acc_t>((sv > acc_t(0)) - (sv < acc_t(0)));
+              gsp[i] = static_cast<scalar_t>(static_cast<acc_t>(gp[i]) * static_cast<acc_t>(wp[i]) *
+                                             sgn);
+            }
+          }
+          if (gwp) {
+            for (int64_t i = begin; i < end; ++i) gwp[i] = mp[i] ? gp[i] : scalar_t(0);
+          }
+        });
+      });
   return result;
 }
 

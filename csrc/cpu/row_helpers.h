@@ -36,7 +36,7 @@ struct RowIn {
   const real* x;
   const uint16_t* bits;
   const float* exp_table;
-  bool is_half;  // fp16 (else bf16) bits
+  bool is_half;          // fp16 (else bf16) bits
   real* scratch;         // [L]
   real* group_scratch;   // [3 K]: per-group values of the row
   int64_t* group_index;  // [K]
@@ -119,7 +119,8 @@ inline const float* exp_table_for() {
 // Row i of x as `real` values: the row itself when no conversion is needed, else a converted
 // copy in buf (vectorised for bf16 / fp16).
 template <typename scalar_t, typename real>
-inline const real* load_row(const scalar_t* x, int64_t row_stride, int64_t i, int64_t n, real* buf) {
+inline const real* load_row(const scalar_t* x, int64_t row_stride, int64_t i, int64_t n,
+                            real* buf) {
   const scalar_t* src = x + i * row_stride;
   if constexpr (std::is_same_v<scalar_t, real>) {
     return src;
@@ -154,14 +155,13 @@ inline void store_row(scalar_t* y, int64_t i, int64_t n, const real* buf) {
   }
 }
 
-
 // Calls fn(i, in, dst) for every row i of x (num_groups groups), rows split across threads. `in`
 // is row i (see RowIn; `widen` = false leaves 16-bit rows to be widened slice by slice, for the
 // forward reductions); `dst` is where an [L] result for row i goes (y's row itself, or a buffer
 // that is converted into it afterwards), or null when y is null (ops without an [N, L] output).
 template <typename scalar_t, typename F>
 inline void for_each_row(const at::Tensor& x, int64_t num_groups, scalar_t* y, const F& fn,
-                  bool widen = true) {
+                         bool widen = true) {
   using real = acc_type_t<scalar_t>;
   const int64_t N = x.size(0), L = x.size(1), rs = x.stride(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -174,8 +174,11 @@ inline void for_each_row(const at::Tensor& x, int64_t num_groups, scalar_t* y, c
     for (int64_t i = begin; i < end; ++i) {
       const RowIn<real> row{widen ? load_row(xp, rs, i, L, in.data()) : nullptr,
                             table ? reinterpret_cast<const uint16_t*>(xp + i * rs) : nullptr,
-                            table, std::is_same_v<scalar_t, c10::Half>, in.data(),
-                            in.data() + L, index.data(),
+                            table,
+                            std::is_same_v<scalar_t, c10::Half>,
+                            in.data(),
+                            in.data() + L,
+                            index.data(),
                             reinterpret_cast<const char*>(xp + (i + 1 < end ? i + 1 : i) * rs)};
       real* dst = y ? row_dest(y, i, L, out.data()) : nullptr;
       fn(i, row, dst);

@@ -61,7 +61,7 @@ static inline void slice_max_probe(const float* x, int64_t n, float* max_out, fl
 // the hot loops).
 template <int N>
 __attribute__((always_inline)) static inline void exp_in_range_ps(const __m256 (&d)[N],
-                                                                __m256 (&e)[N]) {
+                                                                  __m256 (&e)[N]) {
   const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127: rounds, and biases k
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), ln2 = _mm256_set1_ps(-0.69314718f);
   const __m256 c[4] = {_mm256_set1_ps(8.3146328e-3f), _mm256_set1_ps(4.1890655e-2f),
@@ -121,9 +121,8 @@ static inline float lane_sum(const float* x, int64_t n, const Term& term) {
 template <bool shifted>
 static inline float sum_exp_avx2(const float* x, int64_t n, float m) {
   const __m256 vm = _mm256_set1_ps(m);
-  return lane_sum(x, n, [&](__m256 v) {
-    return exp_clamped_ps(shifted ? _mm256_sub_ps(v, vm) : v);
-  });
+  return lane_sum(x, n,
+                  [&](__m256 v) { return exp_clamped_ps(shifted ? _mm256_sub_ps(v, vm) : v); });
 }
 
 // Where row_exp_sums stands: the group being summed, where it ends, its partial lane sums.
@@ -208,7 +207,7 @@ static inline bool row_exp_sums(const float* x, const int64_t* o, int64_t num_gr
     sweep_group_ends(at, e[0], j, o, num_groups, s, e0);
     if (j + 8 < L) sweep_group_ends(at, e[1], j + 8, o, num_groups, s, e0);
   }
-  if (at.k < num_groups) s[at.k] = hsum(at.acc);  // the last group ended at L, with a vector
+  if (at.k < num_groups) s[at.k] = hsum(at.acc);   // the last group ended at L, with a vector
   const __m256 first[1] = {_mm256_set1_ps(x[0])};  // the same arithmetic as the sweep's lane 0
   __m256 e_first[1];
   exp_in_range_ps(first, e_first);
@@ -260,12 +259,12 @@ static inline float sum_exp_unshifted(const float* x, int64_t n) {
   return sum_exp_avx2<false>(x, n, 0.0f);
 }
 
-
 // A row of bf16 / fp16 bit patterns widened to float, eight at a time (F16C for fp16).
 static inline void bf16_to_real(const uint16_t* v, int64_t n, float* out) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j)));
+    const __m256i w =
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j)));
     _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
   }
   for (; j < n; ++j) out[j] = __builtin_bit_cast(float, static_cast<uint32_t>(v[j]) << 16);
@@ -274,7 +273,8 @@ static inline void bf16_to_real(const uint16_t* v, int64_t n, float* out) {
 static inline void half_to_real(const uint16_t* v, int64_t n, float* out) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j))));
+    _mm256_storeu_ps(out + j,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j))));
   for (; j < n; ++j) out[j] = _cvtsh_ss(v[j]);
 }
 

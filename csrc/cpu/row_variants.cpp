@@ -29,36 +29,35 @@ namespace {
 // and a degree-6 polynomial (about 1 ulp). Branch-free; NaN and +/-inf behave like std::exp
 // except that results below FLT_MIN flush to 0. Defined in each target namespace below so the
 // AVX2 copy inlines into the AVX2 loops.
-#define MOSX_DEFINE_FAST_EXP                                                            \
-  /* exp of xc in [-87, 88] (no NaN): the reduction and the polynomial. */              \
-  static inline float exp_in_range(float xc) {                                          \
-    const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;            \
-    const float r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;                      \
-    float p = 1.9875691500e-4f;                                                         \
-    p = p * r + 1.3981999507e-3f;                                                       \
-    p = p * r + 8.3334519073e-3f;                                                       \
-    p = p * r + 4.1665795894e-2f;                                                       \
-    p = p * r + 1.6666665459e-1f;                                                       \
-    p = p * r + 5.0000001201e-1f;                                                       \
-    p = p * r * r + r + 1.0f;                                                           \
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;                         \
-    return p * __builtin_bit_cast(float, bits);                                         \
-  }                                                                                     \
-  static inline float mosx_exp(float x) {                                               \
-    float xc = x < -87.0f ? -87.0f : x;                                                 \
-    xc = xc > 88.0f ? 88.0f : xc;                                                       \
-    xc = x != x ? 0.0f : xc;                                                            \
-    float y = exp_in_range(xc);                                                         \
-    y = x < -87.0f ? 0.0f : y;                                                          \
-    y = x > 88.0f ? std::numeric_limits<float>::infinity() : y;                         \
-    return x != x ? x : y;                                                              \
-  }                                                                                     \
-  /* exp for x <= 0 or x = -inf (no NaN, no +inf): one clamp, one select. */            \
-  static inline float mosx_exp_nonpos(float x) {                                        \
-    const float y = exp_in_range(x > -87.0f ? x : -87.0f);                              \
-    return x > -87.0f ? y : 0.0f;                                                       \
+#define MOSX_DEFINE_FAST_EXP                                                 \
+  /* exp of xc in [-87, 88] (no NaN): the reduction and the polynomial. */   \
+  static inline float exp_in_range(float xc) {                               \
+    const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; \
+    const float r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;           \
+    float p = 1.9875691500e-4f;                                              \
+    p = p * r + 1.3981999507e-3f;                                            \
+    p = p * r + 8.3334519073e-3f;                                            \
+    p = p * r + 4.1665795894e-2f;                                            \
+    p = p * r + 1.6666665459e-1f;                                            \
+    p = p * r + 5.0000001201e-1f;                                            \
+    p = p * r * r + r + 1.0f;                                                \
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;              \
+    return p * __builtin_bit_cast(float, bits);                              \
+  }                                                                          \
+  static inline float mosx_exp(float x) {                                    \
+    float xc = x < -87.0f ? -87.0f : x;                                      \
+    xc = xc > 88.0f ? 88.0f : xc;                                            \
+    xc = x != x ? 0.0f : xc;                                                 \
+    float y = exp_in_range(xc);                                              \
+    y = x < -87.0f ? 0.0f : y;                                               \
+    y = x > 88.0f ? std::numeric_limits<float>::infinity() : y;              \
+    return x != x ? x : y;                                                   \
+  }                                                                          \
+  /* exp for x <= 0 or x = -inf (no NaN, no +inf): one clamp, one select. */ \
+  static inline float mosx_exp_nonpos(float x) {                             \
+    const float y = exp_in_range(x > -87.0f ? x : -87.0f);                   \
+    return x > -87.0f ? y : 0.0f;                                            \
   }
-
 
 namespace f32_base {
 using real = float;
@@ -93,10 +92,17 @@ static inline double mosx_exp_nonpos(double x) { return std::exp(x); }
 
 // The row functions of one variant, so the drivers below are written once.
 
-#define MOSX_ROW_OPS(NS)                                                                    \
-  {NS::row_score,   NS::row_score_backward, NS::row_predict,          NS::row_softmax,     \
-   NS::row_softmax_backward, NS::row_lse,   NS::slice_scaled_softmax, NS::bf16_to_real,    \
-   NS::half_to_real, NS::row_value}
+#define MOSX_ROW_OPS(NS)     \
+  {NS::row_score,            \
+   NS::row_score_backward,   \
+   NS::row_predict,          \
+   NS::row_softmax,          \
+   NS::row_softmax_backward, \
+   NS::row_lse,              \
+   NS::slice_scaled_softmax, \
+   NS::bf16_to_real,         \
+   NS::half_to_real,         \
+   NS::row_value}
 
 // The AVX2 variant when the CPU has it, unless MOSX_CPU_KERNELS=baseline asks for the portable one
 // (to test it, or to compare).

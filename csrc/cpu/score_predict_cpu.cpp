@@ -16,9 +16,8 @@ namespace mosx {
 namespace cpu {
 namespace {
 
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(
-    const at::Tensor& logits_in, const at::Tensor& offsets) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(const at::Tensor& logits_in,
+                                                                       const at::Tensor& offsets) {
   const auto o = host_offsets(logits_in, offsets, "mosx.group_softmax_score");
   const at::Tensor x = unit_inner_stride(logits_in);
   const int64_t N = x.size(0), K = static_cast<int64_t>(o.size()) - 1;
@@ -33,16 +32,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cpu(
     real* sp = score.mutable_data_ptr<real>();
     int64_t* gp = min_group.mutable_data_ptr<int64_t>();
     real* lp = min_lse.mutable_data_ptr<real>();
-    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
-      sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
-    }, /*widen=*/false);
+    for_each_row(
+        x, K, static_cast<scalar_t*>(nullptr),
+        [&](int64_t i, const RowIn<real>& row, real*) {
+          sp[i] = ops.score(row, o.data(), K, gp + i, lp + i);
+        },
+        /*widen=*/false);
   });
   return {score, min_group, min_lse};
 }
 
 at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
-                                            const at::Tensor& logits_in,
-                                            const at::Tensor& offsets,
+                                            const at::Tensor& logits_in, const at::Tensor& offsets,
                                             const at::Tensor& min_group_in,
                                             const at::Tensor& min_lse_in) {
   const char* op = "mosx.group_softmax_score_backward";
@@ -62,12 +63,13 @@ at::Tensor group_softmax_score_backward_cpu(const at::Tensor& grad_score,
     const real* gp = g.const_data_ptr<real>();
     const int64_t* mgp = mg.const_data_ptr<int64_t>();
     const real* mlp = ml.const_data_ptr<real>();
-    for_each_row(x, K, gx.mutable_data_ptr<scalar_t>(), [&](int64_t i, const RowIn<real>& in, real* dst) {
-      const real* row = in.x;
-      TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
-                  " is not a group index in [0, ", K, ")");
-      ops.score_backward(gp[i], row, o.data(), L, mgp[i], mlp[i], dst);
-    });
+    for_each_row(x, K, gx.mutable_data_ptr<scalar_t>(),
+                 [&](int64_t i, const RowIn<real>& in, real* dst) {
+                   const real* row = in.x;
+                   TORCH_CHECK(mgp[i] >= 0 && mgp[i] < K, op, ": min_group[", i, "] = ", mgp[i],
+                               " is not a group index in [0, ", K, ")");
+                   ops.score_backward(gp[i], row, o.data(), L, mgp[i], mlp[i], dst);
+                 });
   });
   return gx;
 }
@@ -99,11 +101,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cpu(const at::Tenso
     int64_t* cp = cls.mutable_data_ptr<int64_t>();
     real* pp = prob.mutable_data_ptr<real>();
     int64_t* gp = group.mutable_data_ptr<int64_t>();
-    for_each_row(x, K, static_cast<scalar_t*>(nullptr), [&](int64_t i, const RowIn<real>& row, real*) {
-      int64_t pos;
-      ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
-      cp[i] = lcp[pos];
-    }, /*widen=*/false);
+    for_each_row(
+        x, K, static_cast<scalar_t*>(nullptr),
+        [&](int64_t i, const RowIn<real>& row, real*) {
+          int64_t pos;
+          ops.predict(row, o.data(), K, &pos, pp + i, gp + i);
+          cp[i] = lcp[pos];
+        },
+        /*widen=*/false);
   });
   return {cls, prob, group};
 }

@@ -15,7 +15,6 @@ namespace mosx {
 namespace cpu {
 namespace {
 
-
 at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const at::Tensor& offsets, bool log) {
   const auto o = host_offsets(logits_in, offsets, "mosx.group_softmax");
   const at::Tensor x = unit_inner_stride(logits_in);
@@ -25,9 +24,10 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const at::Tensor& offs
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using real = acc_type_t<scalar_t>;
     const auto& ops = row_ops<real>();
-    for_each_row(x, K, y.mutable_data_ptr<scalar_t>(), [&](int64_t, const RowIn<real>& row, real* dst) {
-      ops.softmax(row, o.data(), K, log, dst);
-    });
+    for_each_row(x, K, y.mutable_data_ptr<scalar_t>(),
+                 [&](int64_t, const RowIn<real>& row, real* dst) {
+                   ops.softmax(row, o.data(), K, log, dst);
+                 });
   });
   return y;
 }

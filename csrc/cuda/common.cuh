@@ -57,9 +57,13 @@ constexpr int chunk_size() {
 // Scalar helpers (float / double overloads).
 
 __device__ __forceinline__ float nan_of(float) { return __int_as_float(0x7fffffff); }
-__device__ __forceinline__ double nan_of(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ double nan_of(double) {
+  return __longlong_as_double(0x7ff8000000000000LL);
+}
 __device__ __forceinline__ float inf_of(float) { return __int_as_float(0x7f800000); }
-__device__ __forceinline__ double inf_of(double) { return __longlong_as_double(0x7ff0000000000000LL); }
+__device__ __forceinline__ double inf_of(double) {
+  return __longlong_as_double(0x7ff0000000000000LL);
+}
 // Start value of a running max: finite, so that "x - max" is never -inf - -inf.
 __device__ __forceinline__ float lowest_of(float) { return -FLT_MAX; }
 __device__ __forceinline__ double lowest_of(double) { return -DBL_MAX; }
@@ -425,8 +429,8 @@ __device__ __forceinline__ acc_t ce_loss(const scalar_t* __restrict__ xr, int sl
 // (loaded as 0, never used).
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void stage_chunk(acc_t* buf, const scalar_t* __restrict__ row,
-                                            int shift, int grid_shift, int p0, int L, int lane) {
+__device__ __forceinline__ void stage_chunk(acc_t* buf, const scalar_t* __restrict__ row, int shift,
+                                            int grid_shift, int p0, int L, int lane) {
   constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
   constexpr int CH = chunk_size<acc_t>();
   static_assert(CH % V == 0, "chunk must hold whole vectors");
@@ -550,7 +554,7 @@ __device__ __forceinline__ Lse<acc_t> serial_lse(const acc_t* buf, int p0, int l
 // The whole warp, positions [a, b), continuing `carry` when merge is set.
 template <typename acc_t>
 __device__ __forceinline__ Lse<acc_t> coop_lse(const acc_t* buf, int p0, int a, int b, int lane,
-                                              bool merge, Lse<acc_t> carry) {
+                                               bool merge, Lse<acc_t> carry) {
   acc_t m = lowest_of(acc_t(0));
   for (int q = a + lane; q < b; q += 32) m = vmax(m, buf[q - p0]);
   m = warp_max(m);

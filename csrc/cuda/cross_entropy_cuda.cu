@@ -36,8 +36,8 @@ __device__ __forceinline__ void ce_finish(const scalar_t* __restrict__ xr, const
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs,
-                         const int64_t* __restrict__ offsets, int K, bool offs_in_smem,
-                         CeTargets T, acc_type_t<scalar_t>* __restrict__ losses,
+                         const int64_t* __restrict__ offsets, int K, bool offs_in_smem, CeTargets T,
+                         acc_type_t<scalar_t>* __restrict__ losses,
                          acc_type_t<scalar_t>* __restrict__ lse_out) {
   using acc_t = acc_type_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -142,8 +142,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-CeTargets make_targets(const at::Tensor& t, const at::Tensor& cl, int64_t N,
-                       int64_t ignore_index) {
+CeTargets make_targets(const at::Tensor& t, const at::Tensor& cl, int64_t N, int64_t ignore_index) {
   const bool per_group = t.dim() == 3;
   return CeTargets{t.const_data_ptr<int64_t>(),
                    per_group ? nullptr : cl.const_data_ptr<int64_t>(),
@@ -188,10 +187,10 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
           auto* k = &fast_cross_entropy_kernel<scalar_t, PER>;
           const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
           const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
-          k<<<blocks, kThreads, smem, stream>>>(
-              x.const_data_ptr<scalar_t>(), N, L, x.stride(0), shift,
-              offsets.const_data_ptr<int64_t>(), K, T, losses.mutable_data_ptr<acc_t>(),
-              lse.mutable_data_ptr<acc_t>());
+          k<<<blocks, kThreads, smem, stream>>>(x.const_data_ptr<scalar_t>(), N, L, x.stride(0),
+                                                shift, offsets.const_data_ptr<int64_t>(), K, T,
+                                                losses.mutable_data_ptr<acc_t>(),
+                                                lse.mutable_data_ptr<acc_t>());
         }
       });
     } else {
@@ -242,10 +241,10 @@ at::Tensor group_cross_entropy_backward_cuda(const at::Tensor& grad_losses_in,
     using acc_t = acc_type_t<scalar_t>;
     auto* k = &cross_entropy_backward_kernel<scalar_t>;
     const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, p.smem, N, kWarps);
-    k<<<blocks, kThreads, p.smem, stream>>>(
-        g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), N, L, x.stride(0),
-        offsets.const_data_ptr<int64_t>(), K, p.offs_in_smem, T, lse.const_data_ptr<acc_t>(),
-        gx.mutable_data_ptr<scalar_t>());
+    k<<<blocks, kThreads, p.smem, stream>>>(g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
+                                            N, L, x.stride(0), offsets.const_data_ptr<int64_t>(), K,
+                                            p.offs_in_smem, T, lse.const_data_ptr<acc_t>(),
+                                            gx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx;

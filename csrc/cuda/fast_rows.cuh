@@ -32,8 +32,8 @@ struct FastRow {
   static constexpr int TILE = 32 * V;
   static_assert(PER % V == 0 && NV >= 1, "a tier holds whole vectors");
 
-  uint4 raw[NV];     // the loads of the next row (in flight)
-  acc_t v[NV][V];    // the current row, converted
+  uint4 raw[NV];   // the loads of the next row (in flight)
+  acc_t v[NV][V];  // the current row, converted
 
   // Issue the loads of row xr (shift = its alignment, the same for every row).
   __device__ __forceinline__ void load(const scalar_t* __restrict__ xr, int shift, int L,

@@ -107,8 +107,8 @@ inline std::pair<int, int> check_common(const at::Tensor& logits, const at::Tens
   check_offsets_meta(logits, offsets, op);
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor here, got ", logits.device());
   const int64_t L = logits.size(1), K = offsets.numel() - 1;
-  TORCH_CHECK(L >= 2 * K, op, ": logits have ", L, " columns but ", K,
-              " groups need at least ", 2 * K, " (an others slot and a class each)");
+  TORCH_CHECK(L >= 2 * K, op, ": logits have ", L, " columns but ", K, " groups need at least ",
+              2 * K, " (an others slot and a class each)");
   TORCH_CHECK(L <= INT_MAX - 2 * kChunkBytes, op, ": logits have ", L,
               " columns; at most 2^31 - 8193 are supported");
   return {static_cast<int>(L), static_cast<int>(K)};

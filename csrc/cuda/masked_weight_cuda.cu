@@ -83,7 +83,8 @@ __global__ void radix_hist_kernel(const scalar_t* __restrict__ s, int64_t n,
       const unsigned long long u = static_cast<unsigned long long>(abs_bits(s[i]));
       const unsigned int lo = static_cast<unsigned int>(n - 1 - i);
       if ((u & mask_hi) == prefix_hi && (lo & mask_lo) == prefix_lo) {
-        digit = static_cast<int>(((is_lo ? static_cast<unsigned long long>(lo) : u) >> shift) & 0xff);
+        digit =
+            static_cast<int>(((is_lo ? static_cast<unsigned long long>(lo) : u) >> shift) & 0xff);
       }
     }
     // Warp-aggregated increments: most entries share the top digits (the exponent).
@@ -152,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cuda(const at::Tensor& s, in
   }
   // Enough blocks to fill the GPU, each thread covering several entries.
   const int64_t want = (n + kThreads * 8 - 1) / (kThreads * 8);
-  const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(want, 4 * cached_sms)));
+  const unsigned int blocks =
+      static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(want, 4 * cached_sms)));
   constexpr int hi_bits = std::is_same_v<scalar_t, double> ? 64 : 32;
   bool first = true;
   for (int pass_lo = 0; pass_lo < 2; ++pass_lo) {
@@ -173,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cuda(const at::Tensor& s, in
       radix_hist_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           s.const_data_ptr<scalar_t>(), n, st, mask_hi, mask_lo, shift, pass_lo == 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      radix_pick_kernel<<<1, 1, 0, stream>>>(st, shift, pass_lo == 1, !pass_lo && shift == 0,
-                                             pass_lo && shift == 0, first ? k : 0, n,
-                                             t.mutable_data_ptr<int64_t>(), c.mutable_data_ptr<int64_t>());
+      radix_pick_kernel<<<1, 1, 0, stream>>>(
+          st, shift, pass_lo == 1, !pass_lo && shift == 0, pass_lo && shift == 0, first ? k : 0, n,
+          t.mutable_data_ptr<int64_t>(), c.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       first = false;
     }
@@ -199,7 +201,8 @@ __global__ void masked_weight_kernel(const scalar_t* __restrict__ w, const scala
                                      bool* __restrict__ mask, int64_t n) {
   const int64_t t = *t_ptr, c = *c_ptr;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
     const int64_t b = abs_bits(s[i]);
     const bool kept = b > t || (b == t && i <= c);
     mask[i] = kept;
@@ -211,11 +214,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void masked_weight_backward_kernel(const scalar_t* __restrict__ g,
                                               const scalar_t* __restrict__ w,
                                               const scalar_t* __restrict__ s,
-                                              const bool* __restrict__ m,
-                                              scalar_t* __restrict__ gs, scalar_t* __restrict__ gw,
-                                              int64_t n) {
+                                              const bool* __restrict__ m, scalar_t* __restrict__ gs,
+                                              scalar_t* __restrict__ gw, int64_t n) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
     const scalar_t gi = g[i];
     if (gs != nullptr) {
       const acc_t sv = static_cast<acc_t>(s[i]);
@@ -238,19 +241,24 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_cuda(const at::Tensor& weight,
   if (n == 0) return {out, mask};
   const int64_t k = masked_weight_keep_count(n, keep);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_cuda", [&] {
-    const auto [t, c] = use_aten_select() ? masked_weight_threshold(s, k) : select_threshold_cuda<scalar_t>(s, k);
-    masked_weight_kernel<scalar_t><<<num_blocks(n), kThreads, 0, stream>>>(
-        w.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-        c.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_cuda", [&] {
+        const auto [t, c] = use_aten_select() ? masked_weight_threshold(s, k)
+                                              : select_threshold_cuda<scalar_t>(s, k);
+        masked_weight_kernel<scalar_t><<<num_blocks(n), kThreads, 0, stream>>>(
+            w.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+            c.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
+            mask.mutable_data_ptr<bool>(), n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {out, mask};
 }
 
-std::vector<at::Tensor> masked_weight_backward_cuda(const at::Tensor& grad, const at::Tensor& weight,
-                                                    const at::Tensor& scores, const at::Tensor& mask,
-                                                    bool scores_grad, bool weight_grad) {
+std::vector<at::Tensor> masked_weight_backward_cuda(const at::Tensor& grad,
+                                                    const at::Tensor& weight,
+                                                    const at::Tensor& scores,
+                                                    const at::Tensor& mask, bool scores_grad,
+                                                    bool weight_grad) {
   check_masked_weight_backward_inputs(grad, weight, scores, mask, "masked_weight_backward");
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto g = grad.contiguous();
@@ -264,14 +272,16 @@ std::vector<at::Tensor> masked_weight_backward_cuda(const at::Tensor& grad, cons
   const int64_t n = w.numel();
   if (n == 0 || result.empty()) return result;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_backward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    masked_weight_backward_kernel<scalar_t, acc_t><<<num_blocks(n), kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-        m.const_data_ptr<bool>(), scores_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr,
-        weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_backward_cuda", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        masked_weight_backward_kernel<scalar_t, acc_t><<<num_blocks(n), kThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+            s.const_data_ptr<scalar_t>(), m.const_data_ptr<bool>(),
+            scores_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr,
+            weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr, n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return result;
 }
 

@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads)
       ab[2 * g] = st.m;
       ab[2 * g + 1] = log ? log_of(st.s) : acc_t(1) / st.s;
     });
-    __syncwarp();  // every group's (m, s) visible to every lane
+    __syncwarp();                            // every group's (m, s) visible to every lane
     const bool one_chunk = L + shift <= CH;  // then buf still holds the row
     auto value = [&](int g, acc_t v) {
       const acc_t d = v - ab[2 * g];
@@ -171,8 +171,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& offsets_in,
-                              bool log) {
+at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& offsets_in, bool log) {
   const char* op = "mosx.group_softmax";
   const auto [L, K] = check_common(logits_in, offsets_in, op);
   c10::cuda::CUDAGuard guard(logits_in.device());

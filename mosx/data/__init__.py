@@ -24,8 +24,19 @@ import torch
 from .cache import BenchmarkConfig, build, build_cached, default_root, resolve, verify
 from .errors import MissingDataError
 
-__all__ = ["Benchmark", "BenchmarkConfig", "ImageSet", "MissingDataError", "build", "build_cached",
-           "default_root", "load_benchmark", "load_folder", "main", "verify"]
+__all__ = [
+    "Benchmark",
+    "BenchmarkConfig",
+    "ImageSet",
+    "MissingDataError",
+    "build",
+    "build_cached",
+    "default_root",
+    "load_benchmark",
+    "load_folder",
+    "main",
+    "verify",
+]
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -39,8 +50,11 @@ class ImageSet(torch.utils.data.Dataset):
         self.name = name
         self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
         n = len(self.images)
-        self.labels = (torch.full((n,), -1, dtype=torch.int64) if labels is None
-                       else torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        self.labels = (
+            torch.full((n,), -1, dtype=torch.int64)
+            if labels is None
+            else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        )
         if len(self.labels) != n:
             raise ValueError(f"{name}: {n} images but {len(self.labels)} labels")
 
@@ -99,15 +113,25 @@ def load_folder(folder: str, check: bool = False) -> Benchmark:
 
     groups = Groups.from_assignment([c["group"] for c in manifest["classes"]], len(manifest["scripts"]))
     return Benchmark(
-        path=folder, manifest=manifest,
+        path=folder,
+        manifest=manifest,
         train=ImageSet(arr("train_images"), arr("train_labels"), "train"),
         test=ImageSet(arr("test_images"), arr("test_labels"), "test"),
         ood={name: ImageSet(arr(f"ood_{name}"), None, name) for name in manifest["config"]["ood_sets"]},
-        groups=groups)
+        groups=groups,
+    )
 
 
-def load_benchmark(root: str | None = None, num_classes: int = 100, *, build: bool = True,
-                   force: bool = False, progress: bool = True, check: bool = False, **settings) -> Benchmark:
+def load_benchmark(
+    root: str | None = None,
+    num_classes: int = 100,
+    *,
+    build: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    check: bool = False,
+    **settings,
+) -> Benchmark:
     """The benchmark for these settings, built into root (default ~/.cache/mosx/data) if missing.
 
     settings are BenchmarkConfig fields: num_scripts, image_size, train_per_class, test_per_class,
@@ -136,10 +160,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--train-per-class", type=int, default=d.train_per_class)
         p.add_argument("--test-per-class", type=int, default=d.test_per_class)
         p.add_argument("--ood-per-set", type=int, default=d.ood_per_set)
-        p.add_argument("--ood", default=None, help="comma-separated OOD sets (default: all installed): "
-                                                   "scripts,digits,silhouettes,fashion,textures")
-        p.add_argument("--max-styles-per-family", type=int, default=d.max_styles_per_family,
-                       help="style files per typeface family (0: all)")
+        p.add_argument(
+            "--ood",
+            default=None,
+            help="comma-separated OOD sets (default: all installed): scripts,digits,silhouettes,fashion,textures",
+        )
+        p.add_argument(
+            "--max-styles-per-family",
+            type=int,
+            default=d.max_styles_per_family,
+            help="style files per typeface family (0: all)",
+        )
         p.add_argument("--augment", type=float, default=d.augment)
         p.add_argument("--seed", type=int, default=d.seed)
         p.add_argument("--font-dir", default=d.font_dir)
@@ -158,17 +189,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(a) -> BenchmarkConfig:
     return BenchmarkConfig(
-        num_classes=a.num_classes, num_scripts=a.num_scripts, image_size=a.image_size,
-        train_per_class=a.train_per_class, test_per_class=a.test_per_class, ood_per_set=a.ood_per_set,
+        num_classes=a.num_classes,
+        num_scripts=a.num_scripts,
+        image_size=a.image_size,
+        train_per_class=a.train_per_class,
+        test_per_class=a.test_per_class,
+        ood_per_set=a.ood_per_set,
         ood_sets=None if a.ood is None else tuple(s.strip() for s in a.ood.split(",") if s.strip()),
-        max_styles_per_family=a.max_styles_per_family or None, augment=a.augment, seed=a.seed, font_dir=a.font_dir)
+        max_styles_per_family=a.max_styles_per_family or None,
+        augment=a.augment,
+        seed=a.seed,
+        font_dir=a.font_dir,
+    )
 
 
 def _summary(bench: Benchmark) -> str:
     m = bench.manifest
-    lines = [f"folder   {bench.path}",
-             f"classes  {bench.num_classes} in {len(m['scripts'])} scripts (groups); image "
-             f"{m['config']['image_size']}x{m['config']['image_size']}, built in {m['build_seconds']} s"]
+    lines = [
+        f"folder   {bench.path}",
+        f"classes  {bench.num_classes} in {len(m['scripts'])} scripts (groups); image "
+        f"{m['config']['image_size']}x{m['config']['image_size']}, built in {m['build_seconds']} s",
+    ]
     for s in m["scripts"]:
         chars = "".join(m["classes"][c]["char"] for c in s["classes"])
         lines.append(f"  {s['name']:<11} {len(s['classes']):>3}  {chars}")
@@ -192,21 +233,27 @@ def main(argv=None) -> int:
             print("ok" if not bad else f"checksum mismatch: {', '.join(bad)}")
             return 1 if bad else 0
         elif a.cmd == "scripts":
-            from . import cache as _cache, glyphs
+            from . import cache as _cache
+            from . import glyphs
+
             fc = glyphs.FontCache()
             ids = glyphs.scan_fonts(None, glyphs.ID_SCRIPTS)
             ids = [s for s in ids if len({glyphs.design_of(f) for f in s.families}) >= 2]
             ranked, templates = glyphs.rank_letters(ids, fc, _cache.RANK_LIMIT)
             held = [s for s in glyphs.scan_fonts(None, glyphs.OOD_SCRIPTS) if s.families]
             held_ranked, _ = glyphs.rank_letters(held, fc, _cache.OOD_RANK_LIMIT, avoid=templates)
-            for title, scripts, letters in (("ID scripts (groups), in build order", ids, ranked),
-                                            ("held-out scripts (OOD set 'scripts')", held, held_ranked)):
+            for title, scripts, letters in (
+                ("ID scripts (groups), in build order", ids, ranked),
+                ("held-out scripts (OOD set 'scripts')", held, held_ranked),
+            ):
                 print(f"{title}: script, distinct letters, typeface families (styles)")
                 for s in scripts:
                     fams = ", ".join(f"{f} ({len(v)})" for f, v in s.families.items())
                     print(f"  {s.name:<19} {len(letters.get(s.name, [])):>3}  {fams}")
-            print(f"at most {sum(len(v) for v in ranked.values())} ID classes "
-                  f"(letters per ID script capped at {_cache.RANK_LIMIT})")
+            print(
+                f"at most {sum(len(v) for v in ranked.values())} ID classes "
+                f"(letters per ID script capped at {_cache.RANK_LIMIT})"
+            )
     except (MissingDataError, ValueError) as e:
         print(f"mosx data: {e}", file=sys.stderr)
         return 2

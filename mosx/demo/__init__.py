@@ -32,15 +32,66 @@ from __future__ import annotations
 # mosx.demo.X keeps working for every name the single-module demo had (the private ones too)
 from .cli import _previous_run, build_parser, main, settings_from_args  # noqa: F401
 from .experiments import check_unleash_available, run_demo, run_scaling, run_unleash
-from .pipeline import (_train, backbone_config, evaluate_model, fit_subset, head_config,  # noqa: F401
-                       load_data, train_config, train_data, train_models)
-from .report import (_collect, _metric_row, _plots, _scaling_plot, _write_demo,  # noqa: F401
-                     _write_results, format_scaling, format_table, format_unleash)
-from .settings import (FLAT_SCORES, GROUPED_SCORES, PRESETS, SCALING_SCORES, DemoError,  # noqa: F401
-                       DemoSettings, _say, _validate, make_settings, resolve_device)
+from .pipeline import (  # noqa: F401
+    _train,
+    backbone_config,
+    evaluate_model,
+    fit_subset,
+    head_config,
+    load_data,
+    train_config,
+    train_data,
+    train_models,
+)
+from .report import (  # noqa: F401
+    _collect,
+    _metric_row,
+    _plots,
+    _scaling_plot,
+    _write_demo,
+    _write_results,
+    format_scaling,
+    format_table,
+    format_unleash,
+)
+from .settings import (  # noqa: F401
+    FLAT_SCORES,
+    GROUPED_SCORES,
+    PRESETS,
+    SCALING_SCORES,
+    DemoError,
+    DemoSettings,
+    _say,
+    _validate,
+    make_settings,
+    resolve_device,
+)
 
-__all__ = ["DemoError", "DemoSettings", "PRESETS", "FLAT_SCORES", "GROUPED_SCORES", "SCALING_SCORES", "make_settings",
-           "resolve_device", "load_data", "train_config", "train_data", "fit_subset", "evaluate_model",
-           "backbone_config", "head_config", "train_models", "run_demo", "run_scaling", "run_unleash",
-           "check_unleash_available", "format_table", "format_scaling", "format_unleash", "build_parser",
-           "settings_from_args", "main"]
+__all__ = [
+    "DemoError",
+    "DemoSettings",
+    "PRESETS",
+    "FLAT_SCORES",
+    "GROUPED_SCORES",
+    "SCALING_SCORES",
+    "make_settings",
+    "resolve_device",
+    "load_data",
+    "train_config",
+    "train_data",
+    "fit_subset",
+    "evaluate_model",
+    "backbone_config",
+    "head_config",
+    "train_models",
+    "run_demo",
+    "run_scaling",
+    "run_unleash",
+    "check_unleash_available",
+    "format_table",
+    "format_scaling",
+    "format_unleash",
+    "build_parser",
+    "settings_from_args",
+    "main",
+]

@@ -17,15 +17,23 @@ __all__ = ["build_parser", "settings_from_args", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mosx demo", description=sys.modules[__package__].__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Outputs: demo_table.txt, demo_results.json/.csv, roc_<set>.png, "
-                                       "hist_msp_vs_mos.png, eval_flat/ and eval_grouped/ (the evaluator's "
-                                       "own tables and per-method plots), scaling/, unleash/.")
+    p = argparse.ArgumentParser(
+        prog="mosx demo",
+        description=sys.modules[__package__].__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Outputs: demo_table.txt, demo_results.json/.csv, roc_<set>.png, "
+        "hist_msp_vs_mos.png, eval_flat/ and eval_grouped/ (the evaluator's "
+        "own tables and per-method plots), scaling/, unleash/.",
+    )
     p.add_argument("--out", default="mosx-out", help="output folder (default ./mosx-out)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes (default quick)")
-    p.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="the quick preset (the default): a few minutes on a 2-core CPU")
+    p.add_argument(
+        "--quick",
+        dest="preset",
+        action="store_const",
+        const="quick",
+        help="the quick preset (the default): a few minutes on a 2-core CPU",
+    )
     p.add_argument("--full", dest="preset", action="store_const", const="full", help="the full preset")
     p.add_argument("--classes", type=int, help="number of ID classes (letters)")
     p.add_argument("--scripts", type=int, help="number of groups (scripts); default classes // 5, at most 22")
@@ -46,13 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, help="seed of the data build (default 0)")
     p.add_argument("--data-root", help="benchmark cache (default ~/.cache/mosx/data; env MOSX_DATA)")
     p.add_argument("--device", help="auto (GPU when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--scaling", action="store_true",
-                   help="FPR95 of MSP, Energy and MOS as the number of ID classes grows (instead of the main table)")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="FPR95 of MSP, Energy and MOS as the number of ID classes grows (instead of the main table)",
+    )
     p.add_argument("--scaling-classes", help="comma-separated class counts (default 20,50,100,200,400)")
-    p.add_argument("--unleash", action="store_true",
-                   help="after the main table: Unleashing Mask (UM, UMAP) fine-tuning, before/after table")
-    p.add_argument("--reuse", action="store_true",
-                   help="with --unleash: reuse the models of an earlier run in --out with the same settings")
+    p.add_argument(
+        "--unleash",
+        action="store_true",
+        help="after the main table: Unleashing Mask (UM, UMAP) fine-tuning, before/after table",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --unleash: reuse the models of an earlier run in --out with the same settings",
+    )
     p.add_argument("--um-epochs", type=float)
     p.add_argument("--um-lr", type=float)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,11 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(a) -> DemoSettings:
-    over = {k: getattr(a, k) for k in ("classes", "scripts", "image_size", "train_per_class", "test_per_class",
-                                        "ood_per_set", "fit_per_class", "arch", "width", "weight_decay", "epochs",
-                                        "head_epochs", "head_lr", "batch_size", "lr", "seed", "data_seed",
-                                        "data_root", "device", "um_epochs", "um_lr")
-            if getattr(a, k) is not None}
+    over = {
+        k: getattr(a, k)
+        for k in (
+            "classes",
+            "scripts",
+            "image_size",
+            "train_per_class",
+            "test_per_class",
+            "ood_per_set",
+            "fit_per_class",
+            "arch",
+            "width",
+            "weight_decay",
+            "epochs",
+            "head_epochs",
+            "head_lr",
+            "batch_size",
+            "lr",
+            "seed",
+            "data_seed",
+            "data_root",
+            "device",
+            "um_epochs",
+            "um_lr",
+        )
+        if getattr(a, k) is not None
+    }
     if a.scaling_classes:
         over["scaling_classes"] = tuple(int(v) for v in a.scaling_classes.split(",") if v.strip())
     if a.no_progress:
@@ -79,11 +118,15 @@ def _previous_run(s: DemoSettings, out: str) -> dict | None:
         return None
     with open(path) as f:
         prev = json.load(f)
-    now = json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}))
+    now = json.loads(
+        json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()})
+    )
     # how a run shows progress, where it ran, and the settings of the later experiments (Unleashing Mask,
     # scaling) do not change the main run's models
     keep = ("progress", "device", "um_keep", "umap_keep", "um_epochs", "um_lr", "scaling_classes")
-    if {k: v for k, v in prev.get("settings", {}).items() if k not in keep} != {k: v for k, v in now.items() if k not in keep}:
+    if {k: v for k, v in prev.get("settings", {}).items() if k not in keep} != {
+        k: v for k, v in now.items() if k not in keep
+    }:
         _say(f"--reuse: {path} was made with other settings; running the demo again")
         return None
     if not all(os.path.exists(prev["training"][k]["model"]) for k in ("flat", "grouped")):
@@ -95,6 +138,7 @@ def _previous_run(s: DemoSettings, out: str) -> dict | None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from mosx.data import MissingDataError
+
     try:
         s = settings_from_args(a)
         resolve_device(s.device)

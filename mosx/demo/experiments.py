@@ -9,7 +9,7 @@ import dataclasses
 import os
 import time
 
-from .pipeline import evaluate_model, fit_subset, load_data, train_config, train_data, train_models, _train
+from .pipeline import _train, evaluate_model, fit_subset, load_data, train_config, train_data, train_models
 from .report import _collect, _scaling_plot, _write_demo, _write_results, format_scaling, format_unleash
 from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, DemoError, DemoSettings, _say
 
@@ -27,9 +27,12 @@ def run_demo(s: DemoSettings, out: str) -> dict:
     bench = load_data(s)
     stages["data"] = time.perf_counter() - t0
     n_train = len(bench.train)
-    _say(f"      {bench.num_classes} classes in {len(bench.script_names)} scripts (groups), "
-         f"{n_train} train / {len(bench.test)} test images, OOD sets: "
-         + ", ".join(f"{k} {len(v)}" for k, v in bench.ood.items()) + f"  ({stages['data']:.1f}s)")
+    _say(
+        f"      {bench.num_classes} classes in {len(bench.script_names)} scripts (groups), "
+        f"{n_train} train / {len(bench.test)} test images, OOD sets: "
+        + ", ".join(f"{k} {len(v)}" for k, v in bench.ood.items())
+        + f"  ({stages['data']:.1f}s)"
+    )
     data = train_data(bench)
 
     models, train_info, seconds = train_models(s, bench, out, data, step_log=True)
@@ -39,7 +42,9 @@ def run_demo(s: DemoSettings, out: str) -> dict:
     t0 = time.perf_counter()
     fit = fit_subset(bench, s.fit_per_class, s.seed)
     res_flat = evaluate_model(models["flat"], bench, None, FLAT_SCORES, os.path.join(out, "eval_flat"), s, fit=fit)
-    res_grp = evaluate_model(models["grouped"], bench, bench.groups, GROUPED_SCORES, os.path.join(out, "eval_grouped"), s)
+    res_grp = evaluate_model(
+        models["grouped"], bench, bench.groups, GROUPED_SCORES, os.path.join(out, "eval_grouped"), s
+    )
     stages["evaluate"] = time.perf_counter() - t0
 
     results = _collect(s, bench, {"flat": res_flat, "grouped": res_grp}, train_info, stages)
@@ -63,26 +68,55 @@ def run_scaling(s: DemoSettings, out: str) -> dict:
         row = {"classes": bench.num_classes, "groups": len(bench.script_names)}
         models, _, _ = train_models(s, bench, os.path.join(out, f"c{classes}"), data)
         for kind, scores in (("flat", ("msp", "energy")), ("grouped", ("mos",))):
-            ev = evaluate_model(models[kind], bench, bench.groups if kind == "grouped" else None, scores,
-                                os.path.join(out, f"c{classes}", f"eval_{kind}"), s)
+            ev = evaluate_model(
+                models[kind],
+                bench,
+                bench.groups if kind == "grouped" else None,
+                scores,
+                os.path.join(out, f"c{classes}", f"eval_{kind}"),
+                s,
+            )
             row[f"accuracy_{kind}"] = ev.id_accuracy
             for spec in scores:
                 label = SCALING_SCORES[spec]
-                row[label] = {"fpr95": ev.averages[spec]["fpr_at_tpr"], "auroc": ev.averages[spec]["auroc"],
-                              "per_set_fpr95": {o: v.fpr_at_tpr for o, v in ev.metrics[spec].items()}}
+                row[label] = {
+                    "fpr95": ev.averages[spec]["fpr_at_tpr"],
+                    "auroc": ev.averages[spec]["auroc"],
+                    "per_set_fpr95": {o: v.fpr_at_tpr for o, v in ev.metrics[spec].items()},
+                }
         rows.append(row)
-    result = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
-              "rows": rows, "seconds": time.perf_counter() - t_start}
+    result = {
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
+        "rows": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
     table = format_scaling(result)
-    csv_rows = [[r["classes"], r["groups"], label, r[label]["fpr95"], r[label]["auroc"],
-                 r["accuracy_grouped"] if label == "MOS" else r["accuracy_flat"]]
-                for r in rows for label in SCALING_SCORES.values()]
-    _write_results(out, "scaling", table, result,
-                   ["classes", "groups", "method", "fpr95_average", "auroc_average", "accuracy"], csv_rows)
+    csv_rows = [
+        [
+            r["classes"],
+            r["groups"],
+            label,
+            r[label]["fpr95"],
+            r[label]["auroc"],
+            r["accuracy_grouped"] if label == "MOS" else r["accuracy_flat"],
+        ]
+        for r in rows
+        for label in SCALING_SCORES.values()
+    ]
+    _write_results(
+        out,
+        "scaling",
+        table,
+        result,
+        ["classes", "groups", "method", "fpr95_average", "auroc_average", "accuracy"],
+        csv_rows,
+    )
     _scaling_plot(result, os.path.join(out, "scaling.png"))
     print(table)
-    print(f"scaling outputs in {out}: scaling_table.txt, scaling.json, scaling.csv, scaling.png "
-          f"({result['seconds']:.0f}s)")
+    print(
+        f"scaling outputs in {out}: scaling_table.txt, scaling.json, scaling.csv, scaling.png "
+        f"({result['seconds']:.0f}s)"
+    )
     return result
 
 
@@ -92,8 +126,10 @@ def check_unleash_available() -> None:
     try:
         import mosx.unleash  # noqa: F401
     except (ImportError, RuntimeError) as e:
-        raise DemoError("--unleash needs mosx.unleash and the masked_weight op, which this build of "
-                           f"mosx._C lacks ({e}); rebuild it: pip install --no-build-isolation -e .") from None
+        raise DemoError(
+            "--unleash needs mosx.unleash and the masked_weight op, which this build of "
+            f"mosx._C lacks ({e}); rebuild it: pip install --no-build-isolation -e ."
+        ) from None
 
 
 def run_unleash(s: DemoSettings, out: str, base: dict | None = None) -> dict:
@@ -104,6 +140,7 @@ def run_unleash(s: DemoSettings, out: str, base: dict | None = None) -> dict:
     each layer's weights, eval mode); UM fine-tunes with the flooding loss |L - b| + b, UMAP learns
     masks keeping umap_keep of each layer's weights (weights frozen) with the same b."""
     from mosx.train import load_model
+
     check_unleash_available()
     t_start = time.perf_counter()
     if base is None:
@@ -112,8 +149,10 @@ def run_unleash(s: DemoSettings, out: str, base: dict | None = None) -> dict:
     os.makedirs(uout, exist_ok=True)
     bench = load_data(s)
     data = train_data(bench)
-    scores = {"flat": {"msp": "MSP", "energy": "Energy", "odin:temperature=1000": "ODIN (T=1000)"},
-              "grouped": {"mos": "MOS"}}
+    scores = {
+        "flat": {"msp": "MSP", "energy": "Energy", "odin:temperature=1000": "ODIN (T=1000)"},
+        "grouped": {"mos": "MOS"},
+    }
     table_rows, info = [], {}
     for kind, loss in (("flat", "flat"), ("grouped", "group")):
         init = base["training"][kind]["model"]
@@ -128,29 +167,47 @@ def run_unleash(s: DemoSettings, out: str, base: dict | None = None) -> dict:
         b = r_um.flood_level
         variants["UM"] = r_um.model.cpu()
         _say(f"[unleash] {kind} model: UMAP (masks keeping {s.umap_keep}, b = {b:.4f}, {um_steps} steps)")
-        cfg = train_config(s, loss, n, os.path.join(uout, f"umap_{kind}"), um_flood_level=b,
-                           umap_keep=s.umap_keep, **common)
+        cfg = train_config(
+            s, loss, n, os.path.join(uout, f"umap_{kind}"), um_flood_level=b, umap_keep=s.umap_keep, **common
+        )
         r_umap, _ = _train(cfg, data, groups)
         variants["UMAP"] = r_umap.model.cpu()
         before, _ = load_model(init)
         evals = {"before": evaluate_model(before, bench, groups, scores[kind], os.path.join(out, f"eval_{kind}"), s)}
         for v, model in variants.items():
-            evals[v] = evaluate_model(model, bench, groups, scores[kind], os.path.join(uout, f"eval_{v.lower()}_{kind}"), s)
-        info[kind] = {"flood_level": b, "steps": um_steps,
-                      "id_accuracy": {k: e.id_accuracy for k, e in evals.items()}}
+            evals[v] = evaluate_model(
+                model, bench, groups, scores[kind], os.path.join(uout, f"eval_{v.lower()}_{kind}"), s
+            )
+        info[kind] = {"flood_level": b, "steps": um_steps, "id_accuracy": {k: e.id_accuracy for k, e in evals.items()}}
         for spec, label in scores[kind].items():
             for stage, e in evals.items():
                 a = e.averages[spec]
-                table_rows.append({"method": label, "model": kind, "stage": stage, "auroc": a["auroc"],
-                                   "fpr95": a["fpr_at_tpr"], "accuracy": e.id_accuracy,
-                                   "sets": {o: {"auroc": m.auroc, "fpr95": m.fpr_at_tpr} for o, m in e.metrics[spec].items()}})
-    result = {"models": info, "rows": table_rows, "seconds": time.perf_counter() - t_start,
-              "settings": {"um_keep": s.um_keep, "umap_keep": s.umap_keep, "um_epochs": s.um_epochs, "um_lr": s.um_lr}}
+                table_rows.append(
+                    {
+                        "method": label,
+                        "model": kind,
+                        "stage": stage,
+                        "auroc": a["auroc"],
+                        "fpr95": a["fpr_at_tpr"],
+                        "accuracy": e.id_accuracy,
+                        "sets": {o: {"auroc": m.auroc, "fpr95": m.fpr_at_tpr} for o, m in e.metrics[spec].items()},
+                    }
+                )
+    result = {
+        "models": info,
+        "rows": table_rows,
+        "seconds": time.perf_counter() - t_start,
+        "settings": {"um_keep": s.um_keep, "umap_keep": s.umap_keep, "um_epochs": s.um_epochs, "um_lr": s.um_lr},
+    }
     table = format_unleash(result)
-    _write_results(uout, "unleash", table, result,
-                   ["method", "model", "stage", "auroc_average", "fpr95_average", "id_accuracy"],
-                   [[r["method"], r["model"], r["stage"], r["auroc"], r["fpr95"], r["accuracy"]]
-                    for r in table_rows])
+    _write_results(
+        uout,
+        "unleash",
+        table,
+        result,
+        ["method", "model", "stage", "auroc_average", "fpr95_average", "id_accuracy"],
+        [[r["method"], r["model"], r["stage"], r["auroc"], r["fpr95"], r["accuracy"]] for r in table_rows],
+    )
     print(table)
     print(f"unleash outputs in {uout} ({result['seconds']:.0f}s)")
     return result

@@ -7,8 +7,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-__all__ = ["DemoError", "DemoSettings", "PRESETS", "FLAT_SCORES", "GROUPED_SCORES", "SCALING_SCORES",
-           "make_settings", "resolve_device"]
+__all__ = [
+    "DemoError",
+    "DemoSettings",
+    "PRESETS",
+    "FLAT_SCORES",
+    "GROUPED_SCORES",
+    "SCALING_SCORES",
+    "make_settings",
+    "resolve_device",
+]
 
 # Flat-model scores (the baselines of the MOS paper and later ones) and their table labels, in the
 # order the table shows them; MOS (grouped model) comes last.
@@ -30,27 +38,27 @@ SCALING_SCORES = {"msp": "MSP", "energy": "Energy", "mos": "MOS"}
 class DemoSettings:
     # data (mosx.data.BenchmarkConfig)
     classes: int = 100
-    scripts: int | None = None          # groups; None: the data builder's default (classes // 5, <= 22)
+    scripts: int | None = None  # groups; None: the data builder's default (classes // 5, <= 22)
     image_size: int = 32
     train_per_class: int = 200
     test_per_class: int = 50
     ood_per_set: int = 2000
-    fit_per_class: int = 50             # training images per class used to fit KL / Mahalanobis / ReAct
+    fit_per_class: int = 50  # training images per class used to fit KL / Mahalanobis / ReAct
     data_seed: int = 0
-    data_root: str | None = None        # default ~/.cache/mosx/data (env MOSX_DATA)
+    data_root: str | None = None  # default ~/.cache/mosx/data (env MOSX_DATA)
     # model and recipe (mosx.train, preset cpu-demo)
-    arch: str = "plain-cnn"             # backbone: plain-cnn or small-cnn (mosx.train.models)
-    width: int = 16                     # backbone width (model name f"{arch}-{width}")
-    epochs: float = 6.0                 # backbone training (stage 1)
+    arch: str = "plain-cnn"  # backbone: plain-cnn or small-cnn (mosx.train.models)
+    width: int = 16  # backbone width (model name f"{arch}-{width}")
+    epochs: float = 6.0  # backbone training (stage 1)
     batch_size: int = 128
     lr: float = 0.1
-    weight_decay: float = 5e-4          # stage 1 only; the heads follow the paper (no weight decay)
-    head_epochs: float = 10.0           # flat / grouped heads on the frozen backbone (stage 2)
+    weight_decay: float = 5e-4  # stage 1 only; the heads follow the paper (no weight decay)
+    head_epochs: float = 10.0  # flat / grouped heads on the frozen backbone (stage 2)
     head_lr: float = 0.1
-    mixup: float = 0.1                  # the MOS recipe's Beta(0.1, 0.1) mixup
+    mixup: float = 0.1  # the MOS recipe's Beta(0.1, 0.1) mixup
     # Unleashing Mask
-    um_keep: float = 0.965              # weights kept by the random mask that estimates b
-    umap_keep: float = 0.8              # weights kept by UMAP's learned masks
+    um_keep: float = 0.965  # weights kept by the random mask that estimates b
+    umap_keep: float = 0.8  # weights kept by UMAP's learned masks
     um_epochs: float = 0.5
     um_lr: float = 0.01
     # scaling experiment
@@ -73,13 +81,24 @@ PRESETS = {
     # (recipe chosen on ID validation data: docs/demo_results.md, tools/demo_recipe_search.py)
     "quick": {},
     # a stronger model with more data: tens of minutes on a CPU, about a minute on a GPU
-    "full": {"width": 32, "train_per_class": 400, "epochs": 8.0, "head_epochs": 20.0,
-             "fit_per_class": 100},
+    "full": {"width": 32, "train_per_class": 400, "epochs": 8.0, "head_epochs": 20.0, "fit_per_class": 100},
     # CI smoke size: a few classes, a few hundred images, one epoch
-    "tiny": {"classes": 8, "scripts": 4, "image_size": 16, "train_per_class": 40, "test_per_class": 10,
-             "ood_per_set": 40, "fit_per_class": 10, "width": 8, "epochs": 1.0, "head_epochs": 2.0,
-             "batch_size": 32, "lr": 0.05,
-             "um_epochs": 0.5, "scaling_classes": (8, 12)},
+    "tiny": {
+        "classes": 8,
+        "scripts": 4,
+        "image_size": 16,
+        "train_per_class": 40,
+        "test_per_class": 10,
+        "ood_per_set": 40,
+        "fit_per_class": 10,
+        "width": 8,
+        "epochs": 1.0,
+        "head_epochs": 2.0,
+        "batch_size": 32,
+        "lr": 0.05,
+        "um_epochs": 0.5,
+        "scaling_classes": (8, 12),
+    },
 }
 
 
@@ -95,6 +114,7 @@ def _validate(s: DemoSettings) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(f"demo setting: {msg}")
+
     need(s.classes >= 2, f"classes must be >= 2, got {s.classes}")
     need(s.epochs > 0 and s.um_epochs > 0 and s.head_epochs > 0, "epochs, head_epochs and um_epochs must be > 0")
     need(s.batch_size >= 2, f"batch_size must be >= 2, got {s.batch_size}")
@@ -102,11 +122,15 @@ def _validate(s: DemoSettings) -> None:
     need(s.arch in ("plain-cnn", "small-cnn"), f"arch must be plain-cnn or small-cnn, got {s.arch!r}")
     need(s.weight_decay >= 0, f"weight_decay must be >= 0, got {s.weight_decay}")
     need(s.fit_per_class >= 1, f"fit_per_class must be >= 1, got {s.fit_per_class}")
-    need(s.classes * s.train_per_class >= s.batch_size,
-         f"{s.classes} classes x {s.train_per_class} training images is less than one batch of {s.batch_size}")
+    need(
+        s.classes * s.train_per_class >= s.batch_size,
+        f"{s.classes} classes x {s.train_per_class} training images is less than one batch of {s.batch_size}",
+    )
     need(all(c >= 2 for c in s.scaling_classes), f"scaling classes must be >= 2, got {s.scaling_classes}")
-    need(s.device == "auto" or s.device.split(":")[0] in ("cpu", "cuda"),
-         f"device must be auto, cpu or cuda[:N], got {s.device!r}")
+    need(
+        s.device == "auto" or s.device.split(":")[0] in ("cpu", "cuda"),
+        f"device must be auto, cpu or cuda[:N], got {s.device!r}",
+    )
 
 
 class DemoError(RuntimeError):
@@ -115,6 +139,7 @@ class DemoError(RuntimeError):
 
 def resolve_device(name: str) -> str:
     import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -33,5 +33,17 @@ from .run import evaluate
 
 _split_scores = split_scores  # the name before mosx.evaluate became a package
 
-__all__ = ["evaluate", "EvalConfig", "combine", "EvalResult", "ImageList", "image_list", "load_model",
-           "make_transform", "model_fingerprint", "build_parser", "config_from_args", "main"]
+__all__ = [
+    "evaluate",
+    "EvalConfig",
+    "combine",
+    "EvalResult",
+    "ImageList",
+    "image_list",
+    "load_model",
+    "make_transform",
+    "model_fingerprint",
+    "build_parser",
+    "config_from_args",
+    "main",
+]

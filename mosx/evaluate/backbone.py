@@ -11,9 +11,9 @@ import time
 import numpy as np
 import torch
 
+from ..runtime import Runtime
 from ..scores import model_outputs
 from .images import ImageDataset
-from ..runtime import Runtime
 
 __all__ = ["autocast", "extract", "perturbed_scores"]
 
@@ -29,9 +29,14 @@ def extract(model, dataset, indices, *, batch_size, workers, device, precision, 
     """Run the backbone over dataset[indices]: (logits fp16, features fp16, ok, seconds, images)."""
     sub = torch.utils.data.Subset(dataset, list(indices))
     loader = torch.utils.data.DataLoader(
-        sub, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+        sub,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     n = len(sub)
     logits = feats = None  # host buffers, allocated once the widths are known
     oks = np.zeros(n, bool)
@@ -80,8 +85,9 @@ def perturbed_scores(model, images, scorer, rt: Runtime, opts, transform, shape,
     dev = opts["device"]
     dataset = ImageDataset(images, transform[0], shape, transform[1])
     sub = torch.utils.data.Subset(dataset, list(range(rt.rank, len(images), rt.world)))
-    loader = torch.utils.data.DataLoader(sub, batch_size=opts["batch_size"], shuffle=False,
-                                         num_workers=opts["workers"], pin_memory=dev.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        sub, batch_size=opts["batch_size"], shuffle=False, num_workers=opts["workers"], pin_memory=dev.type == "cuda"
+    )
     out = np.zeros(len(sub), np.float32)
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():  # gradients w.r.t. the input only
@@ -99,7 +105,7 @@ def perturbed_scores(model, images, scorer, rt: Runtime, opts, transform, shape,
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, opts["precision"]):
                 sc = scorer.score(inputs=x, model=model)
-            out[lo:lo + len(ok)] = sc.float().cpu().numpy()
+            out[lo : lo + len(ok)] = sc.float().cpu().numpy()
             lo += len(ok)
             if bar is not None:
                 bar.update(len(ok))

@@ -9,7 +9,6 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,8 +17,16 @@ from ..runtime import Runtime
 from .backbone import extract
 from .images import ImageDataset, ImageList
 
-__all__ = ["CACHE_FORMAT", "Cached", "cache_set", "load_cache", "model_fingerprint", "data_fingerprint",
-           "save_npy", "safe_name"]
+__all__ = [
+    "CACHE_FORMAT",
+    "Cached",
+    "cache_set",
+    "load_cache",
+    "model_fingerprint",
+    "data_fingerprint",
+    "save_npy",
+    "safe_name",
+]
 
 CACHE_FORMAT = "mosx.evalcache/2"  # /2: labels in the key, array checksums in meta.json
 
@@ -40,8 +47,13 @@ def data_fingerprint(images: ImageList, transform_key: str) -> str:
     h.update(transform_key.encode())
     if images.dataset is not None:
         ds = images.dataset
-        held = [getattr(ds, "images", None)] if isinstance(getattr(ds, "images", None), torch.Tensor) else \
-            list(ds.tensors) if isinstance(ds, torch.utils.data.TensorDataset) else None
+        held = (
+            [getattr(ds, "images", None)]
+            if isinstance(getattr(ds, "images", None), torch.Tensor)
+            else list(ds.tensors)
+            if isinstance(ds, torch.utils.data.TensorDataset)
+            else None
+        )
         h.update(f"{type(ds).__name__}:{len(ds)}:{images.labels}".encode())
         if held is not None:  # in-memory tensors: hash their bytes
             for t in held:
@@ -78,7 +90,7 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data, digest_size=16).hexdigest()
 
 
-def load_cache(path: str) -> Optional[Cached]:
+def load_cache(path: str) -> Cached | None:
     """The cache in folder `path`, or None when there is none or it does not hold what its meta.json
     says (a truncated, overwritten or missing array: warned about by name, then recomputed)."""
     meta_path = os.path.join(path, "meta.json")
@@ -146,12 +158,23 @@ def _write_json(path: str, doc: dict) -> None:
             os.remove(tmp)
 
 
-def cache_set(model, images: ImageList, transform, transform_key, shape, cache_root, fingerprint, rt: Runtime,
-               opts, tensor_transform=None) -> tuple:
+def cache_set(
+    model,
+    images: ImageList,
+    transform,
+    transform_key,
+    shape,
+    cache_root,
+    fingerprint,
+    rt: Runtime,
+    opts,
+    tensor_transform=None,
+) -> tuple:
     """Cached (logits, features) of one image set, computing them (sharded over ranks) if needed.
     Returns (cache on rank 0 / None elsewhere, backbone seconds, images this rank ran)."""
-    key = hashlib.blake2b(f"{fingerprint}|{data_fingerprint(images, transform_key)}|{opts['precision']}".encode(),
-                          digest_size=8).hexdigest()
+    key = hashlib.blake2b(
+        f"{fingerprint}|{data_fingerprint(images, transform_key)}|{opts['precision']}".encode(), digest_size=8
+    ).hexdigest()
     path = os.path.join(cache_root, f"{safe_name(images.name)}-{key}")
     cached = load_cache(path) if rt.main else None
     exists = cached is not None
@@ -166,20 +189,35 @@ def cache_set(model, images: ImageList, transform, transform_key, shape, cache_r
     dataset = ImageDataset(images, transform, shape, tensor_transform)
     n = len(images)
     idx = range(rt.rank, n, rt.world)
-    z, f, ok, seconds, count = extract(model, dataset, idx, desc=f"{images.name}" + (f" [rank {rt.rank}]" if rt.world > 1 else ""),
-                                        **{k: opts[k] for k in ("batch_size", "workers", "device", "precision", "channels_last", "progress")})
+    z, f, ok, seconds, count = extract(
+        model,
+        dataset,
+        idx,
+        desc=f"{images.name}" + (f" [rank {rt.rank}]" if rt.world > 1 else ""),
+        **{k: opts[k] for k in ("batch_size", "workers", "device", "precision", "channels_last", "progress")},
+    )
     if rt.world > 1:
         z, f, ok = rt.gather_strided_rows(n, [z, f, ok])
     if rt.main:
         arrays = dict(logits=z, features=f, ok=ok, labels=np.asarray(images.labels, dtype=np.int64))
         for name, a in arrays.items():
             save_npy(os.path.join(path, f"{name}.npy"), a)
-        meta = {"format": CACHE_FORMAT, "name": images.name, "source": images.source, "num_images": n,
-                "unreadable": [images.item_name(int(i)) for i in np.flatnonzero(~ok)], "model": fingerprint,
-                "transform": transform_key, "precision": opts["precision"], "world": rt.world,
-                "backbone_seconds": seconds,
-                "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype), "blake2b": _digest(a)}
-                           for name, a in arrays.items()}}
+        meta = {
+            "format": CACHE_FORMAT,
+            "name": images.name,
+            "source": images.source,
+            "num_images": n,
+            "unreadable": [images.item_name(int(i)) for i in np.flatnonzero(~ok)],
+            "model": fingerprint,
+            "transform": transform_key,
+            "precision": opts["precision"],
+            "world": rt.world,
+            "backbone_seconds": seconds,
+            "arrays": {
+                name: {"shape": list(a.shape), "dtype": str(a.dtype), "blake2b": _digest(a)}
+                for name, a in arrays.items()
+            },
+        }
         _write_json(os.path.join(path, "meta.json"), meta)
     rt.barrier()
     return (load_cache(path) if rt.main else None), seconds, count

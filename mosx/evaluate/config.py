@@ -3,8 +3,9 @@ arguments and by `mosx eval` alike (as TrainConfig is for the trainer)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -32,16 +33,16 @@ class EvalConfig:
     (default out_dir/cache).
     """
 
-    model: Union[torch.nn.Module, str]
+    model: torch.nn.Module | str
     id_data: Any
     ood_data: Mapping[str, Any]
     groups: Any = None
-    scores: Optional[Sequence] = None
+    scores: Sequence | None = None
     fit_data: Any = None
     fit_on_id: bool = False
-    class_names: Optional[Sequence[str]] = None
-    out_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
+    class_names: Sequence[str] | None = None
+    out_dir: str | None = None
+    cache_dir: str | None = None
     transform: Any = None
     tensor_transform: Any = None
     image_size: int = 224
@@ -49,7 +50,7 @@ class EvalConfig:
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
     batch_size: int = 128
-    workers: Optional[int] = None
+    workers: int | None = None
     device: Any = None
     precision: str = "auto"
     channels_last: bool = True
@@ -61,11 +62,11 @@ class EvalConfig:
     progress: bool = True
     verbose: bool = True
     # loading options, used when `model` is a path or a timm name
-    arch: Optional[str] = None
-    weights: Optional[str] = None
-    num_classes: Optional[int] = None
+    arch: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
     trust_pickle: bool = False
-    in_chans: Optional[int] = None  # image channels (1: grey); None: the model file's, else 3
+    in_chans: int | None = None  # image channels (1: grey); None: the model file's, else 3
 
     @classmethod
     def field_names(cls) -> tuple:
@@ -73,6 +74,7 @@ class EvalConfig:
 
     def describe(self) -> dict:
         """The settings as short strings, for reports (objects by their type, data by their path)."""
+
         def short(v):
             if v is None or isinstance(v, (str, int, float, bool)):
                 return v
@@ -81,5 +83,6 @@ class EvalConfig:
             if isinstance(v, dict):
                 return ", ".join(f"{k}={short(x)}" for k, x in v.items())
             return type(v).__name__
+
         skip = {"progress", "verbose", "plots"}
         return {f.name: short(getattr(self, f.name)) for f in fields(self) if f.name not in skip}

@@ -46,8 +46,10 @@ def _metrics_table(res, tpr: float) -> str:
         cls = ' class="best"' if a["fpr_at_tpr"] == best_avg else ""
         cells.append(f"<td{cls}>{100 * a['auroc']:.2f} / {100 * a['fpr_at_tpr']:.2f}</td>")
         rows.append(f"<tr><td>{_e(method)}</td>{''.join(cells)}</tr>")
-    return (f"<p>AUROC / {fpr_name} in % (ID positive; bold: lowest {fpr_name} of the column)</p>"
-            f"<table><thead><tr><th>Method</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (
+        f"<p>AUROC / {fpr_name} in % (ID positive; bold: lowest {fpr_name} of the column)</p>"
+        f"<table><thead><tr><th>Method</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _kv_table(items) -> str:
@@ -61,8 +63,13 @@ def _versions() -> list:
 
     from .. import __version__
 
-    out = [("mosx", __version__), ("torch", torch.__version__), ("numpy", numpy.__version__),
-           ("python", platform.python_version()), ("platform", platform.platform())]
+    out = [
+        ("mosx", __version__),
+        ("torch", torch.__version__),
+        ("numpy", numpy.__version__),
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+    ]
     try:
         from .. import cuda_built
 
@@ -83,26 +90,37 @@ def _figures(paths) -> str:
 
 def write_html(res, path: str, tpr: float, settings: dict, plot_files) -> str:
     """Write report.html for an EvalResult at `path`; plot_files: the PNGs to embed (None: plots off)."""
-    accs = res.id_accuracy if isinstance(res.id_accuracy, dict) else \
-        {("grouped" if res.grouped else "flat"): res.id_accuracy}
+    accs = (
+        res.id_accuracy
+        if isinstance(res.id_accuracy, dict)
+        else {("grouped" if res.grouped else "flat"): res.id_accuracy}
+    )
     summary = [(f"ID accuracy ({k})", f"{100 * a:.2f}%") for k, a in accs.items() if a is not None]
     summary += [(f"images scored: {k}", v) for k, v in res.counts.items()]
     summary += [(f"unreadable images skipped: {k}", len(v)) for k, v in res.unreadable.items() if v]
     summary += [(f"scorer time: {k}", f"{v:.3f} s") for k, v in res.scorer_seconds.items()]
     parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<title>mosx evaluation</title>", f"<style>{_STYLE}</style></head><body>",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        "<title>mosx evaluation</title>",
+        f"<style>{_STYLE}</style></head><body>",
         "<h1>mosx evaluation</h1>",
-        f"<p class=\"note\">written {_e(datetime.datetime.now().isoformat(timespec='seconds'))}</p>",
-        "<h2>OOD detection</h2>", _metrics_table(res, tpr),
-        "<h2>Summary</h2>", _kv_table(summary),
+        f'<p class="note">written {_e(datetime.datetime.now().isoformat(timespec="seconds"))}</p>',
+        "<h2>OOD detection</h2>",
+        _metrics_table(res, tpr),
+        "<h2>Summary</h2>",
+        _kv_table(summary),
     ]
     if plot_files:
         parts += ["<h2>ROC curves and score histograms</h2>", _figures(plot_files)]
     else:
-        parts += ["<p class=\"note\">Plots were turned off (--no-plots).</p>"]
-    parts += ["<h2>Settings</h2>", _kv_table(settings.items()), "<h2>Versions</h2>", _kv_table(_versions()),
-              "</body></html>"]
+        parts += ['<p class="note">Plots were turned off (--no-plots).</p>']
+    parts += [
+        "<h2>Settings</h2>",
+        _kv_table(settings.items()),
+        "<h2>Versions</h2>",
+        _kv_table(_versions()),
+        "</body></html>",
+    ]
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -23,9 +22,9 @@ class ImageList:
     name: str
     paths: list
     labels: list
-    class_names: Optional[list] = None  # for class folders: the sorted folder names
+    class_names: list | None = None  # for class folders: the sorted folder names
     source: str = ""
-    dataset: Optional[torch.utils.data.Dataset] = None  # in-memory data instead of files (paths None)
+    dataset: torch.utils.data.Dataset | None = None  # in-memory data instead of files (paths None)
 
     def __len__(self):
         return len(self.labels)
@@ -34,7 +33,7 @@ class ImageList:
         return self.paths[i] if self.paths is not None else f"{self.name}[{i}]"
 
     @classmethod
-    def from_dataset(cls, ds: torch.utils.data.Dataset, name: str) -> "ImageList":
+    def from_dataset(cls, ds: torch.utils.data.Dataset, name: str) -> ImageList:
         """A map-style Dataset of images or (image, label) items. Labels come from its `labels` or
         `targets` attribute when it has one (else unknown). Items that are tensors are used as they
         are (no transform unless one is given); PIL images get the evaluator's transform."""
@@ -47,16 +46,18 @@ class ImageList:
         labels = [-1] * n if labels is None else [int(v) for v in labels]
         if len(labels) != n:
             raise ValueError(f"{name}: dataset has {n} items but {len(labels)} labels")
-        return cls(name, None, labels, class_names=getattr(ds, "class_names", None),
-                   source=type(ds).__name__, dataset=ds)
+        return cls(
+            name, None, labels, class_names=getattr(ds, "class_names", None), source=type(ds).__name__, dataset=ds
+        )
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Optional[str] = None,
-               labeled: bool = True) -> ImageList:
+def image_list(
+    spec, name: str, *, groups: Groups | None = None, root: str | None = None, labeled: bool = True
+) -> ImageList:
     """An ImageList from a folder or a list file.
 
     Folder with class sub-folders (ImageFolder layout): labels are the sorted folder names' indices.
@@ -78,7 +79,8 @@ def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Option
             raise ValueError(
                 f"{name}: {path!r} holds class folders and also {len(direct)} image(s) at its top level "
                 f"(e.g. {sorted(direct)[0]!r}), so it is neither a labelled ImageFolder nor an unlabelled folder: "
-                f"move them into a class folder or out of it")
+                f"move them into a class folder or out of it"
+            )
         if subdirs and not direct:
             paths, labels = [], []
             for c, d in enumerate(subdirs):
@@ -89,7 +91,9 @@ def image_list(spec, name: str, *, groups: Optional[Groups] = None, root: Option
                             labels.append(c)
             out = ImageList(name, paths, labels, class_names=subdirs, source=path)
         else:
-            paths = [os.path.join(dp, f) for dp, _, files in sorted(os.walk(path)) for f in sorted(files) if _is_image(f)]
+            paths = [
+                os.path.join(dp, f) for dp, _, files in sorted(os.walk(path)) for f in sorted(files) if _is_image(f)
+            ]
             out = ImageList(name, paths, [-1] * len(paths), source=path)
     elif os.path.isfile(path):
         out = _read_list_file(path, name, groups, root)
@@ -143,7 +147,7 @@ def _is_int(s):
 class ImageDataset(torch.utils.data.Dataset):
     """(image tensor, index, ok): an item that cannot be read gives ok=False and a zero image."""
 
-    def __init__(self, images: "ImageList", transform, shape, tensor_transform=None):
+    def __init__(self, images: ImageList, transform, shape, tensor_transform=None):
         self.images, self.transform, self.shape = images, transform, shape
         self.tensor_transform = tensor_transform
 
@@ -172,8 +176,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.tensor_transform(x) if self.tensor_transform is not None else x
 
 
-def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   in_chans: int = 3):
+def make_transform(
+    image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_chans: int = 3
+):
     """Eval transform: resize to image_size x image_size ("squash", as the MOS reference's 480x480) or
     resize the short side and centre-crop ("crop"), then normalise. in_chans=1 (a model trained on
     grey images, e.g. the demo's) converts to grey first and takes one mean / std value (or three
@@ -197,7 +202,7 @@ def make_transform(image_size: int = 224, resize: str = "squash", mean=(0.5, 0.5
     return T.Compose(sized + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def as_images(spec, name: str, groups: Optional[Groups], labeled: bool = True) -> ImageList:
+def as_images(spec, name: str, groups: Groups | None, labeled: bool = True) -> ImageList:
     """An ImageList from a folder / list file path, an ImageList, or a map-style Dataset."""
     if isinstance(spec, ImageList):
         return spec

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 import numpy as np
 
@@ -24,9 +24,9 @@ class EvalResult:
 
     metrics: dict
     averages: dict
-    id_accuracy: Optional[float]  # a dict {model label: accuracy} for combined results
+    id_accuracy: float | None  # a dict {model label: accuracy} for combined results
     grouped: bool  # (dict {label: grouped} when combined)
-    images_per_s: Optional[float]  # (dict when combined)
+    images_per_s: float | None  # (dict when combined)
     scorer_seconds: dict
     unreadable: dict  # set name -> [paths]
     counts: dict  # set name -> images scored
@@ -36,8 +36,11 @@ class EvalResult:
     def summary(self, tpr_level: float = 0.95) -> str:
         """The table plus accuracy, throughput, scorer times and skipped images."""
         out = [self.table(tpr_level)]
-        accs = self.id_accuracy if isinstance(self.id_accuracy, dict) else \
-            {("grouped" if self.grouped else "flat"): self.id_accuracy}
+        accs = (
+            self.id_accuracy
+            if isinstance(self.id_accuracy, dict)
+            else {("grouped" if self.grouped else "flat"): self.id_accuracy}
+        )
         for k, a in accs.items():
             if a is not None:
                 out.append(f"ID accuracy ({k}): {100 * a:.2f}%")
@@ -48,8 +51,10 @@ class EvalResult:
         out.append("scorer time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.scorer_seconds.items()))
         skipped = sum(len(v) for v in self.unreadable.values())
         if skipped:
-            out.append(f"{skipped} unreadable image(s) skipped: "
-                       + ", ".join(f"{k} {len(v)}" for k, v in self.unreadable.items() if v))
+            out.append(
+                f"{skipped} unreadable image(s) skipped: "
+                + ", ".join(f"{k} {len(v)}" for k, v in self.unreadable.items() if v)
+            )
         return "\n".join(out)
 
     def table(self, tpr_level: float = 0.95) -> str:
@@ -63,7 +68,7 @@ class EvalResult:
             cells.append(f"{100 * a['auroc']:6.2f} / {100 * a['fpr_at_tpr']:6.2f}")
             rows.append([method] + cells)
         widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-        line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+        line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
         out = [f"AUROC / {fpr_name} in % (ID positive)", line(head), "-+-".join("-" * w for w in widths)]
         out += [line(r) for r in rows]
         return "\n".join(out)
@@ -84,13 +89,22 @@ def combine(results: Mapping[str, EvalResult]) -> EvalResult:
             if m in r.scorer_seconds:
                 timings[key] = r.scorer_seconds[m]
     first = next(iter(results.values()))
-    return EvalResult(metrics, averages, {k: r.id_accuracy for k, r in results.items()},
-                      {k: r.grouped for k, r in results.items()}, {k: r.images_per_s for k, r in results.items()},
-                      timings, first.unreadable, first.counts, scores=scores)
+    return EvalResult(
+        metrics,
+        averages,
+        {k: r.id_accuracy for k, r in results.items()},
+        {k: r.grouped for k, r in results.items()},
+        {k: r.images_per_s for k, r in results.items()},
+        timings,
+        first.unreadable,
+        first.counts,
+        scores=scores,
+    )
 
 
-def write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool,
-                  settings: Optional[dict] = None) -> dict:
+def write_outputs(
+    res: EvalResult, out_dir: str, tpr: float, conventions: dict, plots: bool, settings: dict | None = None
+) -> dict:
     """table.txt, results.json, results.csv, the plots (when on) and report.html in out_dir."""
     files = {}
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
@@ -112,17 +126,22 @@ def write_outputs(res: EvalResult, out_dir: str, tpr: float, conventions: dict, 
     files["json"] = os.path.join(out_dir, "results.json")
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "ood_set", "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error", "num_id", "num_ood"])
+        w.writerow(
+            ["method", "ood_set", "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error", "num_id", "num_ood"]
+        )
         for m, per in res.metrics.items():
             for o, v in per.items():
                 w.writerow([m, o, v.auroc, v.aupr_in, v.aupr_out, v.fpr_at_tpr, v.detection_error, v.num_id, v.num_ood])
             a = res.averages[m]
-            w.writerow([m, "average", a["auroc"], a["aupr_in"], a["aupr_out"], a["fpr_at_tpr"], a["detection_error"], "", ""])
+            w.writerow(
+                [m, "average", a["auroc"], a["aupr_in"], a["aupr_out"], a["fpr_at_tpr"], a["detection_error"], "", ""]
+            )
     files["csv"] = os.path.join(out_dir, "results.csv")
     if plots:
         files["plots"] = plots_of(res, out_dir)
-    files["html"] = write_html(res, os.path.join(out_dir, "report.html"), tpr, {**(settings or {}), **conventions},
-                               files.get("plots"))
+    files["html"] = write_html(
+        res, os.path.join(out_dir, "report.html"), tpr, {**(settings or {}), **conventions}, files.get("plots")
+    )
     return files
 
 

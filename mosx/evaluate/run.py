@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,8 +40,8 @@ def default_scores(grouped: bool, have_fit: bool) -> list:
 
 class ResolvedModel(NamedTuple):
     model: torch.nn.Module
-    groups: Optional[Groups]
-    class_names: Optional[list]
+    groups: Groups | None
+    class_names: list | None
     in_chans: int  # image channels the model takes (1: grey images)
 
 
@@ -53,21 +53,27 @@ def resolve_model(cfg: EvalConfig) -> ResolvedModel:
     class_names = list(cfg.class_names) if cfg.class_names is not None else None
     if isinstance(cfg.model, torch.nn.Module):
         return ResolvedModel(cfg.model, groups, class_names, cfg.in_chans or 3)
-    model, info = load_model(cfg.model, arch=cfg.arch, weights=cfg.weights, num_classes=cfg.num_classes,
-                             trust_pickle=cfg.trust_pickle)
+    model, info = load_model(
+        cfg.model, arch=cfg.arch, weights=cfg.weights, num_classes=cfg.num_classes, trust_pickle=cfg.trust_pickle
+    )
     stored = info.get("groups")
     if groups is not None and stored is not None and groups != stored:
         raise ValueError("groups (--groups) differ from the grouping stored in the model file")
     stored_names = info.get("class_names")
     if class_names is not None and stored_names is not None and class_names != list(stored_names):
-        raise ValueError(f"--classes ({len(class_names)} names) does not match the class list stored in "
-                         f"{cfg.model} ({len(stored_names)} names)")
+        raise ValueError(
+            f"--classes ({len(class_names)} names) does not match the class list stored in "
+            f"{cfg.model} ({len(stored_names)} names)"
+        )
     stored_chans = info.get("in_chans")
     if cfg.in_chans is not None and stored_chans is not None and cfg.in_chans != stored_chans:
         raise ValueError(f"in_chans={cfg.in_chans} but {cfg.model} takes {stored_chans}-channel images")
-    return ResolvedModel(model, groups if groups is not None else stored,
-                         class_names if class_names is not None else stored_names,
-                         cfg.in_chans or stored_chans or 3)
+    return ResolvedModel(
+        model,
+        groups if groups is not None else stored,
+        class_names if class_names is not None else stored_names,
+        cfg.in_chans or stored_chans or 3,
+    )
 
 
 @dataclass
@@ -76,11 +82,11 @@ class _Plan:
 
     cfg: EvalConfig
     model: torch.nn.Module
-    head: Optional[S.LinearHead]
-    groups: Optional[Groups]
+    head: S.LinearHead | None
+    groups: Groups | None
     id_images: ImageList
     ood_images: dict
-    fit_images: Optional[ImageList]
+    fit_images: ImageList | None
     scorers: dict
     transform: object
     transform_key: str
@@ -90,7 +96,7 @@ class _Plan:
     workers: int
 
 
-def evaluate(config_or_model, id_data=None, ood_data=None, **options) -> Optional[EvalResult]:
+def evaluate(config_or_model, id_data=None, ood_data=None, **options) -> EvalResult | None:
     """Score an ID set and named OOD sets with every requested method (see :mod:`mosx.evaluate`).
 
     Call it with an :class:`EvalConfig`, or as ``evaluate(model, id_data, ood_data, **options)`` with
@@ -171,33 +177,54 @@ def _plan(cfg: EvalConfig) -> _Plan:
         with torch.no_grad():
             width = S.model_outputs(model, x0[None].to(dev))[0].shape[1]
     if g is not None and width is not None and width != g.num_logits:
-        raise ValueError(f"evaluate: the model outputs {width} logits but the grouping needs {g.num_logits} "
-                         f"({g.num_classes} classes + {g.num_groups} others slots)")
+        raise ValueError(
+            f"evaluate: the model outputs {width} logits but the grouping needs {g.num_logits} "
+            f"({g.num_classes} classes + {g.num_groups} others slots)"
+        )
     if g is None and id_images.class_names is not None and width is not None and width != len(id_images.class_names):
-        raise ValueError(f"evaluate: the model outputs {width} logits but the ID folder has "
-                         f"{len(id_images.class_names)} classes")
+        raise ValueError(
+            f"evaluate: the model outputs {width} logits but the ID folder has {len(id_images.class_names)} classes"
+        )
     workers = cfg.workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else min(4, max(0, (os.cpu_count() or 1) - 1))
-    return _Plan(cfg, model, head, g, id_images, ood_images, fit_images, scorers, (transform, cfg.tensor_transform),
-                 transform_key, shape, dev, precision, workers)
+    return _Plan(
+        cfg,
+        model,
+        head,
+        g,
+        id_images,
+        ood_images,
+        fit_images,
+        scorers,
+        (transform, cfg.tensor_transform),
+        transform_key,
+        shape,
+        dev,
+        precision,
+        workers,
+    )
 
 
-def _check_class_names(class_names, id_images: ImageList, g: Optional[Groups]) -> None:
+def _check_class_names(class_names, id_images: ImageList, g: Groups | None) -> None:
     found = id_images.class_names
     if class_names is not None and found is not None and list(class_names) != list(found):
-        diff = next(i for i, (a, b) in enumerate(zip(list(class_names) + [None] * len(found),
-                                                     found + [None] * len(class_names))) if a != b)
+        diff = next(
+            i
+            for i, (a, b) in enumerate(zip(list(class_names) + [None] * len(found), found + [None] * len(class_names)))
+            if a != b
+        )
         raise ValueError(
             f"evaluate: the model's class list ({len(class_names)} classes) does not match the ID folder's "
             f"({len(found)}); first difference at index {diff}: "
             f"{(list(class_names) + [None])[min(diff, len(class_names))]!r} vs "
-            f"{(found + [None])[min(diff, len(found))]!r}")
+            f"{(found + [None])[min(diff, len(found))]!r}"
+        )
     if g is not None and found is not None and len(found) != g.num_classes:
         raise ValueError(f"evaluate: the grouping has {g.num_classes} classes but the ID folder has {len(found)}")
 
 
-def _build_scorers(scores, g: Optional[Groups], have_fit: bool) -> dict:
+def _build_scorers(scores, g: Groups | None, have_fit: bool) -> dict:
     """{name: Scorer} from specs or Scorer objects, each checked against the model and the data."""
     specs = list(scores) if scores is not None else default_scores(g is not None, have_fit)
     out = {}
@@ -207,19 +234,23 @@ def _build_scorers(scores, g: Optional[Groups], have_fit: bool) -> dict:
         if name in out:
             name = repr(s) if repr(s) not in out else f"{name} #{len(out)}"
         if s.needs_fit and not have_fit:
-            raise ValueError(f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
-                             "(--fit-data) or fit_on_id=True (--fit-on-id)")
+            raise ValueError(
+                f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
+                "(--fit-data) or fit_on_id=True (--fit-on-id)"
+            )
         base = s.base if s.is_wrapper else s  # a feature-shaping wrapper scores through its base
         if g is not None and not isinstance(base, S.MOS) and (s.is_wrapper or "logits" in s.needs):
-            raise ValueError(f"evaluate: scorer {name!r} reads flat class logits but the model is grouped "
-                             f"({g.num_logits} = classes + others slots); evaluate a flat model for it")
+            raise ValueError(
+                f"evaluate: scorer {name!r} reads flat class logits but the model is grouped "
+                f"({g.num_logits} = classes + others slots); evaluate a flat model for it"
+            )
         if isinstance(base, S.MOS) and g is None:
             raise ValueError("evaluate: the mos score needs the model's grouping (groups / --groups)")
         out[name] = s
     return out
 
 
-def _run(p: _Plan, rt: Runtime) -> Optional[EvalResult]:
+def _run(p: _Plan, rt: Runtime) -> EvalResult | None:
     cfg = p.cfg
     cache_root = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
     if rt.main:
@@ -227,8 +258,14 @@ def _run(p: _Plan, rt: Runtime) -> Optional[EvalResult]:
         if cfg.out_dir:
             os.makedirs(cfg.out_dir, exist_ok=True)
     rt.barrier()
-    opts = dict(batch_size=cfg.batch_size, workers=p.workers, device=p.device, precision=p.precision,
-                channels_last=cfg.channels_last, progress=cfg.progress and (rt.main or rt.world > 1))
+    opts = dict(
+        batch_size=cfg.batch_size,
+        workers=p.workers,
+        device=p.device,
+        precision=p.precision,
+        channels_last=cfg.channels_last,
+        progress=cfg.progress and (rt.main or rt.world > 1),
+    )
     sets = {"id": p.id_images, **p.ood_images}
     if p.fit_images is not None:
         sets["fit"] = p.fit_images
@@ -242,23 +279,43 @@ def _run(p: _Plan, rt: Runtime) -> Optional[EvalResult]:
     score_sets = _score_sets(p, caches, perturbed, timings)
     metrics, averages = {}, {}
     for m, per in score_sets.items():
-        metrics[m] = {o: M.ood_metrics(per["id"], per[o], tpr=cfg.tpr, positive=cfg.positive, fpr_rule=cfg.fpr_rule,
-                                       aupr=cfg.aupr) for o in p.ood_images}
+        metrics[m] = {
+            o: M.ood_metrics(
+                per["id"], per[o], tpr=cfg.tpr, positive=cfg.positive, fpr_rule=cfg.fpr_rule, aupr=cfg.aupr
+            )
+            for o in p.ood_images
+        }
         vals = list(metrics[m].values())
-        averages[m] = {k: float(np.mean([getattr(v, k) for v in vals]))
-                       for k in ("auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error")}
+        averages[m] = {
+            k: float(np.mean([getattr(v, k) for v in vals]))
+            for k in ("auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "detection_error")
+        }
     unreadable = {n: c.meta["unreadable"] for n, c in caches.items()}
     counts = {n: int(c.ok.sum()) for n, c in caches.items()}
-    res = EvalResult(metrics, averages, _id_accuracy(caches["id"], p.groups), p.groups is not None, ips, timings,
-                     unreadable, counts,
-                     scores={m: {s: v.numpy() for s, v in per.items()} for m, per in score_sets.items()})
+    res = EvalResult(
+        metrics,
+        averages,
+        _id_accuracy(caches["id"], p.groups),
+        p.groups is not None,
+        ips,
+        timings,
+        unreadable,
+        counts,
+        scores={m: {s: v.numpy() for s, v in per.items()} for m, per in score_sets.items()},
+    )
     for n, bad in unreadable.items():
         if bad:
             warnings.warn(f"{n}: {len(bad)} unreadable image(s) skipped, e.g. {bad[0]}")
     if cfg.out_dir:
         fit = "fit_data" if p.fit_images is not None else ("id (optimistic)" if cfg.fit_on_id else None)
-        res.files = write_outputs(res, cfg.out_dir, cfg.tpr, dict(positive=cfg.positive, fpr_rule=cfg.fpr_rule,
-                                                                  aupr=cfg.aupr, fit=fit), cfg.plots, cfg.describe())
+        res.files = write_outputs(
+            res,
+            cfg.out_dir,
+            cfg.tpr,
+            dict(positive=cfg.positive, fpr_rule=cfg.fpr_rule, aupr=cfg.aupr, fit=fit),
+            cfg.plots,
+            cfg.describe(),
+        )
     if cfg.verbose:
         print(res.summary(cfg.tpr))
     return res
@@ -269,8 +326,18 @@ def _cache_sets(p: _Plan, rt: Runtime, sets: dict, cache_root: str, opts: dict) 
     fp = model_fingerprint(p.model)
     caches, backbone_s, ran = {}, 0.0, 0
     for name, images in sets.items():
-        c, sec, cnt = cache_set(p.model, images, p.transform[0], p.transform_key, p.shape, cache_root, fp, rt, opts,
-                                tensor_transform=p.transform[1])
+        c, sec, cnt = cache_set(
+            p.model,
+            images,
+            p.transform[0],
+            p.transform_key,
+            p.shape,
+            cache_root,
+            fp,
+            rt,
+            opts,
+            tensor_transform=p.transform[1],
+        )
         caches[name] = c
         backbone_s += sec
         ran += cnt
@@ -306,8 +373,12 @@ def _data_of(c: Cached, head) -> dict:
     keep = np.flatnonzero(c.ok)
     all_ok = len(keep) == len(c.ok)
     pick = (lambda a: a) if all_ok else (lambda a: a[keep])
-    return {"logits": pick(c.logits), "features": pick(c.features), "labels": torch.from_numpy(np.asarray(pick(c.labels))),
-            "head": head}
+    return {
+        "logits": pick(c.logits),
+        "features": pick(c.features),
+        "labels": torch.from_numpy(np.asarray(pick(c.labels))),
+        "head": head,
+    }
 
 
 def _fit(p: _Plan, rt: Runtime, caches: dict, timings: dict) -> None:
@@ -339,8 +410,9 @@ def _perturbed(p: _Plan, rt: Runtime, sets: dict, opts: dict, timings: dict) -> 
     for m, s in input_scorers.items():
         t0 = time.perf_counter()
         for set_name in ["id", *p.ood_images]:
-            out.setdefault(m, {})[set_name] = perturbed_scores(p.model, sets[set_name], s, rt, opts, p.transform,
-                                                               p.shape, f"{m} {set_name}")
+            out.setdefault(m, {})[set_name] = perturbed_scores(
+                p.model, sets[set_name], s, rt, opts, p.transform, p.shape, f"{m} {set_name}"
+            )
         timings[m] = timings.get(m, 0.0) + time.perf_counter() - t0
     return out
 
@@ -360,7 +432,7 @@ def _score_sets(p: _Plan, caches: dict, perturbed: dict, timings: dict) -> dict:
     return score_sets
 
 
-def _id_accuracy(idc: Cached, g: Optional[Groups]) -> Optional[float]:
+def _id_accuracy(idc: Cached, g: Groups | None) -> float | None:
     """Top-1 accuracy on the ID set (None when it is unlabelled); group prediction for a grouped model."""
     keep = np.flatnonzero(idc.ok)
     labels = torch.from_numpy(np.asarray(idc.labels)[keep])
@@ -369,4 +441,3 @@ def _id_accuracy(idc: Cached, g: Optional[Groups]) -> Optional[float]:
     z = torch.from_numpy(np.asarray(idc.logits)[keep]).float()
     pred = group_predict(z, g)[0] if g is not None else z.argmax(1)
     return float((pred == labels).double().mean())
-

@@ -15,8 +15,17 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["Classifier", "SmallCNN", "PlainCNN", "HEAD_INITS", "MODEL_FORMAT", "build_backbone", "build_model",
-           "load_backbone_weights", "backbone_blocks"]
+__all__ = [
+    "Classifier",
+    "SmallCNN",
+    "PlainCNN",
+    "HEAD_INITS",
+    "MODEL_FORMAT",
+    "build_backbone",
+    "build_model",
+    "load_backbone_weights",
+    "backbone_blocks",
+]
 
 MODEL_FORMAT = "mosx.model/1"  # the format tag of mosx model files (mosx.models.files)
 
@@ -29,9 +38,13 @@ class SmallCNN(nn.Module):
         w = [width, width * 2, width * 4, width * 4]
         layers, c = [], in_chans
         for i, o in enumerate(w):
-            layers.append(nn.Sequential(
-                nn.Conv2d(c, o, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.GroupNorm(min(8, o), o), nn.ReLU(inplace=True)))
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(c, o, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                    nn.GroupNorm(min(8, o), o),
+                    nn.ReLU(inplace=True),
+                )
+            )
             c = o
         self.stages = nn.Sequential(*layers)
         self.num_features = c
@@ -55,14 +68,18 @@ class PlainCNN(nn.Module):
         w = [width, width * 2, width * 4]
         layers, c = [], in_chans
         for o in w:
-            layers.append(nn.Sequential(nn.Conv2d(c, o, 3, padding=1, bias=False), nn.BatchNorm2d(o),
-                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(c, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+                )
+            )
             c = o
         self.stages = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.num_features = width * 16
-        self.fc = nn.Sequential(nn.Linear(c * 16, self.num_features, bias=False), nn.BatchNorm1d(self.num_features),
-                                nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(
+            nn.Linear(c * 16, self.num_features, bias=False), nn.BatchNorm1d(self.num_features), nn.ReLU(inplace=True)
+        )
 
     def forward(self, x):
         return self.fc(self.pool(self.stages(x)).flatten(1))
@@ -129,17 +146,20 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     if path.endswith(".npz"):
         if not hasattr(backbone, "load_pretrained"):
-            raise ValueError(f"{path}: .npz weights are BiT checkpoints; they need a timm ResNetV2 backbone "
-                             f"(e.g. resnetv2_101x1_bit), not {type(backbone).__name__}")
+            raise ValueError(
+                f"{path}: .npz weights are BiT checkpoints; they need a timm ResNetV2 backbone "
+                f"(e.g. resnetv2_101x1_bit), not {type(backbone).__name__}"
+            )
         backbone.load_pretrained(path)
         return {"loaded": sum(1 for _ in backbone.state_dict()), "missing": [], "ignored": []}
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and state.get("format") == MODEL_FORMAT:
-        state = {k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -147,8 +167,10 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     own = backbone.state_dict()
     use = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not use:
-        raise ValueError(f"{path}: no tensor matches the backbone {type(backbone).__name__} "
-                         f"(first keys in the file: {list(state)[:5]})")
+        raise ValueError(
+            f"{path}: no tensor matches the backbone {type(backbone).__name__} "
+            f"(first keys in the file: {list(state)[:5]})"
+        )
     backbone.load_state_dict(use, strict=False)
     return {"loaded": len(use), "missing": sorted(set(own) - set(use)), "ignored": sorted(set(state) - set(use))}
 
@@ -157,6 +179,7 @@ def backbone_blocks(backbone: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters in blocks, input to output (timm's coarse grouping where it has one)."""
     if hasattr(backbone, "group_matcher"):
         from timm.models import group_parameters
+
         named = dict(backbone.named_parameters())
         groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
         return [[named[n] for n in names] for _, names in sorted(groups.items())]
@@ -167,8 +190,14 @@ def backbone_blocks(backbone: nn.Module) -> list[list[nn.Parameter]]:
     return [list(c.parameters()) for c in backbone.children() if any(True for _ in c.parameters())]
 
 
-def build_model(name: str, num_outputs: int, weights: str | None = None, num_features: int | None = None,
-                in_chans: int = 3, head_init: str = "zero"):
+def build_model(
+    name: str,
+    num_outputs: int,
+    weights: str | None = None,
+    num_features: int | None = None,
+    in_chans: int = 3,
+    head_init: str = "zero",
+):
     backbone, dim = build_backbone(name, num_features, in_chans)
     info = load_backbone_weights(backbone, weights) if weights else None
     return Classifier(backbone, dim, num_outputs, head_init=head_init), info

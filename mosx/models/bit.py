@@ -29,8 +29,18 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["REFERENCE_WS_EPS", "is_bit_checkpoint", "bit_state_dict", "infer_layout", "parse_arch", "timm_name",
-           "convert_state_dict", "build_model", "use_reference_eps", "load_bit"]
+__all__ = [
+    "REFERENCE_WS_EPS",
+    "is_bit_checkpoint",
+    "bit_state_dict",
+    "infer_layout",
+    "parse_arch",
+    "timm_name",
+    "convert_state_dict",
+    "build_model",
+    "use_reference_eps",
+    "load_bit",
+]
 
 REFERENCE_WS_EPS = 1e-10
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -39,9 +49,12 @@ _PREFIX = re.compile(r"^(module\.|_orig_mod\.)+")
 _UNIT = re.compile(r"^body\.block(\d+)\.unit(\d+)\.(gn[123]\.(?:weight|bias)|conv[123]\.weight|downsample\.weight)$")
 _FIXED = {
     "root.conv.weight": "stem.conv.weight",
-    "before_head.gn.weight": "norm.weight", "before_head.gn.bias": "norm.bias",
-    "head.gn.weight": "norm.weight", "head.gn.bias": "norm.bias",
-    "head.conv.weight": "head.fc.weight", "head.conv.bias": "head.fc.bias",
+    "before_head.gn.weight": "norm.weight",
+    "before_head.gn.bias": "norm.bias",
+    "head.gn.weight": "norm.weight",
+    "head.gn.bias": "norm.bias",
+    "head.conv.weight": "head.fc.weight",
+    "head.conv.bias": "head.fc.bias",
 }
 
 
@@ -89,8 +102,10 @@ def infer_layout(sd: dict, path: str = "checkpoint") -> dict:
     (prefixes stripped)."""
     units = _unit_index(sd)
     if sorted(units) != [1, 2, 3, 4]:
-        raise ValueError(f"{path}: a BiT ResNetV2 has body.block1..block4; this file has "
-                         f"{', '.join(f'block{b}' for b in sorted(units)) or 'none'}")
+        raise ValueError(
+            f"{path}: a BiT ResNetV2 has body.block1..block4; this file has "
+            f"{', '.join(f'block{b}' for b in sorted(units)) or 'none'}"
+        )
     for b, u in units.items():
         if u != list(range(1, len(u) + 1)):
             raise ValueError(f"{path}: body.block{b} has units {u}; expected unit01..unit{len(u):02d} without gaps")
@@ -102,16 +117,21 @@ def infer_layout(sd: dict, path: str = "checkpoint") -> dict:
     head = sd.get("head.conv.weight")
     if head is None:
         raise ValueError(f"{path}: no head.conv.weight (the classifier) in this BiT checkpoint")
-    return {"layers": tuple(len(units[b]) for b in (1, 2, 3, 4)), "width_factor": root.shape[0] // 64,
-            "in_chans": int(root.shape[1]), "num_outputs": int(head.shape[0])}
+    return {
+        "layers": tuple(len(units[b]) for b in (1, 2, 3, 4)),
+        "width_factor": root.shape[0] // 64,
+        "in_chans": int(root.shape[1]),
+        "num_outputs": int(head.shape[0]),
+    }
 
 
 def parse_arch(arch: str) -> tuple | None:
     """(depth, width factor) of a BiT arch name: ``BiT-S-R101x1``, ``BiT-M-R50x3``, ``R101x1``, or the
     timm name ``resnetv2_101x1_bit`` (a ``.tag`` suffix allowed); None for any other name."""
     s = arch.strip()
-    m = (re.fullmatch(r"(?:bit-[sml]-)?r(\d+)x(\d+)", s, re.IGNORECASE)
-         or re.fullmatch(r"resnetv2_(\d+)x(\d+)_bitm?(?:\.[\w-]+)?", s))
+    m = re.fullmatch(r"(?:bit-[sml]-)?r(\d+)x(\d+)", s, re.IGNORECASE) or re.fullmatch(
+        r"resnetv2_(\d+)x(\d+)_bitm?(?:\.[\w-]+)?", s
+    )
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -150,8 +170,14 @@ def build_model(layers: tuple, width_factor: int, num_classes: int, in_chans: in
         from timm.layers import StdConv2d
         from timm.models.resnetv2 import ResNetV2
 
-        model = ResNetV2(layers=list(layers), width_factor=width_factor, num_classes=num_classes, in_chans=in_chans,
-                         stem_type="fixed", conv_layer=partial(StdConv2d, eps=REFERENCE_WS_EPS))
+        model = ResNetV2(
+            layers=list(layers),
+            width_factor=width_factor,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            stem_type="fixed",
+            conv_layer=partial(StdConv2d, eps=REFERENCE_WS_EPS),
+        )
     if use_reference_eps(model) == 0:  # pragma: no cover - a timm whose ResNetV2 changed
         raise RuntimeError("timm's ResNetV2 has no StdConv2d layers: cannot set the BiT standardisation epsilon")
     return model
@@ -171,20 +197,28 @@ def convert_state_dict(sd: dict, path: str = "checkpoint") -> dict:
         if new is None:
             unmatched.append(k)
         elif new in out:
-            raise ValueError(f"{path}: {k!r} maps onto {new!r}, which another key already filled "
-                             f"(both before_head.gn and head.gn?)")
+            raise ValueError(
+                f"{path}: {k!r} maps onto {new!r}, which another key already filled (both before_head.gn and head.gn?)"
+            )
         else:
             out[new] = v
     if unmatched:
-        raise ValueError(f"{path}: {len(unmatched)} key(s) of this BiT ResNetV2 checkpoint match no layer of the "
-                         f"model: {', '.join(unmatched[:5])}" + (", ..." if len(unmatched) > 5 else ""))
+        raise ValueError(
+            f"{path}: {len(unmatched)} key(s) of this BiT ResNetV2 checkpoint match no layer of the "
+            f"model: {', '.join(unmatched[:5])}" + (", ..." if len(unmatched) > 5 else "")
+        )
     return out
 
 
 def _bit_key(timm_key: str) -> str:
     """The BiT name of a timm ResNetV2 key (for messages)."""
-    inverse = {"stem.conv.weight": "root.conv.weight", "norm.weight": "before_head.gn.weight",
-               "norm.bias": "before_head.gn.bias", "head.fc.weight": "head.conv.weight", "head.fc.bias": "head.conv.bias"}
+    inverse = {
+        "stem.conv.weight": "root.conv.weight",
+        "norm.weight": "before_head.gn.weight",
+        "norm.bias": "before_head.gn.bias",
+        "head.fc.weight": "head.conv.weight",
+        "head.fc.bias": "head.conv.bias",
+    }
     if timm_key in inverse:
         return inverse[timm_key]
     m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$", timm_key)
@@ -205,25 +239,36 @@ def load_bit(obj, path: str, *, arch: str | None = None, num_classes: int | None
     if arch is not None:
         want = parse_arch(arch)
         if want is None:
-            raise ValueError(f"{path}: holds a BiT ResNetV2 ({what}); --arch {arch!r} is not a BiT architecture "
-                             f"(give e.g. BiT-S-R101x1 or resnetv2_101x1_bit, or leave it out)")
+            raise ValueError(
+                f"{path}: holds a BiT ResNetV2 ({what}); --arch {arch!r} is not a BiT architecture "
+                f"(give e.g. BiT-S-R101x1 or resnetv2_101x1_bit, or leave it out)"
+            )
         if want != (depth, lay["width_factor"]):
             raise ValueError(f"{path}: --arch {arch!r} is R{want[0]}x{want[1]} but the file holds a BiT {what}")
     if num_classes is not None and num_classes != lay["num_outputs"]:
-        raise ValueError(f"{path}: num_classes={num_classes} but the checkpoint's head has {lay['num_outputs']} outputs")
+        raise ValueError(
+            f"{path}: num_classes={num_classes} but the checkpoint's head has {lay['num_outputs']} outputs"
+        )
     state = convert_state_dict(sd, path)
     model = build_model(lay["layers"], lay["width_factor"], lay["num_outputs"], lay["in_chans"])
     missing = [k for k in model.state_dict() if k not in state]
     if missing:
-        raise ValueError(f"{path}: this BiT {what} checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                         f"{', '.join(_bit_key(k) for k in missing[:5])}" + (", ..." if len(missing) > 5 else ""))
+        raise ValueError(
+            f"{path}: this BiT {what} checkpoint lacks {len(missing)} tensor(s) the model needs: "
+            f"{', '.join(_bit_key(k) for k in missing[:5])}" + (", ..." if len(missing) > 5 else "")
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: the BiT {what} checkpoint does not fit timm's ResNetV2: {e}") from None
     name = timm_name(lay["layers"], lay["width_factor"])
     step = obj.get("step") if isinstance(obj, dict) else None
-    info = {"groups": None, "class_names": None, "arch": name or f"bit-resnetv2{list(lay['layers'])}x{lay['width_factor']}",
-            "in_chans": lay["in_chans"], "num_outputs": lay["num_outputs"],
-            "step": int(step) if isinstance(step, (int, float, torch.Tensor)) else None}
+    info = {
+        "groups": None,
+        "class_names": None,
+        "arch": name or f"bit-resnetv2{list(lay['layers'])}x{lay['width_factor']}",
+        "in_chans": lay["in_chans"],
+        "num_outputs": lay["num_outputs"],
+        "step": int(step) if isinstance(step, (int, float, torch.Tensor)) else None,
+    }
     return model, info

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from typing import Optional
 
 import torch
 from torch import nn
@@ -26,17 +25,38 @@ from .backbones import MODEL_FORMAT, Classifier, build_backbone
 __all__ = ["save_model", "load_model", "read_file"]
 
 
-def save_model(path: str, model: Classifier, *, arch: str, num_features: int, groups=None, loss: str,
-               class_names=None, in_chans: int = 3, extra: dict | None = None) -> None:
+def save_model(
+    path: str,
+    model: Classifier,
+    *,
+    arch: str,
+    num_features: int,
+    groups=None,
+    loss: str,
+    class_names=None,
+    in_chans: int = 3,
+    extra: dict | None = None,
+) -> None:
     """A self-describing deployable model file, written atomically; plain types and tensors only, so
     it loads with ``weights_only=True``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"format": MODEL_FORMAT, "arch": arch, "num_features": num_features, "in_chans": in_chans,
-                 "num_outputs": model.head.out_features, "loss": loss,
-                 "groups": None if groups is None else {"num_groups": groups.num_groups,
-                                                       "class_to_group": list(groups.class_to_group)},
-                 "class_names": list(class_names) if class_names is not None else None,
-                 "state_dict": state, **(extra or {})}, path)
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "arch": arch,
+            "num_features": num_features,
+            "in_chans": in_chans,
+            "num_outputs": model.head.out_features,
+            "loss": loss,
+            "groups": None
+            if groups is None
+            else {"num_groups": groups.num_groups, "class_to_group": list(groups.class_to_group)},
+            "class_names": list(class_names) if class_names is not None else None,
+            "state_dict": state,
+            **(extra or {}),
+        },
+        path,
+    )
 
 
 def read_file(path: str, *, map_location="cpu", trust_pickle: bool = False):
@@ -48,7 +68,8 @@ def read_file(path: str, *, map_location="cpu", trust_pickle: bool = False):
             raise
         raise ValueError(
             f"{path}: this file needs pickle to load, which can run code stored in it, so it is refused. "
-            f"If you trust the file, pass trust_pickle=True (--trust-pickle on the command line).") from None
+            f"If you trust the file, pass trust_pickle=True (--trust-pickle on the command line)."
+        ) from None
     except EOFError:
         raise ValueError(f"{path}: the file is empty or truncated") from None
 
@@ -65,15 +86,20 @@ def _from_mosx_file(d: dict, path: str):
         groups = Groups.from_assignment(g["class_to_group"], g["num_groups"]) if g else None
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: the grouping stored in the model file is invalid ({e})") from None
-    return model, {"groups": groups, "class_names": d.get("class_names"), "loss": d.get("loss"),
-                   "arch": d["arch"], "in_chans": d.get("in_chans", 3)}
+    return model, {
+        "groups": groups,
+        "class_names": d.get("class_names"),
+        "loss": d.get("loss"),
+        "arch": d["arch"],
+        "in_chans": d.get("in_chans", 3),
+    }
 
 
 def _plain_info(**extra) -> dict:
     return {"groups": None, "class_names": None, **extra}
 
 
-def _timm_model(name: str, num_classes: Optional[int]) -> nn.Module:
+def _timm_model(name: str, num_classes: int | None) -> nn.Module:
     import timm
 
     if not timm.list_models(name) and name not in timm.list_models():
@@ -90,8 +116,15 @@ def _state_dict_of(state, path: str) -> dict:
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
-def load_model(path_or_name: str, *, arch: Optional[str] = None, weights: Optional[str] = None,
-               num_classes: Optional[int] = None, map_location="cpu", trust_pickle: bool = False):
+def load_model(
+    path_or_name: str,
+    *,
+    arch: str | None = None,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    map_location="cpu",
+    trust_pickle: bool = False,
+):
     """(model, info) from a model file or a timm model name; see the module docstring.
 
     info: ``groups`` (a :class:`mosx.Groups` or None) and ``class_names`` (or None) where the file
@@ -109,11 +142,13 @@ def load_model(path_or_name: str, *, arch: Optional[str] = None, weights: Option
         d = read_file(spec, map_location=map_location, trust_pickle=trust_pickle)
         if isinstance(d, dict) and str(d.get("format", "")).startswith("mosx.model/"):
             if d.get("format") != MODEL_FORMAT:
-                raise ValueError(f"{spec}: mosx model file of format {d.get('format')!r}; this mosx reads "
-                                 f"{MODEL_FORMAT!r}")
+                raise ValueError(
+                    f"{spec}: mosx model file of format {d.get('format')!r}; this mosx reads {MODEL_FORMAT!r}"
+                )
             return _from_mosx_file(d, spec)
         if isinstance(d, dict) and str(d.get("format", "")).startswith("mosx.gate/"):
             from ..gate import gate_from_file  # an OOD gate (mosx.OODGate.save): model + scorer + threshold
+
             return gate_from_file(d, spec)
         if isinstance(d, nn.Module):
             return d, _plain_info()

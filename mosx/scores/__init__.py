@@ -40,8 +40,8 @@ from __future__ import annotations
 from .base import SCORERS, WRAPPERS, Scorer, build_scorer, scorer_names, wrapper_names
 from .batching import fit_all, score_all
 from .eps_search import ODIN_EPS_GRID, select_eps
-from .search import SearchResult, fingerprint, search
 from .model import LinearHead, linear_head, model_outputs
+from .search import SearchResult, fingerprint, search
 
 # The scorer families, imported in the order the registry (scorer_names(), build_scorer's "known:"
 # list) shows them; tests/test_scores.py checks that order, so keep isort away from it.

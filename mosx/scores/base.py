@@ -123,8 +123,10 @@ class Scorer:
         if _HANDED_DOWN.get():
             return {k: v for k, v in data.items() if k in allowed}
         if all(k in data for k in required):
-            raise TypeError(f"{self.name}: {what}() got {', '.join(f'`{k}`' for k in extra)}, which it does not read "
-                            f"(it reads {', '.join(f'`{k}`' for k in sorted(allowed))})")
+            raise TypeError(
+                f"{self.name}: {what}() got {', '.join(f'`{k}`' for k in extra)}, which it does not read "
+                f"(it reads {', '.join(f'`{k}`' for k in sorted(allowed))})"
+            )
         return data
 
     def fit(self, **data) -> Scorer:
@@ -181,8 +183,9 @@ class Scorer:
                 return f"LinearHead({v.weight.shape[0]}x{v.weight.shape[1]})"
             return repr(v)
 
-        params = {k: v for k, v in vars(self).items()
-                  if not k.startswith("_") and k != "name" and not torch.is_tensor(v)}
+        params = {
+            k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name" and not torch.is_tensor(v)
+        }
         return f"{type(self).__name__}({', '.join(f'{k}={show(v)}' for k, v in params.items())})"
 
 
@@ -254,7 +257,7 @@ def build_scorer(spec: str, *, groups=None, head: LinearHead | None = None) -> S
             raise ValueError(f"scorer spec {spec!r}: parameters are key=value, got {item!r}")
         kwargs[k.strip()] = _parse_value(v.strip())
     wrapper = next((cls for w, cls in WRAPPERS.items() if name.startswith(w + "-")), None)
-    base_name = name[len(wrapper.spec_name) + 1:] if wrapper is not None else name
+    base_name = name[len(wrapper.spec_name) + 1 :] if wrapper is not None else name
     if base_name not in SCORERS:
         wrapped = f" (and {', '.join(f'{w}-<name>' for w in WRAPPERS)})" if WRAPPERS else ""
         raise ValueError(f"unknown scorer {base_name!r} in {spec!r}; known: {', '.join(SCORERS)}{wrapped}")

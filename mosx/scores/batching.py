@@ -64,8 +64,14 @@ def fit_all(scorers: Mapping[str, Scorer], data: Mapping, *, device=None) -> dic
             s.fit(**_declared(data, accepts), **({"device": dev} if "device" in accepts else {}))
             continue
         if loaded is None:  # everything in memory once, for the scorers that need it whole
-            loaded = {k: (_chunk(v, 0, n, dev or (v.device if isinstance(v, torch.Tensor) else "cpu"))
-                          if k in _ROW_KEYS and v is not None else v) for k, v in data.items()}
+            loaded = {
+                k: (
+                    _chunk(v, 0, n, dev or (v.device if isinstance(v, torch.Tensor) else "cpu"))
+                    if k in _ROW_KEYS and v is not None
+                    else v
+                )
+                for k, v in data.items()
+            }
         s.fit(**_declared(loaded, accepts))
     return dict(scorers)
 
@@ -89,7 +95,9 @@ def score_all(
     if batch_size < 1:
         raise ValueError(f"score_all: batch_size must be >= 1, got {batch_size}")
     for name, s in scorers.items():
-        missing = [k for k in s.needs if data.get(k) is None and not (k == "head" and getattr(s, "head", None) is not None)]
+        missing = [
+            k for k in s.needs if data.get(k) is None and not (k == "head" and getattr(s, "head", None) is not None)
+        ]
         if missing:
             raise ValueError(f"score_all: scorer {name!r} needs {missing}, which the data lacks")
         if not s.fitted:

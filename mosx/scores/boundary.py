@@ -123,7 +123,9 @@ class NCI(Scorer):
         dev = _fit_device(features, device)
         self._mean = _feature_mean(features, dev, self.name)
         if h.weight.shape[1] != features.shape[1]:
-            raise ValueError(f"nci: the head reads {h.weight.shape[1]}-d features, the fit features are {features.shape[1]}-d")
+            raise ValueError(
+                f"nci: the head reads {h.weight.shape[1]}-d features, the fit features are {features.shape[1]}-d"
+            )
         self._weight = h.weight.to(dev, torch.float64)
         self._dim, self._num_logits = features.shape[1], h.weight.shape[0]
 

@@ -66,13 +66,13 @@ class RMD(Scorer):
         counts = torch.bincount(y, minlength=C)
         sums = torch.zeros(C, D, dtype=torch.float64, device=dev)
         for lo, f in _row_chunks(features, dev):
-            sums.index_add_(0, y[lo:lo + f.shape[0]], f)
+            sums.index_add_(0, y[lo : lo + f.shape[0]], f)
         means = sums / counts.clamp_min(1)[:, None].to(torch.float64)
         mu0 = sums.sum(0) / n
         cov = torch.zeros(D, D, dtype=torch.float64, device=dev)
         cov0 = torch.zeros(D, D, dtype=torch.float64, device=dev)
         for lo, f in _row_chunks(features, dev):
-            c = f - means[y[lo:lo + f.shape[0]]]
+            c = f - means[y[lo : lo + f.shape[0]]]
             cov.addmm_(c.T, c)
             c0 = f - mu0
             cov0.addmm_(c0.T, c0)
@@ -134,15 +134,16 @@ class SHE(Scorer):
         sums = torch.zeros(C, D, dtype=torch.float64, device=dev)
         counts = torch.zeros(C, dtype=torch.int64, device=dev)
         for (lo, f), (_, z) in zip(_row_chunks(features, dev), _row_chunks(logits, dev, dtype=torch.float32)):
-            yb = y[lo:lo + f.shape[0]]
+            yb = y[lo : lo + f.shape[0]]
             ok = z.argmax(1) == yb
             sums.index_add_(0, yb[ok], f[ok])
             counts += torch.bincount(yb[ok], minlength=C)
         empty = (counts == 0).nonzero().squeeze(1).tolist()
         if empty:
             shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
-            raise ValueError(f"she: {len(empty)} class(es) have no correctly classified fit sample ({shown}): "
-                             "fit on more ID data")
+            raise ValueError(
+                f"she: {len(empty)} class(es) have no correctly classified fit sample ({shown}): fit on more ID data"
+            )
         self._patterns = sums / counts[:, None].to(torch.float64)
         self._dim, self._num_logits = D, C
 

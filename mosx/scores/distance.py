@@ -57,7 +57,9 @@ class Mahalanobis(Scorer):
             labels = torch.from_numpy(np.array(labels))
         labels = labels.to(dev)
         if labels.shape != (n,) or labels.is_floating_point():
-            raise ValueError(f"mahalanobis: labels must be [N] = [{n}] class ids, got {tuple(labels.shape)} {labels.dtype}")
+            raise ValueError(
+                f"mahalanobis: labels must be [N] = [{n}] class ids, got {tuple(labels.shape)} {labels.dtype}"
+            )
         labels = labels.long()
         if labels.min() < 0:
             raise ValueError("mahalanobis: labels must be >= 0")
@@ -67,16 +69,18 @@ class Mahalanobis(Scorer):
         # Two passes in row blocks (float64): class means, then the scatter around them.
         sums = torch.zeros(C, D, dtype=torch.float64, device=dev)
         for lo, f in _row_chunks(features, dev):
-            sums.index_add_(0, labels[lo:lo + f.shape[0]], f)
+            sums.index_add_(0, labels[lo : lo + f.shape[0]], f)
         full = sums / counts.clamp_min(1)[:, None].to(torch.float64)
         means = full[present]
         cov = torch.zeros(D, D, dtype=torch.float64, device=dev)
         for lo, f in _row_chunks(features, dev):
-            centred = f - full[labels[lo:lo + f.shape[0]]]
+            centred = f - full[labels[lo : lo + f.shape[0]]]
             cov.addmm_(centred.T, centred)
         cov /= n
         if self.regularization > 0:
-            cov = cov + self.regularization * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            cov = cov + self.regularization * cov.diagonal().mean() * torch.eye(
+                cov.shape[0], dtype=cov.dtype, device=cov.device
+            )
         evals, evecs = torch.linalg.eigh(cov)
         # Pseudo-inverse cut-off as numpy/torch pinv: relative to the largest eigenvalue.
         keep = evals > evals.max().clamp_min(0) * cov.shape[0] * torch.finfo(torch.float64).eps

@@ -23,8 +23,9 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def topk_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
-                      block_elems: int | None = None) -> torch.Tensor:
+def topk_similarities(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, *, block_elems: int | None = None
+) -> torch.Tensor:
     """[N, k] largest inner products of each query with the bank rows, in descending order, exact.
 
     Blocked over both the queries and the bank (each similarity block holds at most `block_elems`
@@ -37,13 +38,17 @@ def topk_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
     bb = max(k, min(M, budget // qb))
     out = torch.empty(n, k, dtype=queries.dtype, device=queries.device)
     for qs in range(0, n, qb):
-        q = queries[qs:qs + qb]
+        q = queries[qs : qs + qb]
         best = None
         for bs in range(0, M, bb):
-            sims = q @ bank[bs:bs + bb].T
+            sims = q @ bank[bs : bs + bb].T
             top = sims.topk(min(k, sims.shape[1]), dim=1).values
-            best = top if best is None else torch.cat([best, top], dim=1).topk(min(k, best.shape[1] + top.shape[1]), dim=1).values
-        out[qs:qs + qb] = best
+            best = (
+                top
+                if best is None
+                else torch.cat([best, top], dim=1).topk(min(k, best.shape[1] + top.shape[1]), dim=1).values
+            )
+        out[qs : qs + qb] = best
     return out
 
 
@@ -98,7 +103,7 @@ class KNN(Scorer):
         dt = _bank_dtype(features)
         bank = torch.empty(n, D, dtype=dt, device=dev)
         for lo, f in _row_chunks(features, dev, dtype=dt):
-            bank[lo:lo + f.shape[0]] = _normalised(f)
+            bank[lo : lo + f.shape[0]] = _normalised(f)
         self._bank, self._dim = bank, D
 
     def _score(self, features=None):
@@ -151,7 +156,7 @@ class NNGuide(Scorer):
         dt = _bank_dtype(features)
         bank = torch.empty(n, D, dtype=dt, device=dev)
         for (lo, f), (_, z) in zip(_row_chunks(features, dev, dtype=dt), _row_chunks(logits, dev, dtype=dt)):
-            bank[lo:lo + f.shape[0]] = _normalised(f) * torch.logsumexp(z, dim=1, keepdim=True)
+            bank[lo : lo + f.shape[0]] = _normalised(f) * torch.logsumexp(z, dim=1, keepdim=True)
         self._bank, self._dim, self._num_logits = bank, D, logits.shape[1]
 
     def _score(self, features=None, logits=None):

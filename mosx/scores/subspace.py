@@ -59,7 +59,9 @@ class ViM(Scorer):
         """Principal dimensions around the paper's choice (1000 of 2048 for ResNet-50, 512 of 768 for
         ViT), as fractions of the fitted feature width (the ResNet-50 values before a fit)."""
         D = getattr(self, "_dim", 2048)
-        return {"dim": sorted({max(1, D // 8), max(1, D // 4), max(1, D // 2), _paper_dim(D), max(1, (3 * D) // 4)} - {D})}
+        return {
+            "dim": sorted({max(1, D // 8), max(1, D // 4), max(1, D // 2), _paper_dim(D), max(1, (3 * D) // 4)} - {D})
+        }
 
     def _fit(self, features=None, head=None, device=None):
         _check_2d(features, "features", self.name)
@@ -74,7 +76,11 @@ class ViM(Scorer):
         if n < 1:
             raise ValueError("vim: no fit samples")
         W = h.weight.to(dev, torch.float64)
-        b = torch.zeros(W.shape[0], dtype=torch.float64, device=dev) if h.bias is None else h.bias.to(dev, torch.float64)
+        b = (
+            torch.zeros(W.shape[0], dtype=torch.float64, device=dev)
+            if h.bias is None
+            else h.bias.to(dev, torch.float64)
+        )
         origin = -(torch.linalg.pinv(W) @ b)
         moment = torch.zeros(D, D, dtype=torch.float64, device=dev)
         for _, f in _row_chunks(features, dev):
@@ -82,7 +88,7 @@ class ViM(Scorer):
             moment.addmm_(x.T, x)
         moment /= n
         _, evecs = torch.linalg.eigh(moment)  # ascending eigenvalues
-        residual_space = evecs[:, :D - dim]  # all but the `dim` leading directions
+        residual_space = evecs[:, : D - dim]  # all but the `dim` leading directions
         max_logit = res = 0.0
         for _, f in _row_chunks(features, dev):
             max_logit += float((f @ W.T + b).amax(1).sum())

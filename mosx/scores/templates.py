@@ -52,15 +52,19 @@ class KLMatching(Scorer):
                 labels = torch.from_numpy(np.array(labels))
             labels = labels.to(dev)
             if labels.shape != (n,) or labels.is_floating_point():
-                raise ValueError(f"kl_matching: labels must be [N] = [{n}] class ids, got {tuple(labels.shape)} {labels.dtype}")
+                raise ValueError(
+                    f"kl_matching: labels must be [N] = [{n}] class ids, got {tuple(labels.shape)} {labels.dtype}"
+                )
             labels = labels.long()
             if n and (labels.min() < 0 or labels.max() >= C):
-                raise ValueError(f"kl_matching: labels must be class ids in [0, {C}), got [{int(labels.min())}, {int(labels.max())}]")
+                raise ValueError(
+                    f"kl_matching: labels must be class ids in [0, {C}), got [{int(labels.min())}, {int(labels.max())}]"
+                )
         sums = torch.zeros(C, C, dtype=torch.float64, device=dev)
         counts = torch.zeros(C, dtype=torch.int64, device=dev)
         for lo, z in _row_chunks(logits, dev):
             p = torch.softmax(z, dim=1)
-            cls = labels[lo:lo + z.shape[0]] if self.templates == "labels" else p.argmax(dim=1)
+            cls = labels[lo : lo + z.shape[0]] if self.templates == "labels" else p.argmax(dim=1)
             sums.index_add_(0, cls, p)
             counts += torch.bincount(cls, minlength=C)
         present = counts > 0

@@ -20,7 +20,9 @@ def _matrix(x, name: str, who: str, cols: int | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     if x.dim() != 2:
-        raise ValueError(f"{who}: {name} must be 2-D [N, {'D' if name == 'features' else 'L'}], got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{who}: {name} must be 2-D [N, {'D' if name == 'features' else 'L'}], got shape {tuple(x.shape)}"
+        )
     if not (x.is_floating_point()):
         raise TypeError(f"{who}: {name} must be floating point, got {x.dtype}")
     if cols is not None and x.shape[1] != cols:
@@ -56,7 +58,7 @@ def _is_half(x) -> bool:
 def _row_chunks(x, device, chunk: int = 65536, dtype=torch.float64):
     """Row blocks of a tensor or array (e.g. a memmap of the fp16 cache) as `dtype` on `device`."""
     for lo in range(0, x.shape[0], chunk):
-        t = x[lo:lo + chunk]
+        t = x[lo : lo + chunk]
         if not isinstance(t, torch.Tensor):
             import numpy as np
 
@@ -89,7 +91,7 @@ def _percentile_fp16(x, q: float, device=None) -> torch.Tensor:
     dev = _fit_device(x, device)
     counts = torch.zeros(65536, dtype=torch.int64, device=dev)
     for lo in range(0, x.shape[0], 65536):
-        t = x[lo:lo + 65536]
+        t = x[lo : lo + 65536]
         if not isinstance(t, torch.Tensor):
             import numpy as np
 

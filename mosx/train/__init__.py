@@ -25,8 +25,18 @@ from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_c
 from .loop import TrainResult, make_loss, train
 from .models import Classifier, build_model, load_model
 
-__all__ = ["main", "train", "make_config", "TrainConfig", "TrainResult", "PRESETS", "load_model",
-           "build_model", "Classifier", "make_loss"]
+__all__ = [
+    "main",
+    "train",
+    "make_config",
+    "TrainConfig",
+    "TrainResult",
+    "PRESETS",
+    "load_model",
+    "build_model",
+    "Classifier",
+    "make_loss",
+]
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,17 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageData", "TensorData", "DatasetData", "open_data", "RecipeTransform", "KeyedDataset", "StepBatchSampler",
-           "seed_mix", "tensor_batch"]
+__all__ = [
+    "ImageData",
+    "TensorData",
+    "DatasetData",
+    "open_data",
+    "RecipeTransform",
+    "KeyedDataset",
+    "StepBatchSampler",
+    "seed_mix",
+    "tensor_batch",
+]
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _M64 = (1 << 64) - 1
@@ -50,6 +59,7 @@ class ImageData:
 
     def load(self, i):
         from PIL import Image
+
         path, target = self.samples[i]
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -57,16 +67,18 @@ class ImageData:
         return img, target
 
     @classmethod
-    def from_folder(cls, root: str) -> "ImageData":
+    def from_folder(cls, root: str) -> ImageData:
         from torchvision.datasets import ImageFolder
+
         folder = ImageFolder(root, allow_empty=False)
         return cls(folder.samples, folder.classes, source=root)
 
     @classmethod
-    def from_list_file(cls, path: str, root: str | None = None) -> "ImageData":
+    def from_list_file(cls, path: str, root: str | None = None) -> ImageData:
         """Lines `<image path> <group> <within-group index>` (the MOS reference format). Class ids are
         numbered group by group (mosx.Groups.from_list_file), so the grouping comes with the file."""
         from ..groups import Groups
+
         groups = Groups.from_list_file(path)
         first = [0]
         for s in groups.sizes:
@@ -155,11 +167,13 @@ def open_data(spec, root: str | None = None):
         return spec
     if isinstance(spec, torch.utils.data.TensorDataset):
         return TensorData(*spec.tensors[:2])
-    if isinstance(getattr(spec, "images", None), torch.Tensor) and isinstance(getattr(spec, "labels", None),
-                                                                          torch.Tensor):
+    if isinstance(getattr(spec, "images", None), torch.Tensor) and isinstance(
+        getattr(spec, "labels", None), torch.Tensor
+    ):
         # mosx.data.ImageSet: uint8 images (normalised by the recipe's transform) and labels
-        return TensorData(spec.images, spec.labels, getattr(spec, "class_names", None),
-                          source=getattr(spec, "name", "tensors"))
+        return TensorData(
+            spec.images, spec.labels, getattr(spec, "class_names", None), source=getattr(spec, "name", "tensors")
+        )
     if isinstance(spec, torch.utils.data.Dataset):
         return DatasetData(spec)
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
@@ -194,7 +208,7 @@ class RecipeTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     @classmethod
-    def from_config(cls, cfg, train: bool) -> "RecipeTransform":
+    def from_config(cls, cfg, train: bool) -> RecipeTransform:
         return cls(train, cfg.resize, cfg.crop, cfg.flip, cfg.mean, cfg.std, cfg.eval_resize)
 
     def __call__(self, img, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -206,11 +220,13 @@ class RecipeTransform:
             normalise = not img.dtype.is_floating_point
             t = img.float() / 255.0 if normalise else img.float()
             if size > 0 and tuple(t.shape[-2:]) != (size, size):
-                t = F.interpolate(t.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
-                                  antialias=True).squeeze(0)
+                t = F.interpolate(
+                    t.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+                ).squeeze(0)
         else:
             from PIL import Image
             from torchvision.transforms.functional import pil_to_tensor
+
             if size > 0 and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             t = pil_to_tensor(img).float().div_(255.0)
@@ -221,7 +237,7 @@ class RecipeTransform:
             if self.crop > 0:
                 top = int(torch.randint(0, h - self.crop + 1, (1,), generator=gen))
                 left = int(torch.randint(0, w - self.crop + 1, (1,), generator=gen))
-                t = t[..., top:top + self.crop, left:left + self.crop]
+                t = t[..., top : top + self.crop, left : left + self.crop]
             if self.flip and bool(torch.rand((), generator=gen) < 0.5):
                 t = t.flip(-1)
         if normalise:
@@ -236,7 +252,7 @@ class RecipeTransform:
         return t.contiguous()
 
 
-def tensor_batch(data: "TensorData", transform: RecipeTransform, seed: int, keys) -> tuple:
+def tensor_batch(data: TensorData, transform: RecipeTransform, seed: int, keys) -> tuple:
     """The batch KeyedDataset + default collation would give for these (index, epoch) keys, computed
     batch-wise from in-memory tensors (one resize and one normalisation for the whole batch; crop
     and flip draws from the same per-sample generators, in the same order)."""
@@ -262,7 +278,7 @@ def tensor_batch(data: "TensorData", transform: RecipeTransform, seed: int, keys
             if tf.crop > 0:
                 top = int(torch.randint(0, h - tf.crop + 1, (1,), generator=gen))
                 left = int(torch.randint(0, w - tf.crop + 1, (1,), generator=gen))
-                v = v[..., top:top + tf.crop, left:left + tf.crop]
+                v = v[..., top : top + tf.crop, left : left + tf.crop]
             if tf.flip and bool(torch.rand((), generator=gen) < 0.5):
                 v = v.flip(-1)
             out.append(v)
@@ -300,11 +316,21 @@ class StepBatchSampler(torch.utils.data.Sampler):
     exactly the samples that A processes see without accumulation.
     """
 
-    def __init__(self, n: int, global_batch: int, micro_batch: int, world: int, rank: int, seed: int,
-                 steps: int, start_step: int = 0):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        micro_batch: int,
+        world: int,
+        rank: int,
+        seed: int,
+        steps: int,
+        start_step: int = 0,
+    ):
         if global_batch % (world * micro_batch):
-            raise ValueError(f"batch_size {global_batch} is not a multiple of world size {world} x micro_batch "
-                             f"{micro_batch}")
+            raise ValueError(
+                f"batch_size {global_batch} is not a multiple of world size {world} x micro_batch {micro_batch}"
+            )
         if n < global_batch:
             raise ValueError(f"the data set has {n} samples, fewer than one batch of {global_batch}")
         self.n, self.global_batch, self.micro = n, global_batch, micro_batch
@@ -323,11 +349,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def step_indices(self, step: int) -> tuple[int, list[list[int]]]:
         """(epoch, [accum lists of indices]) for this rank at a step."""
         epoch, b = divmod(step, self.steps_per_epoch)
-        chunk = self.permutation(epoch)[b * self.global_batch:(b + 1) * self.global_batch]
+        chunk = self.permutation(epoch)[b * self.global_batch : (b + 1) * self.global_batch]
         out = []
         for a in range(self.accum):
             c = self.rank * self.accum + a
-            out.append(chunk[c * self.micro:(c + 1) * self.micro].tolist())
+            out.append(chunk[c * self.micro : (c + 1) * self.micro].tolist())
         return epoch, out
 
     def __iter__(self):

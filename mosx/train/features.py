@@ -27,8 +27,14 @@ def loader(dataset, batch_sampler, workers, device):
     if workers > 0:
         kw.update(prefetch_factor=4, persistent_workers=False)
     # generator=: the loader draws its worker base seed from its own generator, not the global RNG
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator(), **kw)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+        **kw,
+    )
 
 
 def auto_workers(cfg, rt) -> int:
@@ -48,7 +54,7 @@ class ListSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for i in range(0, len(self.keys), self.batch):
-            yield self.keys[i:i + self.batch]
+            yield self.keys[i : i + self.batch]
 
     def __len__(self):
         return math.ceil(len(self.keys) / self.batch)
@@ -81,7 +87,7 @@ def sharded_features(backbone, data, transform, keys, rt, batch, workers, seed):
     """Features of all keys, each process computing its rank-strided share and all-gathering the rest."""
     if rt.world == 1:
         return features(backbone, data, transform, keys, rt, batch, workers, seed)
-    mine = keys[rt.rank::rt.world]
+    mine = keys[rt.rank :: rt.world]
     f = features(backbone, data, transform, mine, rt, batch, workers, seed) if mine else None
     return rt.all_gather_strided_rows(len(keys), f)
 
@@ -94,8 +100,10 @@ def training_batches(run: Run, sampler: StepBatchSampler, start_step: int):
     over ranks, and the head trains on the cached features: epoch e reads view e % views."""
     cfg, rt, data = run.cfg, run.rt, run.data
     if not cfg.cache_features:
+
         def batches():
             yield from loader(KeyedDataset(data, run.train_tf, cfg.seed), sampler, run.workers, rt.device)
+
         return batches(), run.model, None
 
     t0 = time.perf_counter()
@@ -116,4 +124,5 @@ def training_batches(run: Run, sampler: StepBatchSampler, start_step: int):
                 i = i.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else i
                 # epoch e reads augmented view e % V of every sample (the cache cycles)
                 yield feats[epoch % views].index_select(0, i), targets.index_select(0, i)
+
     return cached(), run.model.head, cache_seconds

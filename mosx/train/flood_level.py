@@ -21,8 +21,9 @@ __all__ = ["estimate"]
 def estimate(run: Run) -> float:
     """b over one pass of the training data (cfg.um_estimate: the random mask's keep fraction)."""
     cfg, rt, data, micro = run.cfg, run.rt, run.data, run.micro
-    est_sampler = StepBatchSampler(len(data), micro * rt.world, micro, rt.world, rt.rank, cfg.seed,
-                                   steps=len(data) // (micro * rt.world))
+    est_sampler = StepBatchSampler(
+        len(data), micro * rt.world, micro, rt.world, rt.rank, cfg.seed, steps=len(data) // (micro * rt.world)
+    )
     est_loader = loader(KeyedDataset(data, run.train_tf, cfg.seed), est_sampler, run.workers, rt.device)
 
     def est_batches():
@@ -30,8 +31,9 @@ def estimate(run: Run) -> float:
             yield to_input(x, rt, non_blocking=False), y.to(rt.device)
 
     with rt.autocast():
-        b = estimate_flood_level(run.model, est_batches(), lambda logits, y: run.loss_fn(logits, y),
-                                 keep=cfg.um_estimate, seed=cfg.seed)
+        b = estimate_flood_level(
+            run.model, est_batches(), lambda logits, y: run.loss_fn(logits, y), keep=cfg.um_estimate, seed=cfg.seed
+        )
     if rt.world > 1:  # one b for all processes: the mean of their estimates
         t = torch.tensor([b], device=rt.collective_device, dtype=torch.float64)
         dist.all_reduce(t)

@@ -139,8 +139,10 @@ def resolve_request(req: GroupRequest, data, features_fn=None, seed: int = 0) ->
     """Build the grouping a GroupRequest asks for from the training data."""
     if req.kind == "list":
         if data.list_groups is None:
-            raise ValueError("the group loss needs a grouping: --groups groups.json | sizes:... | taxonomy:FILE | "
-                             "kmeans:K | random:K | a list file or a .npy of group sizes (or a list-file data set)")
+            raise ValueError(
+                "the group loss needs a grouping: --groups groups.json | sizes:... | taxonomy:FILE | "
+                "kmeans:K | random:K | a list file or a .npy of group sizes (or a list-file data set)"
+            )
         return data.list_groups
     if req.kind == "taxonomy":
         return taxonomy_groups(req.path, data.class_names)

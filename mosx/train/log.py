@@ -66,8 +66,10 @@ class TrainLog:
             self.file.writelines(kept)
         if rt.main and cfg.progress and cfg.steps > start:
             from tqdm import tqdm
-            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            mininterval=1.0)
+
+            self.bar = tqdm(
+                total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+            )
         self.meter = AsyncLog(rt.device, self._sink)
 
     def _sink(self, step, loss, lr, ips):

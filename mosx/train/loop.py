@@ -48,34 +48,37 @@ CKPT_FORMAT = resume.CKPT_FORMAT
 @dataclass
 class TrainResult:
     out: str
-    steps: int                      # optimizer steps completed
-    losses: list = field(default_factory=list)   # (step, mean training loss over the log window), rank 0
+    steps: int  # optimizer steps completed
+    losses: list = field(default_factory=list)  # (step, mean training loss over the log window), rank 0
     final_loss: float | None = None
     val_accuracy: float | None = None
-    seconds: float = 0.0            # wall time of the step loop in this process
+    seconds: float = 0.0  # wall time of the step loop in this process
     images_per_s: float | None = None
-    cache_seconds: float | None = None   # feature extraction time (feature-cache mode)
+    cache_seconds: float | None = None  # feature extraction time (feature-cache mode)
     flood_level: float | None = None
     groups: object = None
     model_path: str | None = None
     resumed_from: int | None = None
-    model: object = None            # the trained Classifier (masks folded), on the training device
+    model: object = None  # the trained Classifier (masks folded), on the training device
 
 
 def make_loss(kind: str, groups=None):
     """loss(logits, y, lam, perm): the group-softmax or flat cross-entropy, mixup included."""
     if kind == "group":
+
         def loss(logits, y, lam=1.0, perm=None):
             logits = logits.float()
             if perm is None:
                 return group_cross_entropy(logits, y, groups)
             return group_cross_entropy(logits, y, groups, mix_targets=y[perm.to(y.device)], mix_lambda=lam)
     else:
+
         def loss(logits, y, lam=1.0, perm=None):
             logits = logits.float()
             if perm is None:
                 return F.cross_entropy(logits, y)
             return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y[perm.to(y.device)])
+
     return loss
 
 
@@ -104,8 +107,16 @@ def _train(cfg, rt, data, val_data, groups, log):
         if cfg.um_estimate_only:
             return TrainResult(out=cfg.out, steps=0, flood_level=progress.flood_level, groups=run.groups)
 
-    sampler = StepBatchSampler(len(run.data), cfg.batch_size, run.micro, rt.world, rt.rank, cfg.seed,
-                               steps=cfg.steps, start_step=progress.start_step)
+    sampler = StepBatchSampler(
+        len(run.data),
+        cfg.batch_size,
+        run.micro,
+        rt.world,
+        rt.rank,
+        cfg.seed,
+        steps=cfg.steps,
+        start_step=progress.start_step,
+    )
     batches, net, cache_seconds = training_batches(run, sampler, progress.start_step)
     ddp = None
     if rt.world > 1:
@@ -125,10 +136,21 @@ def _train(cfg, rt, data, val_data, groups, log):
     final = history[-1][1] if history else None
     if ips:
         run.say(f"{steps_run} steps in {seconds:.1f}s ({ips:.1f} images/s), final loss {final}")
-    return TrainResult(out=cfg.out, steps=cfg.steps, losses=history, final_loss=final, val_accuracy=val_acc,
-                       seconds=seconds, images_per_s=ips, cache_seconds=cache_seconds,
-                       flood_level=progress.flood_level, groups=run.groups, model_path=model_path,
-                       resumed_from=progress.resumed_from, model=run.model)
+    return TrainResult(
+        out=cfg.out,
+        steps=cfg.steps,
+        losses=history,
+        final_loss=final,
+        val_accuracy=val_acc,
+        seconds=seconds,
+        images_per_s=ips,
+        cache_seconds=cache_seconds,
+        flood_level=progress.flood_level,
+        groups=run.groups,
+        model_path=model_path,
+        resumed_from=progress.resumed_from,
+        model=run.model,
+    )
 
 
 # ---------------------------------------------------------------------- stage 1: setup
@@ -182,18 +204,24 @@ def _setup(cfg, rt, data, groups, say) -> Run:
     eval_tf = RecipeTransform.from_config(cfg, train=False)
     micro = cfg.micro_batch or cfg.batch_size // rt.world
     if cfg.batch_size % (rt.world * micro):
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of world size {rt.world} x micro_batch {micro}")
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is not a multiple of world size {rt.world} x micro_batch {micro}"
+        )
     accum = cfg.batch_size // (rt.world * micro)
     workers = auto_workers(cfg, rt)
 
     # the grouping (data-driven groupings read the backbone's features) and the classifier
     if cfg.loss == "group":
+
         def features_fn(indices):
             return features(backbone, tdata, eval_tf, [(i, 0) for i in indices], rt, micro, workers, cfg.seed)
 
-        groups = resolve_groups(groups if groups is not None else cfg.groups, tdata,
-                                features_fn if cfg.model != "identity" else (lambda idx: tdata.x[idx].float()),
-                                cfg.seed)
+        groups = resolve_groups(
+            groups if groups is not None else cfg.groups,
+            tdata,
+            features_fn if cfg.model != "identity" else (lambda idx: tdata.x[idx].float()),
+            cfg.seed,
+        )
         num_outputs = groups.num_logits
         if rt.main:
             groups.save(os.path.join(cfg.out, "groups.json"))
@@ -221,6 +249,23 @@ def _setup(cfg, rt, data, groups, say) -> Run:
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **opt_kw)
     sched = StepSchedule(optimizer, cfg.lr, cfg.warmup_steps, cfg.milestones, cfg.lr_decay)
     mixup = Mixup(cfg.mixup_alpha, seed=seed_mix(cfg.seed, 0x61))
-    return Run(cfg=cfg, rt=rt, say=say, data=tdata, in_chans=in_chans, backbone=backbone, dim=dim, groups=groups,
-               model=model, train_tf=train_tf, eval_tf=eval_tf, micro=micro, accum=accum, workers=workers,
-               loss_fn=loss_fn, optimizer=optimizer, sched=sched, mixup=mixup)
+    return Run(
+        cfg=cfg,
+        rt=rt,
+        say=say,
+        data=tdata,
+        in_chans=in_chans,
+        backbone=backbone,
+        dim=dim,
+        groups=groups,
+        model=model,
+        train_tf=train_tf,
+        eval_tf=eval_tf,
+        micro=micro,
+        accum=accum,
+        workers=workers,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        sched=sched,
+        mixup=mixup,
+    )

@@ -6,11 +6,35 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models import (HEAD_INITS, MODEL_FORMAT, Classifier, PlainCNN, SmallCNN, backbone_blocks, build_backbone,
-                      build_model, load_backbone_weights, load_model, save_model)
+from ..models import (
+    HEAD_INITS,
+    MODEL_FORMAT,
+    Classifier,
+    PlainCNN,
+    SmallCNN,
+    backbone_blocks,
+    build_backbone,
+    build_model,
+    load_backbone_weights,
+    load_model,
+    save_model,
+)
 
-__all__ = ["Classifier", "SmallCNN", "PlainCNN", "HEAD_INITS", "MODEL_FORMAT", "build_backbone", "build_model",
-           "load_backbone_weights", "set_trainable", "backbone_blocks", "train_mode", "save_model", "load_model"]
+__all__ = [
+    "Classifier",
+    "SmallCNN",
+    "PlainCNN",
+    "HEAD_INITS",
+    "MODEL_FORMAT",
+    "build_backbone",
+    "build_model",
+    "load_backbone_weights",
+    "set_trainable",
+    "backbone_blocks",
+    "train_mode",
+    "save_model",
+    "load_model",
+]
 
 
 def set_trainable(model: Classifier, train_blocks: int) -> list[nn.Parameter]:
@@ -21,7 +45,7 @@ def set_trainable(model: Classifier, train_blocks: int) -> list[nn.Parameter]:
         blocks = backbone_blocks(model.backbone)
         if train_blocks > len(blocks):
             raise ValueError(f"train_blocks={train_blocks} but the backbone has {len(blocks)} blocks")
-        for block in blocks[len(blocks) - train_blocks:]:
+        for block in blocks[len(blocks) - train_blocks :]:
             for p in block:
                 p.requires_grad_(True)
     for p in model.head.parameters():
@@ -38,4 +62,3 @@ def train_mode(model: Classifier) -> None:
             m.eval()
     if not any(p.requires_grad for p in model.backbone.parameters()):
         model.backbone.eval()
-

@@ -27,8 +27,10 @@ def restore(run: Run) -> Progress:
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path}: not a mosx checkpoint")
         if ck["world"] != rt.world or ck["batch"] != [cfg.batch_size, run.micro]:
-            say(f"resume: checkpoint of world {ck['world']} batch {ck['batch']}, now world {rt.world} "
-                f"batch {[cfg.batch_size, run.micro]}: the data order continues, RNG streams are not exact")
+            say(
+                f"resume: checkpoint of world {ck['world']} batch {ck['batch']}, now world {rt.world} "
+                f"batch {[cfg.batch_size, run.micro]}: the data order continues, RNG streams are not exact"
+            )
         run.model.load_state_dict(ck["model"])
         run.optimizer.load_state_dict(ck["optimizer"])
         run.mixup.load_state_dict(ck["mixup"])
@@ -57,9 +59,21 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
         dist.all_gather_object(rngs, rng_state())
     flush()
     if rt.main:
-        atomic_save({"format": CKPT_FORMAT, "step": done_steps, "model": _unwrap(run.model).state_dict(),
-                     "optimizer": run.optimizer.state_dict(), "mixup": run.mixup.state_dict(), "rng": rngs,
-                     "losses": list(progress.losses), "flood_level": progress.flood_level, "world": rt.world,
-                     "batch": [cfg.batch_size, run.micro], "config": cfg.to_dict(),
-                     "groups": None if run.groups is None else list(run.groups.class_to_group)}, run.ckpt_path)
+        atomic_save(
+            {
+                "format": CKPT_FORMAT,
+                "step": done_steps,
+                "model": _unwrap(run.model).state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "mixup": run.mixup.state_dict(),
+                "rng": rngs,
+                "losses": list(progress.losses),
+                "flood_level": progress.flood_level,
+                "world": rt.world,
+                "batch": [cfg.batch_size, run.micro],
+                "config": cfg.to_dict(),
+                "groups": None if run.groups is None else list(run.groups.class_to_group),
+            },
+            run.ckpt_path,
+        )
     rt.barrier()

@@ -30,9 +30,17 @@ def finish(run: Run, progress: Progress, log: TrainLog, val_data=None):
     if cfg.umap_keep is not None:
         fold_masks(run.model)
     if rt.main:
-        save_model(model_path, run.model, arch=cfg.model, num_features=run.dim, groups=run.groups, loss=cfg.loss,
-                   class_names=run.data.class_names, in_chans=run.in_chans,
-                   extra={"config": cfg.to_dict(), "flood_level": progress.flood_level})
+        save_model(
+            model_path,
+            run.model,
+            arch=cfg.model,
+            num_features=run.dim,
+            groups=run.groups,
+            loss=cfg.loss,
+            class_names=run.data.class_names,
+            in_chans=run.in_chans,
+            extra={"config": cfg.to_dict(), "flood_level": progress.flood_level},
+        )
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
     log.close()

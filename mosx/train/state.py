@@ -5,8 +5,8 @@ restores and the step loop extends (the start step, the loss history, the flood 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -54,5 +54,5 @@ class Run:
 class Progress:
     start_step: int = 0  # the first step this process runs (the checkpoint's step when resumed)
     losses: list = field(default_factory=list)  # (step, mean training loss over the log window)
-    resumed_from: Optional[int] = None  # the checkpoint's step, None for a fresh run
-    flood_level: Optional[float] = None  # UM's b: from the config, the checkpoint or the estimate
+    resumed_from: int | None = None  # the checkpoint's step, None for a fresh run
+    flood_level: float | None = None  # UM's b: from the config, the checkpoint or the estimate
