@@ -797,3 +797,23 @@ def test_wrappers_on_a_grouped_model_only_over_mos(folders, tmp_path):
         **common(tmp_path),
     )
     assert set(res.metrics) == {"mos", "ash-mos", "scale-mos", "react-mos"}
+
+
+def test_thresholds_and_per_sample_scores_are_written(folders, tmp_path):
+    res = E.evaluate(
+        net(),
+        str(folders / "id"),
+        {"far": str(folders / "ood_far")},
+        scores=["msp", "energy:temperature=2"],
+        plots=False,
+        **common(tmp_path),
+    )
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    for m in ("msp", "energy:temperature=2"):
+        t = doc["thresholds"][m]
+        assert t == M.threshold_at_tpr(res.scores[m]["id"], 0.95)
+        kept_ood = float((res.scores[m]["far"] >= t).mean())
+        assert kept_ood == pytest.approx(res.metrics[m]["far"].fpr_at_tpr)
+        for s in ("id", "far"):
+            with np.load(doc["score_files"]["files"][s]) as z:
+                np.testing.assert_array_equal(z[doc["score_files"]["keys"][m]], res.scores[m][s])

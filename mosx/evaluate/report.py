@@ -120,6 +120,10 @@ def write_outputs(
         "scorer_seconds": res.scorer_seconds,
         "images_scored": res.counts,
         "unreadable": res.unreadable,
+        # per method: the threshold keeping `tpr` of the ID samples (keep as ID when score >= it),
+        # under the FPR metric's own rule; and one compressed file of per-sample scores per set
+        "thresholds": _thresholds(res, tpr, conventions.get("fpr_rule", "nearest")),
+        "score_files": _write_scores(res, out_dir),
     }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -143,6 +147,32 @@ def write_outputs(
         res, os.path.join(out_dir, "report.html"), tpr, {**(settings or {}), **conventions}, files.get("plots")
     )
     return files
+
+
+def _thresholds(res: EvalResult, tpr: float, fpr_rule: str) -> dict:
+    out = {}
+    for m, per in res.scores.items():
+        ids = per.get("id")
+        out[m] = float(M.threshold_at_tpr(ids, tpr, fpr_rule=fpr_rule)) if ids is not None and len(ids) else None
+    return out
+
+
+def _write_scores(res: EvalResult, out_dir: str) -> dict:
+    """scores/<set>.npz: one array per method (keys: the methods' file-safe names, listed here)."""
+    if not res.scores:
+        return {}
+    folder = os.path.join(out_dir, "scores")
+    os.makedirs(folder, exist_ok=True)
+    keys = {m: safe_name(m) for m in res.scores}
+    sets = list(next(iter(res.scores.values())))
+    files = {}
+    for s in sets:
+        path = os.path.join(folder, f"{safe_name(s)}.npz")
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez_compressed(tmp, **{keys[m]: np.asarray(per[s]) for m, per in res.scores.items() if s in per})
+        os.replace(tmp, path)
+        files[s] = path
+    return {"files": files, "keys": keys}
 
 
 def plots_of(res: EvalResult, out_dir: str) -> list:
