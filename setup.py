@@ -112,6 +112,15 @@ if WITH_CUDA:
 else:
     ext = CppExtension("mosx._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
+# The torch this build compiles against: written into the package (mosx/_build_info.py, checked at
+# import, so a mismatched torch fails with both versions named) and required at install time, so pip
+# never pairs this build with another torch.
+with open(os.path.join(ROOT, "mosx", "_build_info.py"), "w") as f:
+    f.write(
+        '"""Written by setup.py at build time: the torch this mosx was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\nWITH_CUDA = {bool(WITH_CUDA)!r}\n"
+    )
+
 setup(
     name="mosx",
     version="0.1.0",
@@ -123,7 +132,8 @@ setup(
     package_data={"mosx.data": ["LICENSES.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=[f"torch=={torch.__version__}", "numpy"],
+    license="Apache-2.0",
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest"],
         "train": ["torchvision", "timm", "tqdm", "matplotlib", "pillow"],

@@ -5,6 +5,15 @@ groups = mosx.Groups.from_sizes([398, 521, 9, 7, 52, 8, 3, 2])
 score = mosx.group_softmax_score(logits, groups)   # higher = more in-distribution
 """
 
+# Before anything loads the op library: a torch other than the one mosx was built against gets a
+# message naming both versions instead of an undefined-symbol error from mosx._C.
+# isort: off
+from ._build_check import check_torch_version
+
+check_torch_version()
+# isort: on
+
+
 from . import metrics, reference, scores
 from .gate import OODGate
 from .groups import Groups, as_groups
