@@ -133,6 +133,20 @@ def _(grad_losses, logits, offsets, targets, class_logit, lse, ignore_index):
 
 
 # ------------------------------------------------------------------------------ autograd
+# Each backward runs the fused backward kernel, except under create_graph=True (grad mode on in
+# the backward): then it evaluates the same gradient with differentiable torch formulas, so that
+# second (and higher) derivatives are exact instead of silently zero.
+def _segments(offsets: torch.Tensor, num_logits: int) -> torch.Tensor:
+    """Group index of every logit position, [L] int64 (no device sync: the output size is given)."""
+    k = offsets.numel() - 1
+    return torch.repeat_interleave(torch.arange(k, device=offsets.device), offsets.diff(), output_size=num_logits)
+
+
+def _group_sums(a: torch.Tensor, seg: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per-group sums of an [N, L] tensor, [N, K] (differentiable)."""
+    return a.new_zeros(a.shape[0], num_groups).index_add(1, seg, a)
+
+
 def _softmax_setup(ctx, inputs, output):
     _, offsets, log = inputs
     ctx.log = log
@@ -141,6 +155,13 @@ def _softmax_setup(ctx, inputs, output):
 
 def _softmax_backward(ctx, grad):
     out, offsets = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable in grad and (through out) logits
+        seg, k = _segments(offsets, out.shape[1]), offsets.numel() - 1
+        if ctx.log:
+            gx = grad - out.exp() * _group_sums(grad, seg, k)[:, seg]
+        else:
+            gx = out * (grad - _group_sums(grad * out, seg, k)[:, seg])
+        return gx, None, None
     return _ops.group_softmax_backward(grad.contiguous(), out, offsets, ctx.log), None, None
 
 
@@ -156,6 +177,15 @@ def _score_setup(ctx, inputs, output):
 
 def _score_backward(ctx, grad_score, _grad_group, _grad_lse):
     logits, offsets, min_group, min_lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: d(-p0)/dx = p0 * (p - onehot(others)) on slice k*
+        seg = _segments(offsets, logits.shape[1])
+        p = _ops.group_softmax(logits, offsets, False)
+        others = offsets[min_group].unsqueeze(1)
+        p0 = p.gather(1, others)
+        onehot = torch.zeros_like(p).scatter(1, others, 1.0)
+        in_slice = seg.unsqueeze(0) == min_group.unsqueeze(1)
+        gx = (grad_score.to(p.dtype).unsqueeze(1) * p0) * (p - onehot)
+        return torch.where(in_slice, gx, torch.zeros_like(gx)), None
     return _ops.group_softmax_score_backward(grad_score, logits, offsets, min_group, min_lse), None
 
 
@@ -171,8 +201,30 @@ def _ce_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, offsets, targets, class_logit, lse)
 
 
+def _ce_slots(offsets, targets, class_logit, ignore_index, seg):
+    """Logit position of the target of every (target set m, row n, group k), [M, N, K], and
+    whether it counts (not ignored), as the kernels' TargetSlots (the forward validated them)."""
+    starts = offsets[:-1]
+    valid = targets != ignore_index
+    if targets.dim() == 3:  # per-group labels
+        return starts + torch.where(valid, targets, 0), valid
+    pos = class_logit[torch.where(valid, targets, 0)]  # [M, N]
+    own = seg[pos].unsqueeze(-1) == torch.arange(starts.numel(), device=seg.device)
+    slots = torch.where(own, pos.unsqueeze(-1), starts)
+    return slots, valid.unsqueeze(-1).expand_as(slots)
+
+
 def _ce_backward(ctx, grad_losses, _grad_lse):
     logits, offsets, targets, class_logit, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: sum_m coef_mk * (softmax_k - onehot(slot_mk))
+        seg = _segments(offsets, logits.shape[1])
+        p = _ops.group_softmax(logits, offsets, False)
+        slots, valid = _ce_slots(offsets, targets, class_logit, ctx.ignore_index, seg)
+        coef = torch.where(valid, grad_losses.to(p.dtype), torch.zeros((), dtype=p.dtype, device=p.device))
+        gx = coef.sum(0)[:, seg] * p
+        for m in range(coef.shape[0]):
+            gx = gx - torch.zeros_like(p).scatter_add(1, slots[m], coef[m])
+        return gx, None, None, None, None
     grad = _ops.group_cross_entropy_backward(
         grad_losses.contiguous(), logits, offsets, targets, class_logit, lse, ctx.ignore_index
     )
@@ -249,6 +301,31 @@ def _as_targets(targets, groups: Groups, n: int, device, name: str) -> torch.Ten
     return t.long()
 
 
+def _check_mix_lambda(lam):
+    """A number or a one-element floating tensor in [0, 1] (NaN rejected); a tensor comes back 0-d.
+    A CUDA tensor's value is not read (that would synchronise), nor one under torch.compile."""
+    if isinstance(lam, torch.Tensor):
+        if lam.numel() != 1 or not lam.is_floating_point():
+            raise ValueError(
+                "group_cross_entropy: a tensor mix_lambda must hold one floating value, "
+                f"got shape {tuple(lam.shape)} {lam.dtype}"
+            )
+        lam = lam.reshape(())
+        if lam.device.type != "cpu" or torch.compiler.is_compiling():
+            return lam
+        value = float(lam.detach())
+    else:
+        try:
+            value = float(lam)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"group_cross_entropy: mix_lambda must be a number or a tensor, got {type(lam).__name__}"
+            ) from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"group_cross_entropy: mix_lambda must be in [0, 1], got {value}")
+    return lam
+
+
 def group_cross_entropy(
     logits,
     targets,
@@ -281,8 +358,7 @@ def group_cross_entropy(
         tb = _as_targets(mix_targets, g, n, x.device, "mix_targets")
         if tb.dim() != ta.dim():
             raise ValueError("group_cross_entropy: targets and mix_targets must have the same form ([N] or [N, K])")
-        if not isinstance(mix_lambda, torch.Tensor) and not 0.0 <= float(mix_lambda) <= 1.0:
-            raise ValueError(f"group_cross_entropy: mix_lambda must be in [0, 1], got {mix_lambda}")
+        mix_lambda = _check_mix_lambda(mix_lambda)
         stacked = torch.stack([ta, tb])
         weights = [mix_lambda, 1.0 - mix_lambda]
     else:

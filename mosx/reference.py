@@ -75,13 +75,23 @@ def group_cross_entropy(
     g = as_groups(groups)
 
     def labels_of(t):
+        """Per-group labels and the ignore value they use. Class-id rows equal to ignore_index are
+        ignored in every group (docs/semantics.md); their labels get -100, never a valid
+        per-group label, because ignore_index itself may equal a real per-group label (e.g.
+        ignore_index=3 and a class at within-group index 2) that must not be ignored."""
         t = torch.as_tensor(t, device=logits.device).long()
-        return g.group_labels(t, ignore_index) if t.dim() == 1 else t
+        if t.dim() != 1:
+            return t, ignore_index
+        ignored = t == ignore_index
+        labels = g.group_labels(torch.where(ignored, 0, t))
+        labels[ignored] = -100
+        return labels, -100
 
-    def loss_of(labels):
+    def loss_of(labels_and_ignore):
+        labels, ignore = labels_and_ignore
         loss = 0
         for i, (a, b) in enumerate(_slices(g)):
-            loss = loss + F.cross_entropy(logits[:, a:b], labels[:, i], ignore_index=ignore_index, reduction=reduction)
+            loss = loss + F.cross_entropy(logits[:, a:b], labels[:, i], ignore_index=ignore, reduction=reduction)
         return loss
 
     loss = loss_of(labels_of(targets))

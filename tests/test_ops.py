@@ -251,6 +251,107 @@ def test_gradcheck(gen, device):
 
 
 # ------------------------------------------------------------------------ layouts and types
+def test_second_derivatives(gen, device):
+    # Double backward (create_graph=True) goes through differentiable formulas of each backward:
+    # before, group_softmax's was all zeros and group_softmax_score's None.
+    g = Groups.from_sizes([3, 1, 4])
+    x = torch.randn(5, g.num_logits, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.tensor([0, 3, 7, -100, 5], device=device)
+    t2 = torch.tensor([1, 2, -100, 6, 0], device=device)
+    labels = g.group_labels(t)
+    labels[1, 2] = -100
+    fns = {
+        "softmax": lambda x: mosx.group_softmax(x, g),
+        "log_softmax": lambda x: mosx.group_log_softmax(x, g),
+        "score": lambda x: mosx.group_softmax_score(x, g),
+        "ce_ids": lambda x: mosx.group_cross_entropy(x, t, g, reduction="none"),
+        "ce_labels": lambda x: mosx.group_cross_entropy(x, labels, g, reduction="sum"),
+        "ce_mixup": lambda x: mosx.group_cross_entropy(x, t, g, mix_targets=t2, mix_lambda=0.3),
+    }
+    for name, fn in fns.items():
+        assert torch.autograd.gradgradcheck(fn, (x,)), name
+    # and the Hessian matches the reference's
+    for name, ref in (
+        ("softmax", lambda x: reference.group_softmax(x, g)),
+        ("score", lambda x: reference.group_softmax_score(x, g)),
+    ):
+        w = torch.randn(fns[name](x[:2]).shape, generator=gen, dtype=torch.float64).to(device)
+        hess = torch.autograd.functional.hessian(lambda z: (fns[name](z) * w).sum(), x[:2].detach())
+        hess_ref = torch.autograd.functional.hessian(lambda z: (ref(z) * w).sum(), x[:2].detach())
+        torch.testing.assert_close(hess, hess_ref)
+
+
+def test_mix_lambda_tensor_is_validated(device):
+    g = Groups.from_sizes([2, 2])
+    x = torch.zeros(3, 6, device=device)
+    t = torch.tensor([0, 1, 2], device=device)
+    for lam in (1.5, float("nan"), -0.1, torch.tensor(1.5), torch.tensor(float("nan")), torch.tensor([-0.5])):
+        with pytest.raises(ValueError, match=r"mix_lambda must be in \[0, 1\]"):
+            mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=lam)
+    for lam in (torch.full((3,), 0.5), torch.tensor(1)):
+        with pytest.raises(ValueError, match="must hold one floating value"):
+            mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=lam)
+    with pytest.raises(TypeError, match="mix_lambda must be a number"):
+        mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda="half")
+    got = mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=torch.tensor([0.25]))
+    assert got.shape == ()
+    torch.testing.assert_close(got, mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=0.25))
+
+
+def test_cross_entropy_empty_batch(device):
+    g = Groups.from_sizes([3, 1, 4])
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = torch.zeros(0, g.num_logits, dtype=dtype, device=device, requires_grad=True)
+        for t in (
+            torch.zeros(0, dtype=torch.long, device=device),
+            torch.zeros(0, g.num_groups, dtype=torch.long, device=device),
+        ):
+            for reduction in ("mean", "sum", "none"):
+                got = mosx.group_cross_entropy(x, t, g, reduction=reduction)
+                ref = reference.group_cross_entropy(x.float(), t, g, reduction=reduction)
+                torch.testing.assert_close(got.float(), ref, equal_nan=True)
+                (gx,) = torch.autograd.grad(got.sum(), x)
+                assert gx.shape == (0, g.num_logits) and gx.dtype == dtype
+            got = mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=0.5, reduction="sum")
+            assert got.item() == 0.0
+    # the raw ops, backward included
+    tt = g.tensors(device)
+    x = torch.zeros(0, g.num_logits, device=device)
+    ids = torch.zeros(2, 0, dtype=torch.long, device=device)
+    losses, lse = torch.ops.mosx.group_cross_entropy(x, tt["offsets"], ids, tt["class_logit"], -100)
+    assert losses.shape == (2, 0, 3) and lse.shape == (0, 3)
+    gx = torch.ops.mosx.group_cross_entropy_backward(losses, x, tt["offsets"], ids, tt["class_logit"], lse, -100)
+    assert gx.shape == (0, g.num_logits)
+
+
+@pytest.mark.parametrize("ignore_index", [3, 7, -1, 10**12])
+def test_cross_entropy_class_ids_other_ignore_index(ignore_index, gen, device):
+    # A non-default ignore_index, a valid class id included (that class then cannot be a target).
+    g = Groups.from_sizes([3, 1, 4, 2])
+    x = make_logits(gen, 40, g, torch.float64, device).requires_grad_()
+    t = torch.randint(0, g.num_classes, (40,), generator=gen)
+    t2 = torch.randint(0, g.num_classes, (40,), generator=gen)
+    t[::3] = ignore_index
+    t2[1::4] = ignore_index
+    t, t2 = t.to(device), t2.to(device)
+    for reduction in ("mean", "sum", "none"):
+        got = mosx.group_cross_entropy(x, t, g, reduction=reduction, ignore_index=ignore_index)
+        ref = reference.group_cross_entropy(x, t, g, reduction=reduction, ignore_index=ignore_index)
+        torch.testing.assert_close(got, ref)
+        if reduction == "none":
+            assert (got[::3] == 0).all()
+        (gx,) = torch.autograd.grad(got.sum(), x)
+        (rx,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(gx, rx)
+        assert (gx[::3] == 0).all()
+    got = mosx.group_cross_entropy(x, t, g, ignore_index=ignore_index, mix_targets=t2, mix_lambda=0.3)
+    ref = reference.group_cross_entropy(x, t, g, ignore_index=ignore_index, mix_targets=t2, mix_lambda=0.3)
+    torch.testing.assert_close(got, ref)
+    if device.type == "cpu":  # -100 is not the ignore_index here: out of range
+        with pytest.raises(RuntimeError, match="is not ignore_index"):
+            mosx.group_cross_entropy(x, torch.full_like(t, -100), g, ignore_index=ignore_index)
+
+
 def test_non_contiguous_inputs(gen, device):
     g = Groups.from_sizes([5, 2, 9, 1])
     big = make_logits(gen, 50, Groups.from_sizes([40]), torch.float32, device)
