@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 
 from . import _C  # noqa: F401  (loads the op library and registers torch.ops.mosx.*)
 from ._dtypes import FLOAT_DTYPES
+from .ops import _fake_devices
 
 __all__ = [
     "masked_weight",
@@ -72,6 +73,7 @@ def _check_keep(keep, fn):
 # ------------------------------------------------------------------------------ fake kernels
 @torch.library.register_fake("mosx::masked_weight")
 def _(weight, scores, keep):
+    _fake_devices("masked_weight", weight, "weight", scores=scores)
     return (
         torch.empty_like(weight, memory_format=torch.contiguous_format),
         torch.empty_like(weight, dtype=torch.bool, memory_format=torch.contiguous_format),
@@ -80,6 +82,7 @@ def _(weight, scores, keep):
 
 @torch.library.register_fake("mosx::masked_weight_backward")
 def _(grad, weight, scores, mask, scores_grad, weight_grad):
+    _fake_devices("masked_weight_backward", weight, "weight", grad=grad, scores=scores, mask=mask)
     return [
         torch.empty_like(weight, memory_format=torch.contiguous_format)
         for wanted in (scores_grad, weight_grad)

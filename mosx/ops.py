@@ -57,10 +57,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # They also run when real tensors are mixed with meta tensors (the dispatcher picks the Meta
 # kernel for the whole call): the device check keeps that from returning uninitialised memory.
 def _fake_devices(op: str, first, first_name: str = "logits", **others) -> None:
+    def verb(name):
+        return "are" if name.endswith("s") else "is"
+
     for name, t in others.items():
         if t.device != first.device:
-            verb = "are" if name.endswith("s") else "is"
-            raise RuntimeError(f"mosx.{op}: {name} {verb} on {t.device} but {first_name} are on {first.device}")
+            raise RuntimeError(
+                f"mosx.{op}: {name} {verb(name)} on {t.device} but {first_name} {verb(first_name)} on {first.device}"
+            )
 
 
 @torch.library.register_fake("mosx::group_softmax")

@@ -287,3 +287,10 @@ def test_bad_inputs_raw_op():
         torch.ops.mosx.masked_weight_backward(w, w, w, m.float(), True, True)
     with pytest.raises(RuntimeError, match="grad has shape"):
         torch.ops.mosx.masked_weight_backward(w.t(), w, w, m, True, True)
+
+
+def test_meta_scores_with_cpu_weight_are_refused():
+    """A call mixing meta and real tensors runs the fake kernel: it must not return uninitialised memory."""
+    w = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="scores are on meta but weight is on cpu"):
+        torch.ops.mosx.masked_weight(w, torch.randn(4, 5, device="meta"), 0.5)
