@@ -836,3 +836,36 @@ def test_umap_masks_train_and_fold(tmp_path, gen):
     model, _ = load_model(str(tmp_path / "umap" / "model.pt"))  # plain layers: the masks were folded
     w = model.backbone.stages[1][0].weight
     assert 0.15 < float((w == 0).float().mean()) < 0.35
+
+
+# ------------------------------------------------------------------------------ loading without running code
+class _Payload:
+    """Unpickling this writes a marker file: what a hostile file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_trainer_files_load_without_running_code(tmp_path, gen):
+    x, y = tiny_data(gen)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": x, "y": y, "extra": _Payload(str(marker))}, evil)
+    base = make_config("cpu-demo", **{**TINY, "steps": 2, "groups": "sizes:2,2"})
+    with pytest.raises(ValueError, match="--trust-pickle"):  # .pt data
+        train(base.replace(data=str(evil), out=str(tmp_path / "a")))
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="--trust-pickle"):  # --init
+        train(base.replace(data=str(tmp_path / "d.pt"), init=str(evil), out=str(tmp_path / "b")))
+    assert not marker.exists()
+    # the trainer's own checkpoint (RNG states included) loads with weights_only=True
+    out = tmp_path / "c"
+    train(base.replace(data=str(tmp_path / "d.pt"), out=str(out), ckpt_every=1))
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2
+    (out / "checkpoint.pt").write_bytes(b"")  # zero bytes: a clear message, not EOFError
+    with pytest.raises(ValueError, match="empty or truncated"):
+        train(base.replace(data=str(tmp_path / "d.pt"), out=str(out), resume=True, steps=4))

@@ -71,6 +71,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     resume: bool = False
+    trust_pickle: bool = False  # allow --init / .pt data files that need pickle (it can run code)
     progress: bool = True
     step_sleep: float = 0.0  # seconds to sleep per step (tests: makes a run killable mid-way)
 
@@ -196,6 +197,8 @@ HELP = {
     "um_estimate_only": "print the estimated b and stop",
     "umap_keep": "UMAP: learn weight masks keeping this fraction per layer",
     "resume": "continue exactly from <out>/checkpoint.pt",
+    "trust_pickle": "allow --init and .pt data files that need pickle to load (it can run code stored in "
+    "the file): only for files you trust",
     "step_sleep": argparse.SUPPRESS,
 }
 

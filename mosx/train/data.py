@@ -158,9 +158,10 @@ class DatasetData:
         return img, int(target)
 
 
-def open_data(spec, root: str | None = None):
+def open_data(spec, root: str | None = None, *, trust_pickle: bool = False):
     """ImageData / TensorData from a path (folder, list file, .pt tensors), a (x, y) pair, a dict
-    {"x", "y"[, "class_names"]} or a TensorDataset."""
+    {"x", "y"[, "class_names"]} or a TensorDataset. A .pt file loads with weights_only=True unless
+    `trust_pickle`."""
     if spec is None:
         raise ValueError("no training data given (--data)")
     if isinstance(spec, (ImageData, TensorData)):
@@ -186,7 +187,9 @@ def open_data(spec, root: str | None = None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"data {path!r} does not exist")
     if path.endswith((".pt", ".pth")):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+        from ..models.files import read_file
+
+        d = read_file(path, trust_pickle=trust_pickle)
         if not isinstance(d, dict) or "x" not in d or "y" not in d:
             raise ValueError(f"{path}: a tensor data file must hold a dict with 'x' and 'y'")
         return TensorData(d["x"], d["y"], d.get("class_names"), source=path)

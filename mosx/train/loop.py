@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..masking import apply_masks
+from ..models.files import read_file
 from ..ops import group_cross_entropy
 from ..runtime import Runtime
 from . import flood_level, resume, save, steps
@@ -170,8 +171,10 @@ def _in_chans(data) -> int:
     return 3
 
 
-def _load_init(model: Classifier, path: str):
-    d = torch.load(path, map_location="cpu", weights_only=False)
+def _load_init(model: Classifier, path: str, trust_pickle: bool = False):
+    d = read_file(path, trust_pickle=trust_pickle)
+    if not isinstance(d, dict):
+        raise ValueError(f"--init {path}: expected a mosx model file or a state dict, got {type(d).__name__}")
     state = d.get("state_dict") if d.get("format") == "mosx.model/1" else d.get("model", d)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -190,7 +193,7 @@ def _setup(cfg, rt, data, groups, say) -> Run:
         os.makedirs(cfg.out, exist_ok=True)
 
     # the data and the backbone
-    tdata = open_data(data if data is not None else cfg.data, cfg.data_root)
+    tdata = open_data(data if data is not None else cfg.data, cfg.data_root, trust_pickle=cfg.trust_pickle)
     feat_dim = tdata.x.shape[1] if isinstance(tdata, TensorData) and tdata.is_features else None
     if feat_dim is not None and cfg.model != "identity":
         raise ValueError("the data are [N, D] feature vectors: use --model identity")
@@ -230,7 +233,7 @@ def _setup(cfg, rt, data, groups, say) -> Run:
         num_outputs = tdata.num_classes
     model = Classifier(backbone, dim, num_outputs, head_init=cfg.head_init).to(rt.device)
     if cfg.init:
-        _load_init(model, cfg.init)
+        _load_init(model, cfg.init, cfg.trust_pickle)
     set_trainable(model, cfg.train_blocks)
     if cfg.umap_keep is not None:
         masked = apply_masks(model, cfg.umap_keep, train_weights=cfg.umap_train_weights)

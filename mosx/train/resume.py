@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.distributed as dist
 
+from ..models.files import read_file
 from .checkpoint import atomic_save, rng_state, set_rng_state
 from .state import Progress, Run
 
@@ -23,7 +23,7 @@ def restore(run: Run) -> Progress:
     cfg, rt, say, path = run.cfg, run.rt, run.say, run.ckpt_path
     progress = Progress(flood_level=cfg.um_flood_level)
     if cfg.resume and os.path.exists(path):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = read_file(path)  # mosx's own checkpoint: tensors and plain values only
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path}: not a mosx checkpoint")
         if ck["world"] != rt.world or ck["batch"] != [cfg.batch_size, run.micro]:

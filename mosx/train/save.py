@@ -47,7 +47,15 @@ def finish(run: Run, progress: Progress, log: TrainLog, val_data=None):
     val_acc = None
     vd = val_data if val_data is not None else cfg.val_data
     if vd is not None and rt.main:
-        val_acc = accuracy(run.model, open_data(vd, cfg.data_root), run.eval_tf, run.groups, rt, run.micro, run.workers)
+        val_acc = accuracy(
+            run.model,
+            open_data(vd, cfg.data_root, trust_pickle=cfg.trust_pickle),
+            run.eval_tf,
+            run.groups,
+            rt,
+            run.micro,
+            run.workers,
+        )
         run.say(f"validation top-1 accuracy {val_acc:.4f}")
     rt.barrier()
     return model_path, val_acc
