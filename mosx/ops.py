@@ -238,6 +238,24 @@ def _ce_backward(ctx, grad_losses, _grad_lse):
 torch.library.register_autograd("mosx::group_cross_entropy", _ce_backward, setup_context=_ce_setup)
 
 
+def _not_differentiable(op: str, forward: str) -> None:
+    """The raw backward ops have no derivative of their own (their saved lse inputs are constants):
+    differentiating one raises instead of silently giving zeros."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"mosx.{op} is not differentiable; for second derivatives differentiate mosx.{forward} "
+            f"(or torch.ops.mosx.{forward}) with torch.autograd.grad(..., create_graph=True)"
+        )
+
+    torch.library.register_autograd(f"mosx::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_not_differentiable("group_softmax_backward", "group_softmax")
+_not_differentiable("group_softmax_score_backward", "group_softmax_score")
+_not_differentiable("group_cross_entropy_backward", "group_cross_entropy")
+
+
 # ------------------------------------------------------------------------------ public API
 def group_softmax(logits, groups, *, log: bool = False):
     """Softmax within every group's slice (others slot included). [N, L] -> [N, L], same dtype."""
@@ -319,6 +337,8 @@ def _check_mix_lambda(lam):
             return lam
         value = float(lam.detach())
     else:
+        if isinstance(lam, (str, bytes, bool)):
+            raise TypeError(f"group_cross_entropy: mix_lambda must be a number or a tensor, got {type(lam).__name__}")
         try:
             value = float(lam)
         except (TypeError, ValueError):

@@ -281,6 +281,29 @@ def test_second_derivatives(gen, device):
         torch.testing.assert_close(hess, hess_ref)
 
 
+def test_raw_backward_ops_refuse_to_be_differentiated():
+    # They used to give zeros (softmax) or None (score, cross-entropy) with a warning.
+    g = Groups.from_sizes([3, 1, 4])
+    t = g.tensors("cpu")
+    x = torch.randn(4, g.num_logits, dtype=torch.float64, requires_grad=True)
+    y = torch.softmax(x, 1).detach()
+    ids = torch.tensor([[0, 3, 7, 2]])
+    lse = torch.zeros(4, 3, dtype=torch.float64)
+    ops = torch.ops.mosx
+    cases = {
+        "group_softmax_backward": lambda: ops.group_softmax_backward(x, y, t["offsets"], False),
+        "group_softmax_score_backward": lambda: ops.group_softmax_score_backward(
+            x[:, 0], x, t["offsets"], torch.zeros(4, dtype=torch.long), lse[:, 0]
+        ),
+        "group_cross_entropy_backward": lambda: ops.group_cross_entropy_backward(
+            torch.ones(1, 4, 3, dtype=torch.float64), x, t["offsets"], ids, t["class_logit"], lse, -100
+        ),
+    }
+    for name, fn in cases.items():
+        with pytest.raises(RuntimeError, match=f"mosx.{name} is not differentiable"):
+            fn().sum().backward()
+
+
 def test_mix_lambda_tensor_is_validated(device):
     g = Groups.from_sizes([2, 2])
     x = torch.zeros(3, 6, device=device)
@@ -293,6 +316,9 @@ def test_mix_lambda_tensor_is_validated(device):
             mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=lam)
     with pytest.raises(TypeError, match="mix_lambda must be a number"):
         mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda="half")
+    for lam in ("0.5", True):  # float() would take these
+        with pytest.raises(TypeError, match="mix_lambda must be a number"):
+            mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=lam)
     got = mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=torch.tensor([0.25]))
     assert got.shape == ()
     torch.testing.assert_close(got, mosx.group_cross_entropy(x, t, g, mix_targets=t, mix_lambda=0.25))
@@ -324,7 +350,7 @@ def test_cross_entropy_empty_batch(device):
     assert gx.shape == (0, g.num_logits)
 
 
-@pytest.mark.parametrize("ignore_index", [3, 7, -1, 10**12])
+@pytest.mark.parametrize("ignore_index", [1, 3, 7, -1, -100, 10**12])
 def test_cross_entropy_class_ids_other_ignore_index(ignore_index, gen, device):
     # A non-default ignore_index, a valid class id included (that class then cannot be a target).
     g = Groups.from_sizes([3, 1, 4, 2])
@@ -347,7 +373,7 @@ def test_cross_entropy_class_ids_other_ignore_index(ignore_index, gen, device):
     got = mosx.group_cross_entropy(x, t, g, ignore_index=ignore_index, mix_targets=t2, mix_lambda=0.3)
     ref = reference.group_cross_entropy(x, t, g, ignore_index=ignore_index, mix_targets=t2, mix_lambda=0.3)
     torch.testing.assert_close(got, ref)
-    if device.type == "cpu":  # -100 is not the ignore_index here: out of range
+    if device.type == "cpu" and ignore_index != -100:  # -100 is not the ignore_index here: out of range
         with pytest.raises(RuntimeError, match="is not ignore_index"):
             mosx.group_cross_entropy(x, torch.full_like(t, -100), g, ignore_index=ignore_index)
 
