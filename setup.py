@@ -132,7 +132,9 @@ setup(
     package_data={"mosx.data": ["LICENSES.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
-    install_requires=[f"torch=={torch.__version__}", "numpy"],
+    # the public version (2.14.1 of 2.14.1+cu130): pip's constraint files and indexes compare those;
+    # the exact build (local tag included) is checked at import by mosx/_build_check.py
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
     license="Apache-2.0",
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest"],
