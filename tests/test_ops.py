@@ -281,6 +281,20 @@ def test_second_derivatives(gen, device):
         torch.testing.assert_close(hess, hess_ref)
 
 
+def test_ignored_row_with_nan_logits_has_zero_gradient(device):
+    # The fused backward gave NaN on the NaN slice of an ignored row (0 * NaN softmax).
+    x = torch.tensor([[float("nan"), -0.5, 0.3, 0.1], [0.1, 0.2, 0.3, 0.4]], device=device, requires_grad=True)
+    for t in (torch.tensor([-100, 0]), torch.tensor([[-100, -100], [1, 0]])):
+        for reduction in ("sum", "none"):
+            loss = mosx.group_cross_entropy(x, t.to(device), [1, 1], reduction=reduction)
+            (gx,) = torch.autograd.grad(loss.sum(), x)
+            assert (gx[0] == 0).all(), gx
+            assert torch.isfinite(gx[1]).all() and (gx[1] != 0).any()
+    lab = torch.tensor([[-100, 1], [1, 0]], device=device)  # group 1 of row 0 counts: NaN-free slice
+    (gx,) = torch.autograd.grad(mosx.group_cross_entropy(x, lab, [1, 1], reduction="sum"), x)
+    assert (gx[0, :2] == 0).all() and torch.isfinite(gx[0, 2:]).all()
+
+
 def test_raw_backward_ops_refuse_to_be_differentiated():
     # They used to give zeros (softmax) or None (score, cross-entropy) with a warning.
     g = Groups.from_sizes([3, 1, 4])

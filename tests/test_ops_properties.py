@@ -132,9 +132,8 @@ def test_cross_entropy(case, form, ignore_index, reduction, mixup):
         fin = torch.isfinite(x).all(1)
         torch.testing.assert_close(gx[fin].double(), rx[fin].to(x.dtype).double(), atol=gtol, rtol=gtol)
         if form == "ids":  # rows ignored in every target set get no gradient
-            # (finite rows only: the fused backward gives NaN on the NaN slice of an ignored row,
-            # against docs/semantics.md's "gradient 0"; a kernel fix is pending.)
-            ignored = (t == ignore_index) & fin
+            # (NaN rows included: the fused backward used to give NaN on their NaN slices)
+            ignored = t == ignore_index
             if mixup:
                 ignored &= kw["mix_targets"] == ignore_index
             assert (gx[ignored] == 0).all()

@@ -135,12 +135,18 @@ at::Tensor group_cross_entropy_backward_cpu(const at::Tensor& grad_losses_in,
             // d loss_mk / d x = softmax_k(x) - onehot(slot_mk) on slice k, for unignored entries.
             int64_t slots[2];
             real coef[2], total = 0;
+            bool counted = false;
             for (int64_t m = 0; m < M; ++m) {
               slots[m] = slot(m, i, k);
               coef[m] = slots[m] < 0 ? real(0) : gp[(m * N + i) * K + k];
               total += coef[m];
+              counted = counted || slots[m] >= 0;
             }
             const int64_t start = o[k];
+            if (!counted) {  // ignored in every target set: gradient 0, even on a NaN slice
+              for (int64_t j = start; j < o[k + 1]; ++j) dst[j] = real(0);
+              continue;
+            }
             ops.scaled_softmax(row + start, o[k + 1] - start, lsep[i * K + k], total, dst + start);
             for (int64_t m = 0; m < M; ++m) {
               if (slots[m] >= 0) dst[slots[m]] -= coef[m];

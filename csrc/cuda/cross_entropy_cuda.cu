@@ -82,18 +82,21 @@ __global__ void __launch_bounds__(kThreads)
       const int lo = off[g], hi = off[g + 1];
       acc_t total = 0, coef[2] = {0, 0};
       int slot[2] = {-1, -1};
+      bool counted = false;  // false: ignored in every target set, gradient 0 even on a NaN slice
       for (int m = 0; m < T.M; ++m) {
         const int s = ce_slot(T, lo, hi, K, m, row, g, class_pos[m], L);
         if (s == -2) {
           total = nan_of(acc_t(0));
+          counted = true;
         } else if (s >= 0) {
+          counted = true;
           slot[m] = s;
           coef[m] = grad[(m * N + row) * K + g];
           total += coef[m];
         }
       }
       for (int q = first; q < end; q += step) {
-        acc_t v = total * exp_out(buf[q - p0] - lse);
+        acc_t v = counted ? total * exp_out(buf[q - p0] - lse) : acc_t(0);
         if (q == slot[0]) v -= coef[0];
         if (q == slot[1]) v -= coef[1];
         buf[q - p0] = v;
