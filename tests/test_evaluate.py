@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from hostile import Payload
 
 import mosx
 from mosx import evaluate as E
@@ -540,20 +541,10 @@ def test_cli_builds_the_config_evaluate_takes():
     assert cfg.scores == ["msp", "energy:temperature=2"] and cfg.plots is False and cfg.trust_pickle is False
 
 
-class _Payload:
-    """Unpickling this writes a marker file: what a hostile checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickled_model_is_refused(folders, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"model": _Payload(str(marker))}, evil)
+    torch.save({"model": Payload(str(marker))}, evil)
     args = [
         "--model",
         str(evil),

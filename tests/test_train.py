@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hostile import Payload
 
 import mosx
 from mosx.train import load_model, make_config, train
@@ -839,21 +840,11 @@ def test_umap_masks_train_and_fold(tmp_path, gen):
 
 
 # ------------------------------------------------------------------------------ loading without running code
-class _Payload:
-    """Unpickling this writes a marker file: what a hostile file would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_trainer_files_load_without_running_code(tmp_path, gen):
     x, y = tiny_data(gen)
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"x": x, "y": y, "extra": _Payload(str(marker))}, evil)
+    torch.save({"x": x, "y": y, "extra": Payload(str(marker))}, evil)
     base = make_config("cpu-demo", **{**TINY, "steps": 2, "groups": "sizes:2,2"})
     with pytest.raises(ValueError, match="--trust-pickle"):  # .pt data
         train(base.replace(data=str(evil), out=str(tmp_path / "a")))
