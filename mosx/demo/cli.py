@@ -11,6 +11,8 @@ import sys
 import time
 
 from .experiments import check_unleash_available, run_demo, run_scaling, run_unleash
+from .regime import run_regime
+from .seeds import run_seeds
 from .settings import PRESETS, DemoError, DemoSettings, _say, make_settings, resolve_device
 
 __all__ = ["build_parser", "settings_from_args", "main"]
@@ -50,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float, help="weight decay of the backbone's training (stage 1)")
-    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--seed", type=int, help="training seed (default 0); with --seeds, the first one")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run N seeds (seed i: --seed + i, --data-seed + i) in <out>/seed_<i>/ and report mean ± std "
+        "over them (default 1: one run, outputs in --out)",
+    )
     p.add_argument("--data-seed", type=int, help="seed of the data build (default 0)")
     p.add_argument("--data-root", help="benchmark cache (default ~/.cache/mosx/data; env MOSX_DATA)")
     p.add_argument("--device", help="auto (GPU when present, else CPU), cpu, cuda, cuda:N")
@@ -68,8 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="with --unleash: reuse the models of an earlier run in --out with the same settings",
+        help="reuse an earlier run in --out with the same settings (with --seeds: every finished seed, so an "
+        "interrupted multi-seed run continues; with --unleash: its models)",
     )
+    p.add_argument(
+        "--um-regime",
+        action="store_true",
+        help="instead of the main table: train past fitting, per-epoch validation curves, then UM / UMAP "
+        "chosen on validation data (an OOD validation set disjoint from the test sets); see mosx.demo.regime",
+    )
+    p.add_argument("--regime-epochs", type=float, help="epochs of the --um-regime training from scratch")
     p.add_argument("--um-epochs", type=float)
     p.add_argument("--um-lr", type=float)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -101,6 +118,7 @@ def settings_from_args(a) -> DemoSettings:
             "device",
             "um_epochs",
             "um_lr",
+            "regime_epochs",
         )
         if getattr(a, k) is not None
     }
@@ -124,9 +142,11 @@ def _previous_run(s: DemoSettings, out: str) -> dict | None:
     # how a run shows progress, where it ran, and the settings of the later experiments (Unleashing Mask,
     # scaling) do not change the main run's models
     keep = ("progress", "device", "um_keep", "umap_keep", "um_epochs", "um_lr", "scaling_classes")
-    if {k: v for k, v in prev.get("settings", {}).items() if k not in keep} != {
-        k: v for k, v in now.items() if k not in keep
-    }:
+
+    def main_run(d):
+        return {k: v for k, v in d.items() if k not in keep and not k.startswith("regime_")}
+
+    if main_run(prev.get("settings", {})) != main_run(now):
         _say(f"--reuse: {path} was made with other settings; running the demo again")
         return None
     if not all(os.path.exists(prev["training"][k]["model"]) for k in ("flat", "grouped")):
@@ -145,11 +165,21 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"mosx demo: {e}", file=sys.stderr)
         return 2
+    if a.um_regime and (a.scaling or a.unleash):
+        print("mosx demo: --um-regime is its own experiment; leave out --scaling and --unleash", file=sys.stderr)
+        return 2
+    if a.seeds < 1:
+        print(f"mosx demo: --seeds must be >= 1, got {a.seeds}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         if a.unleash and not a.scaling:
             check_unleash_available()  # before the main run, not after it
-        if a.scaling:
+        if a.um_regime:
+            run_regime(s, a.out, a.seeds)
+        elif a.seeds > 1:
+            run_seeds(s, a.out, a.seeds, scaling=a.scaling, unleash=a.unleash, reuse=a.reuse)
+        elif a.scaling:
             run_scaling(s, a.out)
         else:
             base = _previous_run(s, a.out) if a.reuse else None

@@ -61,6 +61,17 @@ class DemoSettings:
     umap_keep: float = 0.8  # weights kept by UMAP's learned masks
     um_epochs: float = 0.5
     um_lr: float = 0.01
+    # Unleashing Mask in its regime (--um-regime: mosx.demo.regime)
+    regime_train_per_class: int = 50  # a small training set, so that the network memorises it
+    regime_val_per_class: int = 20  # ID validation images per class (disjoint training images)
+    regime_epochs: float = 40.0
+    regime_lr: float = 0.05
+    regime_weight_decay: float = 5e-4
+    regime_val_ood: str = "silhouettes"  # the OOD validation set; the other OOD sets are the test sets
+    regime_um_keeps: tuple = (0.9, 0.965, 0.99)  # weight fractions kept by the mask that estimates b
+    regime_um_lrs: tuple = (0.01, 0.001)
+    regime_um_epochs: float = 5.0  # fine-tuning epochs; every epoch is a candidate
+    regime_max_acc_drop: float = 0.01  # a candidate may lose at most this much ID validation accuracy
     # scaling experiment
     scaling_classes: tuple = (20, 50, 100, 200, 400)
     # runtime
@@ -98,6 +109,12 @@ PRESETS = {
         "lr": 0.05,
         "um_epochs": 0.5,
         "scaling_classes": (8, 12),
+        "regime_train_per_class": 20,
+        "regime_val_per_class": 10,
+        "regime_epochs": 2.0,
+        "regime_um_keeps": (0.965,),
+        "regime_um_lrs": (0.01,),
+        "regime_um_epochs": 1.0,
     },
 }
 
@@ -126,6 +143,17 @@ def _validate(s: DemoSettings) -> None:
         s.classes * s.train_per_class >= s.batch_size,
         f"{s.classes} classes x {s.train_per_class} training images is less than one batch of {s.batch_size}",
     )
+    need(s.regime_epochs > 0 and s.regime_um_epochs > 0, "regime_epochs and regime_um_epochs must be > 0")
+    need(
+        s.regime_train_per_class >= 1 and s.regime_val_per_class >= 1,
+        "regime_train_per_class and regime_val_per_class must be >= 1",
+    )
+    need(
+        s.regime_um_keeps and all(0 < k < 1 for k in s.regime_um_keeps),
+        f"regime_um_keeps must be in (0, 1), got {s.regime_um_keeps}",
+    )
+    need(s.regime_um_lrs and all(v > 0 for v in s.regime_um_lrs), f"regime_um_lrs must be > 0, got {s.regime_um_lrs}")
+    need(s.regime_max_acc_drop >= 0, f"regime_max_acc_drop must be >= 0, got {s.regime_max_acc_drop}")
     need(all(c >= 2 for c in s.scaling_classes), f"scaling classes must be >= 2, got {s.scaling_classes}")
     need(
         s.device == "auto" or s.device.split(":")[0] in ("cpu", "cuda"),

@@ -84,22 +84,28 @@ def make_loss(kind: str, groups=None):
 
 
 # ---------------------------------------------------------------------- the entry point
-def train(cfg: TrainConfig, data=None, val_data=None, groups=None, log=None) -> TrainResult:
+def train(cfg: TrainConfig, data=None, val_data=None, groups=None, log=None, every=None) -> TrainResult:
     """Train a grouped (MOS) or flat classifier with the settings of `cfg`.
 
     data / val_data override cfg.data / cfg.val_data and may be paths, (x, y) tensors, dicts or
     TensorDatasets; groups overrides cfg.groups (a mosx.Groups, a sizes list or a spec string).
+    every: (n, fn) calls fn(step, model) after every n-th optimizer step and after the last one (on
+    every rank; the model is in eval mode during the call, for validation curves).
     Run under torchrun for DistributedDataParallel. Returns a TrainResult (losses on rank 0).
     """
     validate(cfg)
+    if every is not None:
+        n, fn = every
+        if not (isinstance(n, int) and n >= 1 and callable(fn)):
+            raise ValueError(f"every must be (steps >= 1, callable), got {every!r}")
     rt = Runtime.setup(cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, fused=cfg.fused)
     try:
-        return _train(cfg, rt, data, val_data, groups, log)
+        return _train(cfg, rt, data, val_data, groups, log, every)
     finally:
         rt.close()
 
 
-def _train(cfg, rt, data, val_data, groups, log):
+def _train(cfg, rt, data, val_data, groups, log, every=None):
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run = _setup(cfg, rt, data, groups, say if rt.main else (lambda msg: None))
     progress = resume.restore(run)
@@ -126,7 +132,7 @@ def _train(cfg, rt, data, val_data, groups, log):
         net = torch.compile(net)
 
     train_log = TrainLog(run, progress)
-    seconds = steps.run_steps(run, progress, train_log, batches, net, ddp)
+    seconds = steps.run_steps(run, progress, train_log, batches, net, ddp, every)
     train_log.flush()
     train_log.close_bar()
     steps_run = cfg.steps - progress.start_step

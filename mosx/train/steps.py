@@ -20,17 +20,23 @@ from .state import Progress, Run
 __all__ = ["run_steps"]
 
 
-def run_steps(run: Run, progress: Progress, log: TrainLog, batches, net, ddp=None) -> float:
+def run_steps(run: Run, progress: Progress, log: TrainLog, batches, net, ddp=None, every=None) -> float:
     """Steps progress.start_step .. cfg.steps - 1 on `net` (the model, its head on the feature
-    cache, or their DDP / compiled wrappers; `ddp` the DDP wrapper or None). Returns the loop's
-    wall seconds (CUDA synchronised at the end)."""
+    cache, or their DDP / compiled wrappers; `ddp` the DDP wrapper or None); every = (n, fn): fn(step,
+    model) in eval mode after every n-th step and the last. Returns the loop's wall seconds (CUDA
+    synchronised at the end; the time spent in fn is not counted)."""
     cfg, rt, model, micro, accum = run.cfg, run.rt, run.model, run.micro, run.accum
     flood_b = progress.flood_level
     loss_sum = torch.zeros((), device=rt.device)
     window_count, window_images, window_t = 0, 0, time.perf_counter()
-    train_mode(model)
-    if cfg.cache_features:
-        model.backbone.eval()
+
+    def training_mode():
+        train_mode(model)
+        if cfg.cache_features:
+            model.backbone.eval()
+
+    training_mode()
+    hook_seconds = 0.0
     it = iter(batches)
     t_loop = time.perf_counter()
     for step in range(progress.start_step, cfg.steps):
@@ -66,6 +72,13 @@ def run_steps(run: Run, progress: Progress, log: TrainLog, batches, net, ddp=Non
             window_count, window_images, window_t = 0, 0, now
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
             resume.save(run, progress, done, log.flush)
+        if every is not None and (done % every[0] == 0 or done == cfg.steps):
+            t_hook = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                every[1](done, model)
+            training_mode()
+            hook_seconds += time.perf_counter() - t_hook
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
-    return time.perf_counter() - t_loop
+    return time.perf_counter() - t_loop - hook_seconds
