@@ -66,6 +66,8 @@ def test_summary_counts_wins_and_first_places():
     assert s["wins"]["fpr95"]["MSP"]["MOS"] == 0
     assert s["first_place"]["auroc"] == {"MSP": 1, "MOS": 1, "Energy": 1}
     assert s["first_place"]["fpr95"] == {"MSP": 0, "MOS": 2, "Energy": 1}
+    # per set: set "b" has fpr95 - 0.01, the same shift for every method, so the same counts
+    assert s["set_wins"]["fpr95"]["b"]["MOS"]["MSP"] == 2
     table = seeds.format_seed_table(s)
     assert "MSP in 2/3" in table and "±" in table
     bad = _fake_run(3, {"MSP": (0.9, 0.3)}, sets=("a",))
@@ -212,6 +214,12 @@ def test_um_regime_smoke_and_its_scorer_agrees_with_the_evaluator(tmp_path):
         assert all(c["train_loss"] is not None for c in m["curve"])
         n_grid = len(s.regime_um_keeps) * len(s.regime_um_lrs) * round(s.regime_um_epochs)
         assert len(m["grid"]["UM"]["candidates"]) == n_grid
+        for method in ("UM", "UMAP"):
+            sel = m["grid"][method]["selected"]
+            if sel is not None:  # the tested copy is the model the choice was made on
+                spec = regime.PRIMARY[kind]
+                assert sel["record"][spec]["val"] == sel["selected_on"][spec]["val"]
+                assert "test" in sel["record"][spec] and "test" not in sel["selected_on"][spec]
     # the per-epoch scorer's last record agrees with the evaluator on the saved final model (the
     # evaluator applies the head to cached features, so scores agree to float32 rounding, not bitwise,
     # and a near-tie among 40-image OOD sets may swap: metrics to 1%)
@@ -237,3 +245,26 @@ def test_um_regime_smoke_and_its_scorer_agrees_with_the_evaluator(tmp_path):
         assert final[spec]["test"]["fpr95"] == pytest.approx(ev.averages[spec]["fpr_at_tpr"], abs=0.01)
     for name in ("um_regime_table.txt", "um_regime.csv", "um_regime_curves.png"):
         assert os.path.getsize(os.path.join(rout, name)) > 0
+
+
+@needs_fonts
+def test_scaling_over_seeds_bands_and_reuse(tmp_path, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    argv = SMOKE + ["--data-root", data, "--out", out, "--scaling", "--scaling-classes", "4,6", "--seeds", "2"]
+    assert demo.main(argv) == 0
+    per = []
+    for i in range(2):
+        with open(os.path.join(out, f"seed_{i}", "scaling", "scaling.json")) as f:
+            per.append(json.load(f))
+    with open(os.path.join(out, "scaling", "scaling_seeds.json")) as f:
+        summ = json.load(f)
+    assert [r["classes"] for r in summ["rows"]] == [4, 6]
+    for j, row in enumerate(summ["rows"]):
+        vals = [p["rows"][j]["MOS"]["fpr95"] for p in per]
+        assert row["MOS"]["fpr95"]["values"] == vals
+        assert row["MOS"]["fpr95"]["std"] == pytest.approx(statistics.stdev(vals))
+    assert os.path.getsize(os.path.join(out, "scaling", "scaling_seeds.png")) > 0
+    capsys.readouterr()
+    assert demo.main(argv + ["--reuse"]) == 0  # both seeds finished: nothing is trained again
+    err = capsys.readouterr().err
+    assert err.count("--reuse: scaling results of") == 2 and "training the backbone" not in err

@@ -95,32 +95,33 @@ class _Scorer:
         pred = group_predict(logits, self.groups)[0] if self.kind == "grouped" else logits.argmax(1)
         return float((pred == labels).double().mean())
 
-    def __call__(self, model) -> dict:
+    def __call__(self, model, test: bool = True) -> dict:
+        """The record of one model: validation accuracy and validation-OOD metrics; with test, the
+        test accuracy and test-OOD metrics too (for the report; selection never reads them)."""
         import torch
 
         from mosx.metrics import ood_metrics
 
         with torch.no_grad():
             zv = self._logits(model, self.id_val.images)
-            zt = self._logits(model, self.id_test.images)
-            sv, st = self._scores(zv), self._scores(zt)
-            so = self._scores(self._logits(model, self.ood_val.images))
-            tests = {k: self._scores(self._logits(model, v.images)) for k, v in self.ood_test.items()}
-        rec = {
-            "val_accuracy": self._accuracy(zv, self.id_val.labels),
-            "test_accuracy": self._accuracy(zt, self.id_test.labels),
-        }
+            sv, so = self._scores(zv), self._scores(self._logits(model, self.ood_val.images))
+            if test:
+                zt = self._logits(model, self.id_test.images)
+                st = self._scores(zt)
+                tests = {k: self._scores(self._logits(model, v.images)) for k, v in self.ood_test.items()}
+        rec = {"val_accuracy": self._accuracy(zv, self.id_val.labels)}
+        if test:
+            rec["test_accuracy"] = self._accuracy(zt, self.id_test.labels)
         for spec in SCORES[self.kind]:
             m = ood_metrics(sv[spec], so[spec])
-            per = {k: ood_metrics(st[spec], t[spec]) for k, t in tests.items()}
-            rec[spec] = {
-                "val": {"auroc": m.auroc, "fpr95": m.fpr_at_tpr},
-                "test": {
+            rec[spec] = {"val": {"auroc": m.auroc, "fpr95": m.fpr_at_tpr}}
+            if test:
+                per = {k: ood_metrics(st[spec], t[spec]) for k, t in tests.items()}
+                rec[spec]["test"] = {
                     "auroc": sum(p.auroc for p in per.values()) / len(per),
                     "fpr95": sum(p.fpr_at_tpr for p in per.values()) / len(per),
                     "sets": {k: {"auroc": p.auroc, "fpr95": p.fpr_at_tpr} for k, p in per.items()},
-                },
-            }
+                }
         return rec
 
 
@@ -128,16 +129,21 @@ def _epoch_steps(n_train: int, batch: int) -> int:
     return max(1, round(n_train / batch))
 
 
-def _train_curve(s, kind, data, groups, scorer, steps, out, **over):
-    """One training run with the scorer called after every epoch: (TrainResult, [epoch records])."""
+def _train_curve(s, kind, data, groups, scorer, steps, out, test=True, **over):
+    """One training run with the scorer called after every epoch: (TrainResult, [epoch records],
+    [a copy of the model after each epoch] (when not test: the selected one is tested afterwards))."""
+    import copy
+
     n = len(data["y"])
     per_epoch = _epoch_steps(n, s.batch_size)
-    records = []
+    records, states = [], []
 
     def hook(step, model):
-        rec = scorer(model)
+        rec = scorer(model, test=test)
         rec["epoch"] = step / per_epoch
         records.append(rec)
+        if not test:
+            states.append(copy.deepcopy(model))  # a UMAP model folds its masks at the end: keep a copy
 
     kw = dict(
         steps=steps,
@@ -155,7 +161,7 @@ def _train_curve(s, kind, data, groups, scorer, steps, out, **over):
     losses = dict(r.losses)
     for rec in records:
         rec["train_loss"] = losses.get(round(rec["epoch"] * per_epoch))
-    return r, records
+    return r, records, states
 
 
 def select(candidates: list[dict], kind: str, min_val_accuracy: float) -> dict | None:
@@ -190,7 +196,7 @@ def _one_seed(s: DemoSettings, out: str) -> dict:
             f"no mixup, no crops, lr {s.regime_lr}, weight decay {s.regime_weight_decay:g}"
         )
         t0 = time.perf_counter()
-        r, curve = _train_curve(
+        r, curve, _ = _train_curve(
             s,
             kind,
             data,
@@ -214,7 +220,7 @@ def _one_seed(s: DemoSettings, out: str) -> dict:
         best_epoch = select([{"record": c} for c in curve], kind, min_acc)
         grid = {}
         for method in ("UM", "UMAP"):
-            cands = []
+            cands, models = [], []
             for keep in s.regime_um_keeps:
                 for lr in s.regime_um_lrs:
                     ft_steps = max(1, round(s.regime_um_epochs * per_epoch))
@@ -229,17 +235,25 @@ def _one_seed(s: DemoSettings, out: str) -> dict:
                     if method == "UMAP":
                         over["umap_keep"] = s.umap_keep
                     sub = os.path.join(out, f"{method.lower()}_{kind}_keep{keep:g}_lr{lr:g}")
-                    rr, c = _train_curve(s, kind, data, groups, scorer, ft_steps, sub, **over)
+                    rr, c, states = _train_curve(s, kind, data, groups, scorer, ft_steps, sub, test=False, **over)
                     cands += [
                         {"keep": keep, "lr": lr, "epoch": rec["epoch"], "flood_level": rr.flood_level, "record": rec}
                         for rec in c
                     ]
+                    models += states
                     _say(
                         f"[um-regime] {kind} {method} keep {keep:g} lr {lr:g}: b = {rr.flood_level:.4f}, val "
                         f"{PRIMARY[kind]} AUROC {100 * c[-1][PRIMARY[kind]]['val']['auroc']:.2f} after "
                         f"{s.regime_um_epochs:g} epochs"
                     )
-            grid[method] = {"candidates": cands, "selected": select(cands, kind, min_acc)}
+            chosen = select(cands, kind, min_acc)
+            if chosen is not None:  # only the chosen point sees the test sets
+                model = models[next(i for i, c in enumerate(cands) if c is chosen)]
+                model.eval()
+                chosen["selected_on"] = chosen["record"]  # what the choice read (validation only)
+                chosen["record"] = scorer(model, test=True)
+                chosen["record"]["epoch"] = chosen["epoch"]
+            grid[method] = {"candidates": cands, "selected": chosen}
         result["models"][kind] = {"curve": curve, "best_epoch": best_epoch, "final": final, "grid": grid}
     return result
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import platform
 
+from .._io import atomic_write_text
 from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, resolve_device
 
 __all__ = ["format_table", "format_scaling", "format_unleash"]
@@ -121,32 +123,20 @@ def _write_demo(results: dict, res: dict, out: str) -> None:
         "json": os.path.join(out, "demo_results.json"),
         "csv": os.path.join(out, "demo_results.csv"),
     }
-    with open(results["files"]["table"], "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(results["files"]["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["method", "model", "ood_set", "auroc", "fpr95", "aupr_in", "aupr_out", "detection_error", "score_seconds"]
-        )
-        for label, m in results["methods"].items():
-            for o in results["ood_sets"] + ["average"]:
-                v = m["average"] if o == "average" else m["sets"][o]
-                w.writerow(
-                    [
-                        label,
-                        m["model"],
-                        o,
-                        v["auroc"],
-                        v["fpr95"],
-                        v["aupr_in"],
-                        v["aupr_out"],
-                        v["detection_error"],
-                        m["score_seconds"],
-                    ]
-                )
+    atomic_write_text(table + "\n", results["files"]["table"])
+    rows = []
+    for label, m in results["methods"].items():
+        for o in results["ood_sets"] + ["average"]:
+            v = m["average"] if o == "average" else m["sets"][o]
+            rows.append(
+                [label, m["model"], o, v["auroc"], v["fpr95"], v["aupr_in"], v["aupr_out"], v["detection_error"],
+                 m["score_seconds"]]
+            )  # fmt: skip
+    header = ["method", "model", "ood_set", "auroc", "fpr95", "aupr_in", "aupr_out", "detection_error", "score_seconds"]
+    atomic_write_text(_csv_text(header, rows), results["files"]["csv"])
     results["files"]["plots"] = _plots(results, res, out)
-    with open(results["files"]["json"], "w") as f:
-        json.dump(results, f, indent=1)
+    # the JSON last: --reuse takes a run whose demo_results.json exists as finished
+    atomic_write_text(json.dumps(results, indent=1), results["files"]["json"])
     print(table)
     sec = results["seconds"]
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in sec.items()))
@@ -212,16 +202,20 @@ def _plots(results: dict, res: dict, out: str) -> list:
 
 
 # ------------------------------------------------------------------------------ scaling
+def _csv_text(header: list, rows: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def _write_results(out: str, stem: str, table: str, result: dict, header: list, csv_rows: list) -> None:
-    """<stem>_table.txt, <stem>.json and <stem>.csv in out: the experiment's three output files."""
-    with open(os.path.join(out, f"{stem}_table.txt"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, f"{stem}.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(csv_rows)
+    """<stem>_table.txt, <stem>.json and <stem>.csv in out: the experiment's three output files, each
+    written atomically (a killed run leaves the previous file or the new one)."""
+    atomic_write_text(table + "\n", os.path.join(out, f"{stem}_table.txt"))
+    atomic_write_text(json.dumps(result, indent=1), os.path.join(out, f"{stem}.json"))
+    atomic_write_text(_csv_text(header, csv_rows), os.path.join(out, f"{stem}.csv"))
 
 
 def format_scaling(result: dict) -> str:

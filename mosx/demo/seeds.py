@@ -42,9 +42,15 @@ def _metric_cells(per_seed: list[dict]) -> dict:
     return {k: summarize_values([d[k] for d in per_seed]) for k in per_seed[0]}
 
 
-def wins(runs: list[dict], metric: str, better_low: bool) -> dict:
-    """{a: {b: number of seeds where method a beats method b on the average metric}} (strictly)."""
+def wins(runs: list[dict], metric: str, better_low: bool, ood_set: str | None = None) -> dict:
+    """{a: {b: number of seeds where method a beats method b on the average metric}} (strictly);
+    ood_set: on that OOD set instead of the average."""
     labels = list(runs[0]["methods"])
+
+    def value(r, label):
+        m = r["methods"][label]
+        return (m["average"] if ood_set is None else m["sets"][ood_set])[metric]
+
     out = {}
     for a in labels:
         out[a] = {}
@@ -53,7 +59,7 @@ def wins(runs: list[dict], metric: str, better_low: bool) -> dict:
                 continue
             n = 0
             for r in runs:
-                va, vb = r["methods"][a]["average"][metric], r["methods"][b]["average"][metric]
+                va, vb = value(r, a), value(r, b)
                 n += (va < vb) if better_low else (va > vb)
             out[a][b] = n
     return out
@@ -98,6 +104,9 @@ def summarize(runs: list[dict]) -> dict:
             "fpr95": first_place(runs, "fpr95", better_low=True),
         },
         "wins": {"auroc": wins(runs, "auroc", better_low=False), "fpr95": wins(runs, "fpr95", better_low=True)},
+        "set_wins": {  # {metric: {ood set: {a: {b: seeds in which a beats b on that set}}}}
+            metric: {o: wins(runs, metric, metric == "fpr95", o) for o in sets} for metric in ("auroc", "fpr95")
+        },
         "conventions": runs[0]["conventions"] + "; mean +/- sample standard deviation (ddof 1) over seeds",
     }
 
@@ -147,6 +156,11 @@ def format_seed_table(summary: dict, data: dict | None = None) -> str:
         for metric, name in (("fpr95", "FPR95"), ("auroc", "AUROC")):
             w = summary["wins"][metric]["MOS"]
             out.append(f"MOS beats, on average {name}: " + ", ".join(f"{b} in {k}/{n}" for b, k in w.items()))
+        if "MSP" in summary["methods"]:
+            sw = summary["set_wins"]["fpr95"]
+            out.append(
+                "MOS beats MSP on FPR95, per OOD set: " + ", ".join(f"{o} {sw[o]['MOS']['MSP']}/{n}" for o in sets)
+            )
     out.append("first = seeds in which the method has the best average (ties count for each tied method)")
     return "\n".join(out)
 
@@ -261,7 +275,8 @@ def run_seeds(s: DemoSettings, out: str, n: int, *, scaling: bool = False, unlea
         si, folder = seed_settings(s, i), seed_folder(out, i)
         _say(f"===== seed {i + 1}/{n}: seed {si.seed}, data seed {si.data_seed} -> {folder}")
         if scaling:
-            runs.append(run_scaling(si, folder))
+            prev = _previous_scaling(si, folder) if reuse else None
+            runs.append(prev if prev is not None else run_scaling(si, folder))
             continue
         base = _previous_run(si, folder) if reuse else None
         runs.append(base if base is not None else run_demo(si, folder))
@@ -319,6 +334,27 @@ def run_seeds(s: DemoSettings, out: str, n: int, *, scaling: bool = False, unlea
         )
         print(utable)
     return summary
+
+
+def _previous_scaling(s: DemoSettings, folder: str) -> dict | None:
+    """scaling/scaling.json of a finished seed in folder made with the same settings, or None."""
+    import json
+
+    from .settings import _say
+
+    path = os.path.join(folder, "scaling", "scaling.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        prev = json.load(f)
+    now = json.loads(json.dumps(dataclasses.asdict(s)))
+    skip = ("progress", "device")
+    if {k: v for k, v in prev.get("settings", {}).items() if k not in skip} != {
+        k: v for k, v in now.items() if k not in skip
+    }:
+        return None
+    _say(f"--reuse: scaling results of {path}")
+    return prev
 
 
 def _scaling_csv(summary: dict) -> list:

@@ -78,7 +78,9 @@ def run_steps(run: Run, progress: Progress, log: TrainLog, batches, net, ddp=Non
             with torch.no_grad():
                 every[1](done, model)
             training_mode()
-            hook_seconds += time.perf_counter() - t_hook
+            spent = time.perf_counter() - t_hook
+            hook_seconds += spent
+            window_t += spent  # the logged images/s counts training only
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     return time.perf_counter() - t_loop - hook_seconds
