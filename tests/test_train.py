@@ -860,3 +860,47 @@ def test_trainer_files_load_without_running_code(tmp_path, gen):
     (out / "checkpoint.pt").write_bytes(b"")  # zero bytes: a clear message, not EOFError
     with pytest.raises(ValueError, match="empty or truncated"):
         train(base.replace(data=str(tmp_path / "d.pt"), out=str(out), resume=True, steps=4))
+
+
+# ------------------------------------------------------------------------------ divergence
+@pytest.mark.parametrize("lr", [float("inf"), float("nan")])
+def test_non_finite_lr_is_refused(lr, tmp_path):
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        make_config(**{**TINY, "lr": lr, "out": str(tmp_path)})
+
+
+def test_divergence_stops_keeps_the_last_good_checkpoint_and_writes_no_model(gen, tmp_path):
+    """lr 1e38 overflows the weights after the first step: the run raises at step 2, names it, and
+    leaves the step-1 checkpoint (written while everything was finite) as it was."""
+    from mosx.models.files import read_file
+    from mosx.train import NonFiniteTraining
+
+    out = str(tmp_path / "run")
+    x, y = tiny_data(gen)
+    cfg = make_config(
+        **{**TINY, "loss": "flat", "lr": 1e38, "warmup_steps": 0, "milestones": (), "log_every": 1, "ckpt_every": 1},
+        out=out,
+    )
+    with pytest.raises(NonFiniteTraining, match=r"training diverged.*model\.pt was not written") as e:
+        train(cfg, data=(x, y), log=lambda m: None)
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+    msg = str(e.value)
+    assert "at step 2" in msg
+    ck = read_file(os.path.join(out, "checkpoint.pt"))
+    assert ck["step"] == 1 and "(step 1) is kept" in msg
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(np.isfinite(v) for _, v in ck["losses"])
+
+
+def test_divergence_exits_non_zero_on_the_command_line(tmp_path, capsys):
+    from mosx.train import main
+
+    data = tmp_path / "d.pt"
+    x, y = tiny_data(torch.Generator().manual_seed(1))
+    torch.save({"x": x, "y": y}, data)
+    argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--lr", "1e38", "--steps", "12",
+            "--batch-size", "8", "--resize", "0", "--crop", "6", "--eval-resize", "0", "--warmup-steps", "0",
+            "--log-every", "1", "--ckpt-every", "0", "--workers", "0", "--progress", "off", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 3
+    assert "training diverged" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "model.pt")

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         if a.unleash and not a.scaling:
             check_unleash_available()  # before the main run, not after it
         if a.um_regime:
-            run_regime(s, a.out, a.seeds)
+            run_regime(s, a.out, a.seeds, reuse=a.reuse)
         elif a.seeds > 1:
             run_seeds(s, a.out, a.seeds, scaling=a.scaling, unleash=a.unleash, reuse=a.reuse)
         elif a.scaling:

@@ -258,9 +258,32 @@ def _one_seed(s: DemoSettings, out: str) -> dict:
     return result
 
 
-def run_regime(s: DemoSettings, out: str, seeds: int = 1) -> dict:
+def _seed_result(s: DemoSettings, folder: str, reuse: bool) -> dict:
+    """One seed's result: read back from folder/um_regime_seed.json when reuse finds it made with
+    the same settings, else computed and written there (atomically) before the next seed starts."""
+    import json
+
+    from .._io import atomic_write_text
+
+    path = os.path.join(folder, "um_regime_seed.json")
+    settings = json.loads(json.dumps(dataclasses.asdict(s)))
+    if reuse and os.path.exists(path):
+        with open(path) as f:
+            prev = json.load(f)
+        skip = ("progress", "device")
+        if {k: v for k, v in prev["settings"].items() if k not in skip} == {
+            k: v for k, v in settings.items() if k not in skip
+        }:
+            _say(f"--reuse: {path}")
+            return prev["result"]
+    result = _one_seed(s, folder)
+    atomic_write_text(json.dumps({"settings": settings, "result": result}), path)
+    return result
+
+
+def run_regime(s: DemoSettings, out: str, seeds: int = 1, reuse: bool = False) -> dict:
     """The experiment for `seeds` seeds (seed i in <out>/um_regime/seed_<i>/), its summary table,
-    JSON, CSV and the per-epoch curves plot."""
+    JSON, CSV and the per-epoch curves plot. reuse: read back the seeds a previous run finished."""
     from .report import _write_results
 
     check = __import__("mosx.demo.experiments", fromlist=["check_unleash_available"])
@@ -272,7 +295,7 @@ def run_regime(s: DemoSettings, out: str, seeds: int = 1) -> dict:
     for i in range(seeds):
         si = seed_settings(s, i)
         _say(f"===== um-regime seed {i + 1}/{seeds}: seed {si.seed}, data seed {si.data_seed}")
-        runs.append(_one_seed(si, os.path.join(rout, f"seed_{i}")))
+        runs.append(_seed_result(si, os.path.join(rout, f"seed_{i}"), reuse))
     summary = summarize_regime(runs)
     summary["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}
     summary["seconds"] = time.perf_counter() - t_start

@@ -64,13 +64,13 @@ class DemoSettings:
     # Unleashing Mask in its regime (--um-regime: mosx.demo.regime)
     regime_train_per_class: int = 50  # a small training set, so that the network memorises it
     regime_val_per_class: int = 20  # ID validation images per class (disjoint training images)
-    regime_epochs: float = 40.0
+    regime_epochs: float = 30.0
     regime_lr: float = 0.05
     regime_weight_decay: float = 5e-4
     regime_val_ood: str = "silhouettes"  # the OOD validation set; the other OOD sets are the test sets
     regime_um_keeps: tuple = (0.9, 0.965, 0.99)  # weight fractions kept by the mask that estimates b
     regime_um_lrs: tuple = (0.01, 0.001)
-    regime_um_epochs: float = 5.0  # fine-tuning epochs; every epoch is a candidate
+    regime_um_epochs: float = 3.0  # fine-tuning epochs; every epoch is a candidate
     regime_max_acc_drop: float = 0.01  # a candidate may lose at most this much ID validation accuracy
     # scaling experiment
     scaling_classes: tuple = (20, 50, 100, 200, 400)

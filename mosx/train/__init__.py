@@ -24,6 +24,7 @@ import sys
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
 from .loop import TrainResult, make_loss, train
 from .models import Classifier, build_model, load_model
+from .state import NonFiniteTraining
 
 __all__ = [
     "main",
@@ -36,6 +37,7 @@ __all__ = [
     "build_model",
     "Classifier",
     "make_loss",
+    "NonFiniteTraining",
 ]
 
 
@@ -49,7 +51,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except NonFiniteTraining as e:
+        print(f"mosx train: {e}", file=sys.stderr)
+        return 3
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0

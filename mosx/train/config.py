@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 __all__ = ["TrainConfig", "PRESETS", "make_config", "build_parser", "config_from_args"]
@@ -130,6 +131,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"training setting: {msg}")
 
     need(cfg.loss in ("group", "flat"), f"loss must be 'group' or 'flat', got {cfg.loss!r}")
+    for name in ("lr", "momentum", "weight_decay", "lr_decay", "mixup_alpha"):
+        need(math.isfinite(getattr(cfg, name)), f"{name} must be a finite number, got {getattr(cfg, name)}")
+    need(
+        cfg.um_flood_level is None or math.isfinite(cfg.um_flood_level),
+        f"um_flood_level must be a finite number, got {cfg.um_flood_level}",
+    )
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.micro_batch >= 0, f"micro_batch must be >= 0, got {cfg.micro_batch}")

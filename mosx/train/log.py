@@ -5,14 +5,28 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
 import torch
 
-from .state import Progress, Run
+from .state import NonFiniteTraining, Progress, Run
 
-__all__ = ["AsyncLog", "TrainLog"]
+__all__ = ["AsyncLog", "TrainLog", "diverged_message"]
+
+
+def diverged_message(run: Run, progress: Progress, what: str, step: int, lr: float | None = None) -> str:
+    """The message of a diverged run: what went non-finite, where, and what was kept."""
+    at = f" at step {step}" + ("" if lr is None else f" (lr {lr:g})")
+    if progress.saved_step is not None:
+        kept = f"the last good checkpoint {run.ckpt_path} (step {progress.saved_step}) is kept"
+    else:
+        kept = "no checkpoint had been written yet"
+    return (
+        f"{what}{at}: training diverged and stopped; model.pt was not written and {kept}. "
+        "Lower --lr (or raise --warmup-steps) and run again."
+    )
 
 
 class AsyncLog:
@@ -54,6 +68,7 @@ class TrainLog:
 
     def __init__(self, run: Run, progress: Progress):
         cfg, rt, start = run.cfg, run.rt, progress.start_step
+        self.run, self.progress = run, progress
         self.history = progress.losses
         self.file = self.bar = None
         if rt.main:
@@ -73,6 +88,8 @@ class TrainLog:
         self.meter = AsyncLog(rt.device, self._sink)
 
     def _sink(self, step, loss, lr, ips):
+        if not math.isfinite(loss):
+            raise NonFiniteTraining(diverged_message(self.run, self.progress, f"the training loss is {loss}", step, lr))
         self.history.append((step, loss))
         if self.file:
             self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "images_per_s": ips}) + "\n")

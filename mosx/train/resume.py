@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 from ..models.files import read_file
 from .checkpoint import atomic_save, rng_state, set_rng_state
-from .state import Progress, Run
+from .log import diverged_message
+from .state import NonFiniteTraining, Progress, Run
 
 __all__ = ["CKPT_FORMAT", "restore", "save"]
 
@@ -38,7 +40,7 @@ def restore(run: Run) -> Progress:
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
         progress.start_step, progress.losses = ck["step"], list(ck["losses"])
         progress.flood_level = ck.get("flood_level", progress.flood_level)
-        progress.resumed_from = progress.start_step
+        progress.resumed_from = progress.saved_step = progress.start_step
         say(f"resumed from {path} at step {progress.start_step}")
     elif cfg.resume:
         say(f"resume: no checkpoint at {path}, starting from step 0")
@@ -57,7 +59,12 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
     if rt.world > 1:
         rngs = [None] * rt.world
         dist.all_gather_object(rngs, rng_state())
-    flush()
+    flush()  # raises NonFiniteTraining on a NaN / inf logged loss
+    model = _unwrap(run.model)
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        what = f"{len(bad)} weight tensor(s) hold NaN / inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        raise NonFiniteTraining(diverged_message(run, progress, what, done_steps))
     if rt.main:
         atomic_save(
             {
@@ -76,4 +83,5 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
             },
             run.ckpt_path,
         )
+    progress.saved_step = done_steps
     rt.barrier()

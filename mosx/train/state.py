@@ -50,9 +50,15 @@ class Run:
         return os.path.join(self.cfg.out, "checkpoint.pt")
 
 
+class NonFiniteTraining(RuntimeError):
+    """The training loss or the weights became NaN / inf: the run stops, model.pt is not written and
+    the last checkpoint written before it (if any) is left as it was."""
+
+
 @dataclass
 class Progress:
     start_step: int = 0  # the first step this process runs (the checkpoint's step when resumed)
     losses: list = field(default_factory=list)  # (step, mean training loss over the log window)
     resumed_from: int | None = None  # the checkpoint's step, None for a fresh run
     flood_level: float | None = None  # UM's b: from the config, the checkpoint or the estimate
+    saved_step: int | None = None  # the step of the last checkpoint written (or resumed from)
