@@ -217,3 +217,17 @@ def test_evaluate_an_official_checkpoint(tmp_path, gen):
         path, str(tmp_path / "id"), {"ood": str(tmp_path / "ood")}, groups=[2, 1], out_dir=str(tmp_path / "out"), **opts
     )
     assert res is not None
+
+
+def test_trainer_backbone_uses_the_reference_epsilon():
+    """The backbone mosx train builds for a BiT name (fine-tuning from BiT .npz weights, as the MOS
+    paper does) standardises with the reference's 1e-10 too, not timm's 1e-8."""
+    from timm.layers import StdConv2d
+
+    from mosx.models.backbones import build_backbone
+
+    net, dim = build_backbone("resnetv2_50x1_bit")
+    eps = {m.eps for m in net.modules() if isinstance(m, StdConv2d)}
+    assert eps == {bit.REFERENCE_WS_EPS} and dim == 2048
+    plain, _ = build_backbone("resnetv2_50")  # not a BiT model: timm's own layers, untouched
+    assert not any(isinstance(m, StdConv2d) and m.eps == bit.REFERENCE_WS_EPS for m in plain.modules())

@@ -134,6 +134,12 @@ def build_backbone(name: str, num_features: int | None = None, in_chans: int = 3
     if not timm.list_models(name) and name not in timm.list_models():
         raise ValueError(f"unknown model {name!r}: not a timm model, 'small-cnn', 'plain-cnn' or 'identity'")
     net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)  # num_classes=0: pooled features
+    if "_bit" in name:
+        # BiT (and the MOS models fine-tuned from it) standardise conv weights with eps 1e-10, timm with
+        # 1e-8: use the reference's, so that training from BiT weights and evaluating agree with it
+        from .bit import use_reference_eps
+
+        use_reference_eps(net)
     return net, int(net.num_features)
 
 
