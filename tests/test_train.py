@@ -904,3 +904,47 @@ def test_divergence_exits_non_zero_on_the_command_line(tmp_path, capsys):
     assert main(argv) == 3
     assert "training diverged" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "model.pt")
+
+
+# ------------------------------------------------------------------------------ resume of another run
+def test_resume_refuses_another_run_unless_forced(gen, tmp_path):
+    from mosx.train import ResumeMismatch
+
+    x, y = tiny_data(gen)
+    out = str(tmp_path / "run")
+    base = make_config(**{**TINY, "loss": "group", "groups": "sizes:2,2", "steps": 8, "out": out})
+    train(base, data=(x, y), log=lambda m: None)
+    again = base.replace(resume=True)
+
+    with pytest.raises(ResumeMismatch, match=r"lr: checkpoint 0\.003, now 0\.01.*--resume-force"):
+        train(again.replace(lr=0.01), data=(x, y), log=lambda m: None)
+    with pytest.raises(ResumeMismatch, match="grouping differs"):
+        train(again.replace(groups="sizes:1,3"), data=(x, y), log=lambda m: None)
+    y2 = y.clone()
+    y2[:2] = y2[:2].flip(0)
+    with pytest.raises(ResumeMismatch, match="training data differ"):
+        train(again, data=(x, y2), log=lambda m: None)
+    with pytest.raises(ResumeMismatch, match="at step 8, past --steps 4"):
+        train(again.replace(steps=4), data=(x, y), log=lambda m: None)
+    with pytest.raises(ResumeMismatch, match="past --steps 4"):  # forcing never makes a step-8 model a step-4 one
+        train(again.replace(steps=4, resume_force=True), data=(x, y), log=lambda m: None)
+
+    # more steps, and settings that do not change the computation, continue
+    r = train(again.replace(steps=12, log_every=2, progress=False), data=(x, y), log=lambda m: None)
+    assert r.resumed_from == 8 and r.steps == 12
+    r = train(again.replace(steps=16, lr=0.01, resume_force=True), data=(x, y), log=lambda m: None)
+    assert r.resumed_from == 12
+
+
+def test_resume_mismatch_exits_2_on_the_command_line(tmp_path, capsys):
+    from mosx.train import main
+
+    data = tmp_path / "d.pt"
+    x, y = tiny_data(torch.Generator().manual_seed(2))
+    torch.save({"x": x, "y": y}, data)
+    argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--steps", "4", "--batch-size", "8",
+            "--resize", "0", "--crop", "6", "--eval-resize", "0", "--workers", "0", "--progress", "off",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 0
+    assert main(argv + ["--resume", "--seed", "9"]) == 2
+    assert "seed: checkpoint 0, now 9" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import sys
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
 from .loop import TrainResult, make_loss, train
 from .models import Classifier, build_model, load_model
+from .resume import ResumeMismatch
 from .state import NonFiniteTraining
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Classifier",
     "make_loss",
     "NonFiniteTraining",
+    "ResumeMismatch",
 ]
 
 
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
     except NonFiniteTraining as e:
         print(f"mosx train: {e}", file=sys.stderr)
         return 3
+    except ResumeMismatch as e:
+        print(f"mosx train: {e}", file=sys.stderr)
+        return 2
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0

@@ -72,6 +72,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     resume: bool = False
+    resume_force: bool = False  # resume even when the checkpoint was made with other settings or data
     trust_pickle: bool = False  # allow --init / .pt data files that need pickle (it can run code)
     progress: bool = True
     step_sleep: float = 0.0  # seconds to sleep per step (tests: makes a run killable mid-way)
@@ -203,7 +204,9 @@ HELP = {
     "um_estimate": "Unleashing Mask: estimate b under a random weight mask keeping this fraction",
     "um_estimate_only": "print the estimated b and stop",
     "umap_keep": "UMAP: learn weight masks keeping this fraction per layer",
-    "resume": "continue exactly from <out>/checkpoint.pt",
+    "resume": "continue exactly from <out>/checkpoint.pt (refused when it was made with other settings, "
+    "grouping or data, or is past --steps)",
+    "resume_force": "with --resume: continue even when the checkpoint's settings, grouping or data differ",
     "trust_pickle": "allow --init and .pt data files that need pickle to load (it can run code stored in "
     "the file): only for files you trust",
     "step_sleep": argparse.SUPPRESS,

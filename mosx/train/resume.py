@@ -4,8 +4,10 @@ RNG state, the loss history, the flood level) written atomically by `save`, and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -14,9 +16,65 @@ from .checkpoint import atomic_save, rng_state, set_rng_state
 from .log import diverged_message
 from .state import NonFiniteTraining, Progress, Run
 
-__all__ = ["CKPT_FORMAT", "restore", "save"]
+__all__ = ["CKPT_FORMAT", "ResumeMismatch", "data_fingerprint", "restore", "save"]
 
 CKPT_FORMAT = "mosx.checkpoint/1"
+
+# settings that do not change what a run computes: a resumed run may change them freely ("steps" may
+# grow, and is checked on its own; the data are compared by content, not by path)
+_FREE = {
+    "resume", "resume_force", "progress", "log_every", "ckpt_every", "workers", "threads", "step_sleep",
+    "trust_pickle", "out", "device", "compile", "data", "data_root", "val_data", "steps",
+}  # fmt: skip
+
+
+class ResumeMismatch(ValueError):
+    """--resume found a checkpoint of another run (other settings, grouping or data, or a later step)."""
+
+
+def data_fingerprint(data) -> dict:
+    """What identifies a training set cheaply: its size, class count, a hash of every label and of a
+    strided sample of at most 1,024 inputs (tensor data) or of every file path (image folders / lists)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(data.targets, dtype=np.int64).tobytes())
+    x = getattr(data, "x", None)
+    if isinstance(x, torch.Tensor):
+        step = max(1, len(x) // 1024)
+        h.update(x[::step].detach().cpu().contiguous().numpy().tobytes())
+    samples = getattr(data, "samples", None)
+    if samples is not None:
+        h.update("\0".join(str(p) for p, _ in samples).encode())
+    return {"n": len(data), "classes": int(data.num_classes), "hash": h.hexdigest()}
+
+
+def _check_same_run(run: Run, ck: dict, path: str) -> None:
+    cfg = run.cfg
+    if ck["step"] > cfg.steps:
+        raise ResumeMismatch(
+            f"--resume: {path} is at step {ck['step']}, past --steps {cfg.steps}; its weights are not a "
+            f"step-{cfg.steps} model (use --init to start a new run from it, or a new --out)"
+        )
+    if cfg.resume_force:
+        return
+    diffs = []
+    old = ck.get("config")
+    if old is not None:
+        now = cfg.to_dict()
+        for k in sorted(set(old) | set(now)):
+            if k not in _FREE and old.get(k) != now.get(k):
+                diffs.append(f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}")
+    groups = None if run.groups is None else list(run.groups.class_to_group)
+    if "groups" in ck and ck["groups"] != groups:
+        diffs.append("the grouping differs (class -> group map)")
+    if ck.get("data") is not None and ck["data"] != data_fingerprint(run.data):
+        d, n = ck["data"], data_fingerprint(run.data)
+        diffs.append(f"the training data differ ({d['n']} samples, {d['classes']} classes -> {n['n']}, {n['classes']})")
+    if diffs:
+        raise ResumeMismatch(
+            f"--resume: {path} was made by another run; "
+            + "; ".join(diffs)
+            + ". Use another --out for a new run, or --resume-force to continue anyway."
+        )
 
 
 def restore(run: Run) -> Progress:
@@ -28,6 +86,7 @@ def restore(run: Run) -> Progress:
         ck = read_file(path)  # mosx's own checkpoint: tensors and plain values only
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path}: not a mosx checkpoint")
+        _check_same_run(run, ck, path)
         if ck["world"] != rt.world or ck["batch"] != [cfg.batch_size, run.micro]:
             say(
                 f"resume: checkpoint of world {ck['world']} batch {ck['batch']}, now world {rt.world} "
@@ -80,6 +139,7 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
                 "batch": [cfg.batch_size, run.micro],
                 "config": cfg.to_dict(),
                 "groups": None if run.groups is None else list(run.groups.class_to_group),
+                "data": data_fingerprint(run.data),
             },
             run.ckpt_path,
         )
