@@ -268,3 +268,13 @@ def test_scaling_over_seeds_bands_and_reuse(tmp_path, capsys):
     assert demo.main(argv + ["--reuse"]) == 0  # both seeds finished: nothing is trained again
     err = capsys.readouterr().err
     assert err.count("--reuse: scaling results of") == 2 and "training the backbone" not in err
+
+
+def test_font_dir_the_missing_fonts_message_names_exists(tmp_path, capsys):
+    """The missing-fonts message tells the user to pass --font-dir: mosx demo has that flag."""
+    missing = str(tmp_path / "no-fonts")
+    argv = ["--preset", "tiny", "--font-dir", missing, "--data-root", str(tmp_path / "d"), "--out", str(tmp_path)]
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert missing in err and "--font-dir" in err
+    assert demo.build_parser().parse_args(["--font-dir", missing]).font_dir == missing

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-seed", type=int, help="seed of the data build (default 0)")
     p.add_argument("--data-root", help="benchmark cache (default ~/.cache/mosx/data; env MOSX_DATA)")
+    p.add_argument("--font-dir", help="folder of the Noto font files (default: where fonts-noto-* install them)")
     p.add_argument("--device", help="auto (GPU when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
         "--scaling",
@@ -115,6 +116,7 @@ def settings_from_args(a) -> DemoSettings:
             "seed",
             "data_seed",
             "data_root",
+            "font_dir",
             "device",
             "um_epochs",
             "um_lr",

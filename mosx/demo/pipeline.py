@@ -26,6 +26,8 @@ def load_data(s: DemoSettings, classes: int | None = None):
     import mosx.data
 
     kw = dict(num_scripts=s.scripts) if s.scripts is not None and classes in (None, s.classes) else {}
+    if s.font_dir is not None:
+        kw["font_dir"] = s.font_dir
     return mosx.data.load_benchmark(
         s.data_root,
         num_classes=classes or s.classes,

@@ -46,6 +46,7 @@ class DemoSettings:
     fit_per_class: int = 50  # training images per class used to fit KL / Mahalanobis / ReAct
     data_seed: int = 0
     data_root: str | None = None  # default ~/.cache/mosx/data (env MOSX_DATA)
+    font_dir: str | None = None  # the Noto font files; None: mosx.data's default (/usr/share/fonts/...)
     # model and recipe (mosx.train, preset cpu-demo)
     arch: str = "plain-cnn"  # backbone: plain-cnn or small-cnn (mosx.train.models)
     width: int = 16  # backbone width (model name f"{arch}-{width}")
