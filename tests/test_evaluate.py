@@ -808,3 +808,22 @@ def test_thresholds_and_per_sample_scores_are_written(folders, tmp_path):
         for s in ("id", "far"):
             with np.load(doc["score_files"]["files"][s]) as z:
                 np.testing.assert_array_equal(z[doc["score_files"]["keys"][m]], res.scores[m][s])
+
+
+@pytest.mark.parametrize("where", ["fit", "id"])
+def test_a_label_past_the_model_is_refused_before_anything_is_sized_by_it(tmp_path, where):
+    """A fit label of 2e7 used to make the fitted scores allocate 2e7 class means (20 GB)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, SIZE, SIZE, generator=gen)
+    y = torch.arange(12) % 3
+    bad = y.clone()
+    bad[5] = 20_000_000
+    good_ds = torch.utils.data.TensorDataset(x, y)
+    bad_ds = torch.utils.data.TensorDataset(x, bad)
+    id_ds, fit_ds = (good_ds, bad_ds) if where == "fit" else (bad_ds, good_ds)
+    name = "fit" if where == "fit" else "ID"
+    with pytest.raises(ValueError, match=rf"{name} label 20000000 is not a class of the model \(3 classes"):
+        E.evaluate(
+            net(), id_ds, {"o": torch.utils.data.TensorDataset(x)}, scores=["mahalanobis"], fit_data=fit_ds,
+            plots=False, **common(tmp_path),
+        )  # fmt: skip

@@ -948,3 +948,16 @@ def test_resume_mismatch_exits_2_on_the_command_line(tmp_path, capsys):
     assert main(argv) == 0
     assert main(argv + ["--resume", "--seed", "9"]) == 2
     assert "seed: checkpoint 0, now 9" in capsys.readouterr().err
+
+
+def test_a_huge_class_id_is_refused_before_the_class_names_are_built():
+    """A label of 10**12 in .pt data used to build a list of 10**12 class names."""
+    from mosx.train.data import MAX_CLASSES, TensorData, _check_class_count
+
+    y = torch.zeros(4, dtype=torch.long)
+    y[2] = 10**12
+    with pytest.raises(ValueError, match=r"class id 1000000000000 implies .* more than the 16777216"):
+        TensorData(torch.zeros(4, 3), y)
+    _check_class_count(MAX_CLASSES, None, "t")  # the largest allowed id passes
+    with pytest.raises(ValueError, match="more than"):
+        _check_class_count(MAX_CLASSES + 1, None, "t")

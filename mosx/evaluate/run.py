@@ -185,6 +185,15 @@ def _plan(cfg: EvalConfig) -> _Plan:
         raise ValueError(
             f"evaluate: the model outputs {width} logits but the ID folder has {len(id_images.class_names)} classes"
         )
+    classes = g.num_classes if g is not None else width
+    if classes is not None:  # labels against the model before anything is sized by them
+        for name, im in (("ID", id_images), ("fit", fit_images)):
+            bad = [v for v in (im.labels if im is not None else ()) if v >= classes or v < -1]
+            if bad:
+                raise ValueError(
+                    f"evaluate: {name} label {bad[0]} is not a class of the model ({classes} classes: "
+                    f"labels are 0..{classes - 1}, or -1 for unknown); {len(bad)} such label(s)"
+                )
     workers = cfg.workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else min(4, max(0, (os.cpu_count() or 1) - 1))

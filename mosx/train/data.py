@@ -41,6 +41,21 @@ def seed_mix(*values: int) -> int:
     return h >> 1
 
 
+# More classes than any label space in use (ImageNet-21k: 21,841; extreme multi-label sets: a few
+# million): a larger class id is a corrupt label, and a head that wide would not fit in memory.
+MAX_CLASSES = 1 << 24
+
+
+def _check_class_count(n: int, class_names, source: str) -> None:
+    """Refuse a largest class id that would size the head (and the default class names) beyond
+    MAX_CLASSES, before anything is allocated for it."""
+    if n > MAX_CLASSES and (class_names is None or len(class_names) < n):
+        raise ValueError(
+            f"{source}: class id {n - 1} implies {n} classes, more than the {MAX_CLASSES} mosx trains; "
+            "class ids must be 0..C-1 (a corrupt label?)"
+        )
+
+
 class ImageData:
     """Image files with class ids. load(i) -> (PIL image, class id)."""
 
@@ -116,6 +131,7 @@ class TensorData:
             raise ValueError(f"{source}: negative class id {int(y.min())}")
         self.x, self.y = x, y.long()
         n = int(self.y.max()) + 1
+        _check_class_count(n, class_names, source)
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(n)]
         if len(self.class_names) < n:
             raise ValueError(f"{source}: class id {n - 1} but only {len(self.class_names)} class names")
@@ -145,6 +161,9 @@ class DatasetData:
         if not self.targets:
             raise ValueError("the dataset is empty")
         names = class_names or getattr(ds, "classes", None)
+        if min(self.targets) < 0:
+            raise ValueError(f"{type(ds).__name__}: negative class id {min(self.targets)}")
+        _check_class_count(max(self.targets) + 1, names, type(ds).__name__)
         self.class_names = list(names) if names is not None else [str(c) for c in range(max(self.targets) + 1)]
         self.num_classes = len(self.class_names)
         self.list_groups = None
