@@ -483,3 +483,43 @@ def test_animal_silhouettes_source():
     assert imgs.shape == (10000, 28, 28) and imgs.dtype == np.uint8
     border = np.concatenate([imgs[:, 0, :], imgs[:, -1, :]], axis=1)
     assert border.mean() < 64 and imgs.max() > 200  # bright silhouette on a dark background
+
+
+def _corrupt_header(path, shape):
+    """Rewrite a .npy header to claim another shape (the data bytes stay as they were)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read(f)
+        data = f.read()
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    "file, change, match",
+    [
+        ("train_images.npy", "huge", "unreadable"),  # a header claiming 10^12 images: no allocation
+        ("test_images.npy", "shape", "but the manifest says"),
+        ("train_labels.npy", "labels", "labels outside"),
+    ],
+)
+def test_cheap_invariants_are_checked_on_every_load(built, tmp_path, file, change, match):
+    """Without check=True (no checksums), a corrupted cache is still refused before it is used."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built[0], copy)
+    path = str(copy / file)
+    arr = np.load(path)
+    if change == "huge":
+        _corrupt_header(path, (10**12,) + arr.shape[1:])
+    elif change == "shape":
+        np.save(path, arr[:-1])
+    else:
+        arr[3] = 10**6
+        np.save(path, arr)
+    with pytest.raises(RuntimeError, match=match):
+        mosx.data.load_folder(str(copy))

@@ -109,7 +109,26 @@ def load_folder(folder: str, check: bool = False) -> Benchmark:
             raise RuntimeError(f"{folder}: checksum mismatch in {bad}; rebuild with --force")
 
     def arr(name):
-        return np.load(os.path.join(folder, f"{name}.npy"), allow_pickle=False)
+        # the header is read (memory-mapped) and checked against the manifest before any array is
+        # allocated: a corrupted header can claim a shape of many gigabytes
+        file = f"{name}.npy"
+        meta = manifest.get("files", {}).get(file)
+        try:
+            mm = np.load(os.path.join(folder, file), allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise RuntimeError(f"{folder}/{file}: unreadable ({e}); rebuild with `mosx data build --force`") from None
+        if meta is not None and (list(mm.shape) != list(meta["shape"]) or str(mm.dtype) != meta["dtype"]):
+            raise RuntimeError(
+                f"{folder}/{file}: {mm.dtype} {list(mm.shape)} but the manifest says {meta['dtype']} "
+                f"{list(meta['shape'])}; rebuild with `mosx data build --force`"
+            )
+        out = np.array(mm)
+        if name.endswith("_labels") and out.size and (out.min() < 0 or out.max() >= len(manifest["classes"])):
+            raise RuntimeError(
+                f"{folder}/{file}: labels outside 0..{len(manifest['classes']) - 1}; rebuild with "
+                "`mosx data build --force`"
+            )
+        return out
 
     groups = Groups.from_assignment([c["group"] for c in manifest["classes"]], len(manifest["scripts"]))
     return Benchmark(
