@@ -19,12 +19,19 @@ MOS paper's core claim). ``--unleash`` fine-tunes both models with Unleashing Ma
 estimated level b; UMAP: learned weight masks at the same b) and compares the OOD metrics before and
 after.
 
+``--seeds N`` runs any of these N times (seed i: training seed and data seed + i, each in
+``<out>/seed_<i>/``) and reports every cell as mean +/- standard deviation, how often each method
+ranks first and in how many seeds MOS beats each other method (:mod:`mosx.demo.seeds`).
+``--um-regime`` tests Unleashing Mask where its premise holds: networks trained past fitting,
+per-epoch validation curves, UM / UMAP chosen on validation data only (:mod:`mosx.demo.regime`).
+
 Presets: ``--preset quick`` (the default: 100 classes, a few minutes on a 2-core CPU), ``full`` (larger
 model, more data and epochs) and ``tiny`` (seconds; what CI runs). Single settings override a preset.
 
 Layout: settings (DemoSettings, presets, score tables), pipeline (data, recipes, the two models,
-the evaluator call), experiments (run_demo, run_scaling, run_unleash), report (tables, JSON / CSV,
-plots), cli (build_parser, main).
+the evaluator call), experiments (run_demo, run_scaling, run_unleash), seeds (several seeds and
+their summary), regime (Unleashing Mask in its regime), report (tables, JSON / CSV, plots), cli
+(build_parser, main).
 """
 
 from __future__ import annotations
