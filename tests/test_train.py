@@ -961,3 +961,17 @@ def test_a_huge_class_id_is_refused_before_the_class_names_are_built():
     _check_class_count(MAX_CLASSES, None, "t")  # the largest allowed id passes
     with pytest.raises(ValueError, match="more than"):
         _check_class_count(MAX_CLASSES + 1, None, "t")
+
+
+def test_an_image_folder_with_a_symlink_loop_is_refused(tmp_path):
+    from PIL import Image
+
+    from mosx.train.data import ImageData
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
+    assert len(ImageData.from_folder(str(tmp_path))) == 2
+    os.symlink("..", tmp_path / "a" / "up")  # a/up -> the root: every level would list a/ and b/ again
+    with pytest.raises(ValueError, match=r"a/up is a symlink loop"):
+        ImageData.from_folder(str(tmp_path))

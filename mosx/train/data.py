@@ -41,6 +41,34 @@ def seed_mix(*values: int) -> int:
     return h >> 1
 
 
+def _refuse_symlink_loops(root: str) -> None:
+    """ImageFolder follows directory symlinks; a link back to an ancestor would have it list the same
+    images again at every level until the path fails to resolve (os.walk drops that error), so the
+    training set would silently hold copies. Refuse such a tree, naming the link."""
+
+    def walk(path: str, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except OSError as e:
+            raise ValueError(f"{root}: cannot list {path}: {e.strerror or e}") from None
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                continue
+            if not is_dir:
+                continue
+            real = os.path.realpath(e.path)
+            if real in ancestors:
+                raise ValueError(
+                    f"{root}: {e.path} is a symlink loop (it points back to {real}); remove it, or the "
+                    "images under it would be listed again at every level"
+                )
+            walk(e.path, ancestors | {real})
+
+    walk(root, frozenset({os.path.realpath(root)}))
+
+
 # More classes than any label space in use (ImageNet-21k: 21,841; extreme multi-label sets: a few
 # million): a larger class id is a corrupt label, and a head that wide would not fit in memory.
 MAX_CLASSES = 1 << 24
@@ -85,6 +113,7 @@ class ImageData:
     def from_folder(cls, root: str) -> ImageData:
         from torchvision.datasets import ImageFolder
 
+        _refuse_symlink_loops(root)
         folder = ImageFolder(root, allow_empty=False)
         return cls(folder.samples, folder.classes, source=root)
 
