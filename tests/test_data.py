@@ -523,3 +523,22 @@ def test_cheap_invariants_are_checked_on_every_load(built, tmp_path, file, chang
         np.save(path, arr)
     with pytest.raises(RuntimeError, match=match):
         mosx.data.load_folder(str(copy))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [('{"key": ', "not a readable manifest"), ("[1, 2]", "missing key"), ('{"key": 1}', "missing config")],
+)
+def test_a_broken_manifest_gets_a_message_not_a_traceback(built, tmp_path, capsys, content, match):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built[0], copy)
+    (copy / "manifest.json").write_text(content)
+    with pytest.raises(RuntimeError, match=match):
+        mosx.data.load_folder(str(copy))
+    assert mosx.data.main(["verify", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "--force" in err
+    assert mosx.data.main(["verify", str(tmp_path / "nowhere")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "load_benchmark",
     "load_folder",
     "main",
+    "read_manifest",
     "verify",
 ]
 
@@ -94,15 +95,34 @@ class Benchmark:
         return [s["name"] for s in self.manifest["scripts"]]
 
 
+_MANIFEST_KEYS = ("key", "config", "classes", "scripts", "counts", "files")
+
+
+def read_manifest(folder: str) -> dict:
+    """folder/manifest.json, checked to be a JSON object with the keys a build writes; a missing,
+    truncated or foreign manifest raises FileNotFoundError / RuntimeError saying how to rebuild."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: no manifest.json; build it with `mosx data build`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise RuntimeError(f"{path}: not a readable manifest ({e}); rebuild with `mosx data build --force`") from None
+    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise RuntimeError(
+            f"{path}: not a mosx benchmark manifest (missing {', '.join(missing)}); rebuild with "
+            "`mosx data build --force`"
+        )
+    return manifest
+
+
 def load_folder(folder: str, check: bool = False) -> Benchmark:
     """Open one build folder (as build_cached returns); check=True verifies the sha256 sums."""
     from ..groups import Groups
 
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder}: no manifest.json; build it with `mosx data build`")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_manifest(folder)
     if check:
         bad = verify(folder)
         if bad:
@@ -273,7 +293,7 @@ def main(argv=None) -> int:
                 f"at most {sum(len(v) for v in ranked.values())} ID classes "
                 f"(letters per ID script capped at {_cache.RANK_LIMIT})"
             )
-    except (MissingDataError, ValueError) as e:
+    except (MissingDataError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"mosx data: {e}", file=sys.stderr)
         return 2
     return 0

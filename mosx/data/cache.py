@@ -436,8 +436,9 @@ def build_cached(
 
 def verify(folder: str) -> list[str]:
     """Files whose sha256 differs from the manifest (empty list: the build is intact)."""
-    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
+    from . import read_manifest
+
+    manifest = read_manifest(folder)
     bad = []
     for name, meta in manifest["files"].items():
         path = os.path.join(folder, name)
