@@ -247,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scorer",
         default=None,
         help="mos (grouped model; the default then), msp (flat; the "
-        "default then), maxlogit, energy[:temperature=T], odin:temperature=T",
+        "default then), maxlogit, energy[:temperature=T], odin:temperature=T, entropy, gen[:gamma=G,M=M]",
     )
     p.add_argument(
         "--groups",

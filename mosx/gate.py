@@ -13,7 +13,7 @@ when ``score < threshold`` (the comparison runs in float64, where the float32 th
 
 Only logit scorers without fitted statistics can be gated (their score is a function of one
 sample's logits): ``mos`` (grouped models), ``msp``, ``maxlogit``, ``energy[:temperature=T]`` and
-``odin:temperature=T`` with ``eps=0`` (flat models).
+``odin:temperature=T`` with ``eps=0``, ``entropy`` and ``gen[:gamma=G,M=M]`` (flat models).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .metrics import threshold_at_tpr
 __all__ = ["OODGate", "GateOutput", "GATE_FORMAT", "GATE_SCORERS"]
 
 GATE_FORMAT = "mosx.gate/1"  # the format tag of gate files (OODGate.save)
-GATE_SCORERS = ("mos", "msp", "maxlogit", "energy", "odin")  # odin only with eps=0
+GATE_SCORERS = ("mos", "msp", "maxlogit", "energy", "odin", "entropy", "gen")  # odin only with eps=0
 
 
 class GateOutput(NamedTuple):
@@ -67,12 +67,12 @@ def _scorer_spec(scorer, groups: Groups | None) -> dict:
             if "needs groups" in str(e):
                 raise ValueError(
                     "OODGate: the mos scorer needs the model's grouping: give groups= (or a mosx model file "
-                    "that stores one), or pick a flat-model scorer (msp, maxlogit, energy, odin)"
+                    "that stores one), or pick a flat-model scorer (msp, maxlogit, energy, odin, entropy, gen)"
                 ) from None
             raise
     if not isinstance(scorer, S.Scorer):
         raise TypeError(f"OODGate: scorer must be a spec string or a mosx.scores.Scorer, got {type(scorer).__name__}")
-    supported = "mos, msp, maxlogit, energy[:temperature=T], odin:temperature=T (eps=0)"
+    supported = "mos, msp, maxlogit, energy[:temperature=T], odin:temperature=T (eps=0), entropy, gen[:gamma=G,M=M]"
     if type(scorer) is S.MOS:
         if groups is not None and scorer.groups != groups:
             raise ValueError("OODGate: the mos scorer's grouping differs from the gate's groups")
@@ -85,6 +85,10 @@ def _scorer_spec(scorer, groups: Groups | None) -> dict:
         spec = {"name": "energy", "temperature": float(scorer.temperature)}
     elif type(scorer) is S.ODIN and scorer.eps == 0:
         spec = {"name": "odin", "temperature": float(scorer.temperature)}
+    elif type(scorer) is S.Entropy:
+        spec = {"name": "entropy"}
+    elif type(scorer) is S.GEN:
+        spec = {"name": "gen", "gamma": float(scorer.gamma), "M": int(scorer.M)}
     else:
         why = (
             "perturbs the input with a gradient step"
@@ -232,7 +236,8 @@ class OODGate(nn.Module):
     Args:
         model: the trained classifier (any module mapping images to logits; only a
             :class:`mosx.models.Classifier` can be saved with :meth:`save`).
-        scorer: a spec string ("mos", "msp", "maxlogit", "energy:temperature=2", "odin:temperature=1000")
+        scorer: a spec string ("mos", "msp", "maxlogit", "energy:temperature=2", "odin:temperature=1000",
+            "entropy", "gen:gamma=0.1,M=100")
             or a matching :class:`mosx.scores.Scorer`.
         threshold: samples with ``score < threshold`` are OOD.
         groups: the grouping of a grouped model (the mos scorer needs it); None for a flat model.
@@ -324,6 +329,12 @@ class OODGate(nn.Module):
         elif name == "energy":
             t = spec["temperature"]
             score = t * torch.logsumexp(z / t, dim=1)
+        elif name == "entropy":  # the formulas of mosx.scores.Entropy / GEN, written out for export
+            logp = torch.log_softmax(z, dim=1)
+            score = (logp.exp() * logp).sum(1)
+        elif name == "gen":
+            top = probs.topk(min(spec["M"], probs.shape[1]), dim=1, sorted=False).values
+            score = -(top.pow(spec["gamma"]) * (1 - top).pow(spec["gamma"])).sum(1)
         else:  # odin, eps = 0
             score = torch.softmax(z / spec["temperature"], dim=1).amax(dim=1)
         return pred, conf, score

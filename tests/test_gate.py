@@ -85,6 +85,9 @@ def test_grouped_gate_outputs(grouped_gate, groups, gen):
         ("energy", S.Energy()),
         ("energy:temperature=2", S.Energy(2.0)),
         ("odin:temperature=1000", S.ODIN(1000.0)),
+        ("entropy", S.Entropy()),
+        ("gen", S.GEN()),
+        ("gen:gamma=0.5,M=3", S.GEN(0.5, 3)),
     ],
 )
 def test_flat_gate_scores_are_the_scorers(spec, scorer, gen):
@@ -213,7 +216,6 @@ def test_bad_input(groups, gen):
         ("react-energy", "needs statistics fitted on ID data"),
         ("odin:temperature=1000,eps=0.001", "perturbs the input"),
         ("gradnorm", "reads"),
-        ("entropy", "not one of the gate's scorers"),
     ],
 )
 def test_unsupported_scorers_are_refused(spec, why):
@@ -356,3 +358,21 @@ def test_cli_calibrates_and_exports(tmp_path, groups, gen, capsys):
     assert "--calibrate ID_FOLDER" in capsys.readouterr().err
     assert main(["export", "--model", gpath, "--calibrate", str(tmp_path / "id"), "--format", "pt2", "--out", out]) == 2
     assert "already calibrated" in capsys.readouterr().err
+
+
+@needs_ort
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["entropy", "gen:gamma=0.1,M=4"])
+def test_entropy_and_gen_gates_export_to_onnx(spec, tmp_path, gen):
+    """The entropy and GEN formulas written into the gate export as standard ONNX ops (topk included)."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(5)
+    model, _ = build_model("small-cnn-4", 6, head_init="random")
+    model.eval()
+    gate = mosx.OODGate.calibrate(model, [images(g, 12)], scorer=spec, tpr=0.9)
+    path = str(tmp_path / "gate.onnx")
+    export_onnx(gate, path, images(gen, 2))
+    x = images(gen, 5)
+    with torch.no_grad():
+        eager = gate(x)
+    check_outputs(eager, _onnx_session(path).run(None, {"images": x.numpy()}), float(gate.threshold))
