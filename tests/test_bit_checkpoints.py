@@ -231,3 +231,20 @@ def test_trainer_backbone_uses_the_reference_epsilon():
     assert eps == {bit.REFERENCE_WS_EPS} and dim == 2048
     plain, _ = build_backbone("resnetv2_50")  # not a BiT model: timm's own layers, untouched
     assert not any(isinstance(m, StdConv2d) and m.eps == bit.REFERENCE_WS_EPS for m in plain.modules())
+
+
+def test_npz_models_use_the_reference_epsilon(tmp_path, monkeypatch):
+    """load_model of a BiT .npz sets eps 1e-10 on every StdConv2d (the weights themselves are read by
+    timm's own npz loader, tested in test_train.py::test_bit_npz_through_timm; stubbed here)."""
+    import timm.models.resnetv2 as rv2
+    from timm.layers import StdConv2d
+
+    calls = []
+    monkeypatch.setattr(rv2.ResNetV2, "load_pretrained", lambda self, path, prefix="": calls.append(path))
+    path = tmp_path / "BiT-S-R50x1.npz"
+    path.write_bytes(b"stub")
+    model, info = mosx.load_model(str(path), arch="resnetv2_50x1_bit", num_classes=7)
+    assert calls == [str(path)]
+    assert {m.eps for m in model.modules() if isinstance(m, StdConv2d)} == {bit.REFERENCE_WS_EPS}
+    with pytest.raises(ValueError, match="needs --arch"):
+        mosx.load_model(str(path))
