@@ -1,12 +1,14 @@
-"""Atomic file writes shared by the trainer, the model files and the evaluator's cache."""
+"""Atomic file writes shared by the trainer, the model files and the evaluator's cache, and the
+lock that keeps two jobs out of one output folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy"]
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -40,3 +42,67 @@ def atomic_save(obj, path: str, writer=None) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+class OutputBusy(RuntimeError):
+    """Another live process holds the output folder's lock."""
+
+
+LOCK_NAME = ".mosx.lock"
+
+
+def _lock_holder(path: str):
+    """(pid, host) written in a lock file, or None when it is unreadable or half-written."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid, host = f.read().split("\n")[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: str, what: str):
+    """Hold `<folder>/.mosx.lock` while a job writes into folder: a second job started on the same
+    folder stops with OutputBusy instead of overwriting the first one's files. A lock left by a
+    process that no longer runs (on this host) is taken over; one from another host is respected."""
+    import socket
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    me = (os.getpid(), socket.gethostname())
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and holder != me and (holder[1] != me[1] or _alive(holder[0])):
+                raise OutputBusy(
+                    f"{folder}: another {what} (pid {holder[0]} on {holder[1]}) is writing here; wait for it "
+                    f"or use another output folder (if no such process runs, delete {path})"
+                ) from None
+            try:
+                os.remove(path)  # stale (or half-written by a job that died at once): take it over
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{me[0]}\n{me[1]}\n")
+        break
+    else:  # pragma: no cover - three races in a row
+        raise OutputBusy(f"{folder}: could not take {path}")
+    try:
+        yield
+    finally:
+        if _lock_holder(path) == me:
+            os.remove(path)

@@ -278,3 +278,21 @@ def test_font_dir_the_missing_fonts_message_names_exists(tmp_path, capsys):
     err = capsys.readouterr().err
     assert missing in err and "--font-dir" in err
     assert demo.build_parser().parse_args(["--font-dir", missing]).font_dir == missing
+
+
+def test_two_demos_on_one_out_folder_do_not_mix(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / ".mosx.lock").write_text(f"{other.pid}\n{socket.gethostname()}\n")
+        assert demo.main(["--preset", "tiny", "--out", str(out), "--data-root", str(tmp_path / "d")]) == 2
+        assert f"another mosx demo run (pid {other.pid}" in capsys.readouterr().err
+        assert sorted(os.listdir(out)) == [".mosx.lock"]
+    finally:
+        other.kill()
+        other.wait()

@@ -975,3 +975,40 @@ def test_an_image_folder_with_a_symlink_loop_is_refused(tmp_path):
     os.symlink("..", tmp_path / "a" / "up")  # a/up -> the root: every level would list a/ and b/ again
     with pytest.raises(ValueError, match=r"a/up is a symlink loop"):
         ImageData.from_folder(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ one job per folder
+def _hold_lock(folder, pid):
+    import socket
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".mosx.lock"), "w") as f:
+        f.write(f"{pid}\n{socket.gethostname()}\n")
+
+
+def test_a_second_run_on_the_same_out_stops_before_writing(gen, tmp_path, capsys):
+    from mosx._io import OutputBusy
+    from mosx.train import main
+
+    x, y = tiny_data(gen)
+    out = str(tmp_path / "run")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _hold_lock(out, other.pid)
+        cfg = make_config(**{**TINY, "loss": "flat", "steps": 2, "out": out})
+        with pytest.raises(OutputBusy, match=rf"another training run \(pid {other.pid} "):
+            train(cfg, data=(x, y), log=lambda m: None)
+        assert sorted(os.listdir(out)) == [".mosx.lock"]  # nothing written
+        data = tmp_path / "d.pt"
+        torch.save({"x": x, "y": y}, data)
+        argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--steps", "2", "--batch-size", "8",
+                "--resize", "0", "--crop", "6", "--eval-resize", "0", "--workers", "0", "--progress", "off",
+                "--out", out]  # fmt: skip
+        assert main(argv) == 2
+        assert "is writing here" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over, and released at the end
+    r = train(cfg, data=(x, y), log=lambda m: None)
+    assert r.steps == 2 and not os.path.exists(os.path.join(out, ".mosx.lock"))

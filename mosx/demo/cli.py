@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from .._io import OutputBusy, output_lock
 from .experiments import check_unleash_available, run_demo, run_scaling, run_unleash
 from .regime import run_regime
 from .seeds import run_seeds
@@ -175,22 +176,28 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        if a.unleash and not a.scaling:
-            check_unleash_available()  # before the main run, not after it
-        if a.um_regime:
-            run_regime(s, a.out, a.seeds, reuse=a.reuse)
-        elif a.seeds > 1:
-            run_seeds(s, a.out, a.seeds, scaling=a.scaling, unleash=a.unleash, reuse=a.reuse)
-        elif a.scaling:
-            run_scaling(s, a.out)
-        else:
-            base = _previous_run(s, a.out) if a.reuse else None
-            if base is None:
-                base = run_demo(s, a.out)
-            if a.unleash:
-                run_unleash(s, a.out, base)
-    except (MissingDataError, DemoError) as e:
+        with output_lock(a.out, "mosx demo run"):
+            _run(a, s)
+    except (MissingDataError, DemoError, OutputBusy) as e:
         print(f"mosx demo: {e}", file=sys.stderr)
         return 2
     print(f"mosx demo finished in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _run(a, s: DemoSettings) -> None:
+    """The experiment the arguments ask for."""
+    if a.unleash and not a.scaling:
+        check_unleash_available()  # before the main run, not after it
+    if a.um_regime:
+        run_regime(s, a.out, a.seeds, reuse=a.reuse)
+    elif a.seeds > 1:
+        run_seeds(s, a.out, a.seeds, scaling=a.scaling, unleash=a.unleash, reuse=a.reuse)
+    elif a.scaling:
+        run_scaling(s, a.out)
+    else:
+        base = _previous_run(s, a.out) if a.reuse else None
+        if base is None:
+            base = run_demo(s, a.out)
+        if a.unleash:
+            run_unleash(s, a.out, base)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .._io import OutputBusy
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
 from .loop import TrainResult, make_loss, train
 from .models import Classifier, build_model, load_model
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     except NonFiniteTraining as e:
         print(f"mosx train: {e}", file=sys.stderr)
         return 3
-    except ResumeMismatch as e:
+    except (ResumeMismatch, OutputBusy) as e:
         print(f"mosx train: {e}", file=sys.stderr)
         return 2
     if result.flood_level is not None and cfg.um_estimate_only:

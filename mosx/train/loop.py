@@ -16,6 +16,7 @@ The distributed runtime (rank, world, device, process group) is mosx.runtime.Run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from .._io import output_lock
 from ..masking import apply_masks
 from ..models.files import read_file
 from ..ops import group_cross_entropy
@@ -100,7 +102,9 @@ def train(cfg: TrainConfig, data=None, val_data=None, groups=None, log=None, eve
             raise ValueError(f"every must be (steps >= 1, callable), got {every!r}")
     rt = Runtime.setup(cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, fused=cfg.fused)
     try:
-        return _train(cfg, rt, data, val_data, groups, log, every)
+        # one job per output folder: a second run started on cfg.out stops before it writes anything
+        with output_lock(cfg.out, "training run") if rt.main else contextlib.nullcontext():
+            return _train(cfg, rt, data, val_data, groups, log, every)
     finally:
         rt.close()
 
