@@ -1012,3 +1012,26 @@ def test_a_second_run_on_the_same_out_stops_before_writing(gen, tmp_path, capsys
     # the holder is gone: its lock is stale, taken over, and released at the end
     r = train(cfg, data=(x, y), log=lambda m: None)
     assert r.steps == 2 and not os.path.exists(os.path.join(out, ".mosx.lock"))
+
+
+def test_an_unreadable_training_image_stops_the_run_naming_it(tmp_path, capsys):
+    from PIL import Image
+
+    from mosx.train import main
+    from mosx.train.data import UnreadableImage
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / "d" / c / f"{k}.png")
+    bad = tmp_path / "d" / "b" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing decodable
+    cfg = make_config(**{**TINY, "loss": "flat", "steps": 4, "batch_size": 8, "resize": 8, "crop": 6,
+                         "eval_resize": 8, "data": str(tmp_path / "d"), "out": str(tmp_path / "o")})  # fmt: skip
+    with pytest.raises(UnreadableImage, match=r"b/2\.png \(sample 6, class 1\) cannot be read"):
+        train(cfg, log=lambda m: None)
+    argv = ["--data", str(tmp_path / "d"), "--model", "small-cnn-4", "--loss", "flat", "--steps", "4",
+            "--batch-size", "8", "--resize", "8", "--crop", "6", "--eval-resize", "8", "--workers", "0",
+            "--progress", "off", "--out", str(tmp_path / "o2")]  # fmt: skip
+    assert main(argv) == 4
+    assert "2.png" in capsys.readouterr().err

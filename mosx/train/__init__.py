@@ -23,6 +23,7 @@ import sys
 
 from .._io import OutputBusy
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
+from .data import UnreadableImage
 from .loop import TrainResult, make_loss, train
 from .models import Classifier, build_model, load_model
 from .resume import ResumeMismatch
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
     except (ResumeMismatch, OutputBusy) as e:
         print(f"mosx train: {e}", file=sys.stderr)
         return 2
+    except UnreadableImage as e:
+        print(f"mosx train: {e}", file=sys.stderr)
+        return 4
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0

@@ -69,6 +69,11 @@ def _refuse_symlink_loops(root: str) -> None:
     walk(root, frozenset({os.path.realpath(root)}))
 
 
+class UnreadableImage(RuntimeError):
+    """A training image that PIL cannot decode: the run stops with its path (nothing is skipped
+    silently: a skipped image would change the data the model trains on)."""
+
+
 # More classes than any label space in use (ImageNet-21k: 21,841; extreme multi-label sets: a few
 # million): a larger class id is a corrupt label, and a head that wide would not fit in memory.
 MAX_CLASSES = 1 << 24
@@ -104,9 +109,17 @@ class ImageData:
         from PIL import Image
 
         path, target = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img = img.convert("RGB")
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img = img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # PIL raises OSError (truncated, unidentified), SyntaxError (bad headers of some formats) or
+            # DecompressionBombError; the file is named so that it can be fixed or removed from the list
+            raise UnreadableImage(
+                f"training image {path} (sample {i}, class {target}) cannot be read: {type(e).__name__}: {e}; "
+                "fix or remove it and run again (with --resume the run continues from its last checkpoint)"
+            ) from None
         return img, target
 
     @classmethod
