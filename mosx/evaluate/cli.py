@@ -12,7 +12,7 @@ import torch
 from .. import scores as S
 from .config import EvalConfig
 from .report import combine, write_outputs
-from .run import evaluate, resolve_model
+from .run import SEARCH_METRICS, evaluate, resolve_model
 
 __all__ = ["build_parser", "config_from_args", "split_scores", "main"]
 
@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="scorer specs name[:key=value,...], comma-separated, e.g. "
         "'msp,energy:temperature=2,odin:temperature=1000,eps=0.0014,react-energy:percentile=90' "
         f"(known: {_known_scores()})",
+    )
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a validation set for tuning the scorers' hyperparameters (repeat, or comma-separated): "
+        "NAME 'id' for the ID one, any other name for an OOD one, e.g. --search id=val_id/ --search ood=val_ood/; "
+        "never a test set",
+    )
+    p.add_argument(
+        "--search-metric", choices=SEARCH_METRICS, default="fpr95", help="what --search optimises (mean over OOD sets)"
     )
     p.add_argument("--out", required=True, help="output folder (table, JSON, CSV, PNG, cache)")
     p.add_argument("--cache-dir", help="logits/features cache folder (default OUT/cache)")
@@ -117,6 +129,32 @@ def _ood_sets(items) -> dict:
     return ood
 
 
+def _search_sets(items) -> dict | None:
+    """--search values ('id=val/', 'id=val/,ood=val_ood/') -> {name: path}; a comma-separated piece
+    without '=' belongs to the previous path (a path holding a comma)."""
+    pieces = []
+    for item in items:
+        for piece in item.split(","):
+            if not piece.strip():
+                continue
+            if pieces and "=" not in piece:
+                pieces[-1] += "," + piece
+            else:
+                pieces.append(piece)
+    out = {}
+    for piece in pieces:
+        name, eq, path = piece.strip().partition("=")
+        if not eq or not name or not path:
+            raise ValueError(
+                f"--search expects NAME=PATH (NAME: 'id' for the ID validation set, else an OOD one's name), "
+                f"got {piece!r}"
+            )
+        if name in out:
+            raise ValueError(f"validation set {name!r} given twice in --search")
+        out[name] = path
+    return out or None
+
+
 def config_from_args(args) -> EvalConfig:
     """The EvalConfig of a `mosx eval` command line (the --model run; --flat-model is built from it)."""
     device = args.device
@@ -154,6 +192,8 @@ def config_from_args(args) -> EvalConfig:
         positive=args.positive,
         fpr_rule=args.fpr_rule,
         aupr=args.aupr,
+        search=_search_sets(args.search),
+        search_metric=args.search_metric,
         plots=not args.no_plots,
         progress=not args.no_progress,
     )

@@ -31,6 +31,10 @@ class EvalConfig:
     bf16 convolutions are slow without native support). Output files go to out_dir (table.txt,
     results.json, results.csv, roc_<method>.png, hist_<method>.png) and the cache to cache_dir
     (default out_dir/cache).
+    search: {name: set} of validation image sets (any form id_data takes), "id" for the ID one and
+    at least one OOD one: every scorer with a search space is tuned on them (search_metric, see
+    :func:`mosx.scores.search`) before the test sets are scored; a validation set that is also a
+    test set is refused.
     """
 
     model: torch.nn.Module | str
@@ -58,6 +62,8 @@ class EvalConfig:
     positive: str = "id"
     fpr_rule: str = "nearest"
     aupr: str = "ap"
+    search: Mapping[str, Any] | None = None
+    search_metric: str = "fpr95"
     plots: bool = True
     progress: bool = True
     verbose: bool = True

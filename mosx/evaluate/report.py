@@ -32,10 +32,13 @@ class EvalResult:
     counts: dict  # set name -> images scored
     scores: dict = field(default_factory=dict)  # method -> {set: np.ndarray}
     files: dict = field(default_factory=dict)  # what was written where
+    # the validation search: method -> SearchResult.as_dict() (+ "seconds"), None: nothing to search
+    search: dict = field(default_factory=dict)
 
     def summary(self, tpr_level: float = 0.95) -> str:
         """The table plus accuracy, throughput, scorer times and skipped images."""
         out = [self.table(tpr_level)]
+        out += self.search_lines()
         accs = (
             self.id_accuracy
             if isinstance(self.id_accuracy, dict)
@@ -56,6 +59,20 @@ class EvalResult:
                 + ", ".join(f"{k} {len(v)}" for k, v in self.unreadable.items() if v)
             )
         return "\n".join(out)
+
+    def search_lines(self) -> list:
+        """One line per method of the validation search: what it chose and its validation metric."""
+        out = []
+        for m, rec in self.search.items():
+            if rec is None:
+                out.append(f"{m}: no hyperparameters to search, scored as given")
+                continue
+            chosen = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
+            out.append(
+                f"{m}: chose {chosen} on validation {rec['metric']} {100 * rec['value']:.2f}% "
+                f"({len(rec['grid'])} points, validation sets {', '.join(rec['val_sets'])})"
+            )
+        return out
 
     def table(self, tpr_level: float = 0.95) -> str:
         sets = list(next(iter(self.metrics.values()))) if self.metrics else []
@@ -79,7 +96,7 @@ def combine(results: Mapping[str, EvalResult]) -> EvalResult:
     methods side by side (a method name present twice gets " (label)" appended); accuracy, images/s,
     grouped flag as {label: value}."""
     names = [m for r in results.values() for m in r.metrics]
-    metrics, averages, scores, timings = {}, {}, {}, {}
+    metrics, averages, scores, timings, search = {}, {}, {}, {}, {}
     for label, r in results.items():
         for m in r.metrics:
             key = f"{m} ({label})" if names.count(m) > 1 else m
@@ -88,6 +105,8 @@ def combine(results: Mapping[str, EvalResult]) -> EvalResult:
                 scores[key] = r.scores[m]
             if m in r.scorer_seconds:
                 timings[key] = r.scorer_seconds[m]
+            if m in r.search:
+                search[key] = r.search[m]
     first = next(iter(results.values()))
     return EvalResult(
         metrics,
@@ -99,6 +118,7 @@ def combine(results: Mapping[str, EvalResult]) -> EvalResult:
         first.unreadable,
         first.counts,
         scores=scores,
+        search=search,
     )
 
 
@@ -120,6 +140,8 @@ def write_outputs(
         "scorer_seconds": res.scorer_seconds,
         "images_scored": res.counts,
         "unreadable": res.unreadable,
+        # the validation search (empty without one): per method what it chose, the grid, the sets
+        "search": res.search,
         # per method: the threshold keeping `tpr` of the ID samples (keep as ID when score >= it),
         # under the FPR metric's own rule; and one compressed file of per-sample scores per set
         "thresholds": _thresholds(res, tpr, conventions.get("fpr_rule", "nearest")),

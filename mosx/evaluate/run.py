@@ -1,12 +1,13 @@
 """The evaluation itself, top-down: check everything before any work (`plan`), fill the cache with one
-backbone pass per image set (`cache_sets`), fit the fitted scorers, score every set from the cache,
-then metrics and ID accuracy (`score_sets`)."""
+backbone pass per image set (`cache_sets`), fit the fitted scorers, tune them on the validation sets
+when asked (`search`), score every set from the cache, then metrics and ID accuracy (`score_sets`)."""
 
 from __future__ import annotations
 
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,11 +20,14 @@ from ..groups import Groups
 from ..models import load_model
 from ..ops import group_predict
 from ..runtime import Runtime
+from ..scores.search import METRICS, _check_disjoint
 from .backbone import perturbed_scores
 from .cache import Cached, cache_set, model_fingerprint
 from .config import EvalConfig
 from .images import ImageDataset, ImageList, as_images, make_transform
 from .report import EvalResult, write_outputs
+
+SEARCH_METRICS = tuple(METRICS)  # the metrics a search can optimise (--search-metric)
 
 __all__ = ["evaluate", "resolve_model", "ResolvedModel", "default_scores"]
 
@@ -87,6 +91,8 @@ class _Plan:
     id_images: ImageList
     ood_images: dict
     fit_images: ImageList | None
+    val_images: dict  # search: {"id": ImageList, ood name: ImageList}; {} without a search
+    search_sets: tuple | None  # search: (validation, test) set identities, as mosx.scores.search takes them
     scorers: dict
     transform: object
     transform_key: str
@@ -148,6 +154,7 @@ def _plan(cfg: EvalConfig) -> _Plan:
     have_fit = cfg.fit_data is not None or cfg.fit_on_id
     scorers = _build_scorers(cfg.scores, g, have_fit)
     fit_images = as_images(cfg.fit_data, "fit", g) if cfg.fit_data is not None else None
+    val_images, search_sets = _plan_search(cfg, g, id_images, ood_images, scorers)
 
     model = model.to(dev).eval()
     if dev.type == "cuda":
@@ -205,6 +212,8 @@ def _plan(cfg: EvalConfig) -> _Plan:
         id_images,
         ood_images,
         fit_images,
+        val_images,
+        search_sets,
         scorers,
         (transform, cfg.tensor_transform),
         transform_key,
@@ -259,6 +268,62 @@ def _build_scorers(scores, g: Groups | None, have_fit: bool) -> dict:
     return out
 
 
+def _plan_search(cfg: EvalConfig, g: Groups | None, id_images: ImageList, ood_images: dict, scorers: dict) -> tuple:
+    """The validation sets of a search and their identities, checked before any work: an ID one and
+    an OOD one at least, none of them a test set, every search space one the cache can serve.
+    Returns ({name: ImageList}, (validation identities, test identities)); ({}, None) without a search."""
+    if not cfg.search:
+        return {}, None
+    if not isinstance(cfg.search, Mapping) or "id" not in cfg.search or len(cfg.search) < 2:
+        raise ValueError(
+            "evaluate: search (--search) needs the ID validation set as 'id' and at least one OOD "
+            "validation set, e.g. {'id': 'val_id/', 'ood': 'val_ood/'} (--search id=val_id/ --search ood=val_ood/)"
+        )
+    if cfg.search_metric not in SEARCH_METRICS:
+        raise ValueError(
+            f"evaluate: search_metric must be one of {', '.join(SEARCH_METRICS)}, got {cfg.search_metric!r}"
+        )
+    clash = sorted(set(ood_images) & {f"val:{n}" for n in cfg.search})
+    if clash:
+        raise ValueError(f"evaluate: OOD set name {clash[0]!r} is the name of a validation set; rename it")
+    for m, s in scorers.items():
+        space = s.search_space()
+        if space and ("eps" in space or "inputs" in s.needs):
+            raise ValueError(
+                f"evaluate: cannot search scorer {m!r} from the cache: it perturbs the input (eps), which "
+                "needs the model and the validation images; fix eps, or tune it with mosx.scores.search "
+                "(model=..., inputs in the validation data)"
+            )
+    val_images = {}
+    for name, spec in cfg.search.items():
+        val_images[name] = as_images(spec, f"val:{name}", g, labeled=False)
+        if len(val_images[name]) == 0:
+            raise ValueError(f"evaluate: validation set {name!r} is empty")
+    val_sets = {"id": _set_identity(cfg.search["id"], val_images["id"])}
+    val_sets.update({n: _set_identity(cfg.search[n], im) for n, im in val_images.items() if n != "id"})
+    test_sets = {"id": _set_identity(cfg.id_data, id_images)}
+    test_sets.update({n: _set_identity(cfg.ood_data[n], im) for n, im in ood_images.items()})
+    _check_disjoint(val_sets, test_sets)  # here, before the backbone runs; search() checks again
+    return val_images, (val_sets, test_sets)
+
+
+def _set_identity(spec, images: ImageList):
+    """What mosx.scores.search compares to tell a validation set from a test set: the path given, an
+    ImageList's image files, or the image tensor of an in-memory set."""
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fspath(spec)
+    if images.paths is not None:
+        return list(images.paths)
+    ds = images.dataset
+    held = ds.tensors[0] if isinstance(ds, torch.utils.data.TensorDataset) else getattr(ds, "images", None)
+    if isinstance(held, torch.Tensor):
+        return {"images": held}
+    raise ValueError(
+        f"evaluate: search cannot tell whether set {images.name!r} ({type(ds).__name__}) is a validation or a "
+        "test set: give it as a folder, a list file or a dataset holding its images as a tensor"
+    )
+
+
 def _run(p: _Plan, rt: Runtime) -> EvalResult | None:
     cfg = p.cfg
     cache_root = cfg.cache_dir or os.path.join(cfg.out_dir, "cache")
@@ -278,10 +343,12 @@ def _run(p: _Plan, rt: Runtime) -> EvalResult | None:
     sets = {"id": p.id_images, **p.ood_images}
     if p.fit_images is not None:
         sets["fit"] = p.fit_images
+    sets.update({f"val:{n}": im for n, im in p.val_images.items()})
     caches, ips = _cache_sets(p, rt, sets, cache_root, opts)
     _check_readable(rt, caches)
     timings = {}
     _fit(p, rt, caches, timings)
+    searched = _search(p, rt, caches)
     perturbed = _perturbed(p, rt, sets, opts, timings)
     if not rt.main:
         return None
@@ -311,6 +378,7 @@ def _run(p: _Plan, rt: Runtime) -> EvalResult | None:
         unreadable,
         counts,
         scores={m: {s: v.numpy() for s, v in per.items()} for m, per in score_sets.items()},
+        search=searched,
     )
     for n, bad in unreadable.items():
         if bad:
@@ -390,19 +458,72 @@ def _data_of(c: Cached, head) -> dict:
     }
 
 
-def _fit(p: _Plan, rt: Runtime, caches: dict, timings: dict) -> None:
-    """Fit the scorers fitted on ID statistics, on rank 0, from the fit set's (or the ID set's) cache."""
+def _fit_data(p: _Plan, caches: dict) -> dict | None:
+    """The fit set's (or, with fit_on_id, the ID set's) cache as fit data; None when there is none."""
     fit_src = caches.get("fit") if p.fit_images is not None else (caches["id"] if p.cfg.fit_on_id else None)
-    if not (rt.main and fit_src is not None and any(s.needs_fit for s in p.scorers.values())):
-        return
+    if fit_src is None:
+        return None
     d = _data_of(fit_src, p.head)
     if (d["labels"] < 0).any():
         d.pop("labels")  # unlabelled fit data: Mahalanobis uses predicted classes
+    return d
+
+
+def _fit(p: _Plan, rt: Runtime, caches: dict, timings: dict) -> None:
+    """Fit the scorers fitted on ID statistics, on rank 0, from the fit set's (or the ID set's) cache."""
+    if not (rt.main and any(s.needs_fit for s in p.scorers.values())):
+        return
+    d = _fit_data(p, caches)
+    if d is None:
+        return
     for name, s in p.scorers.items():
         if s.needs_fit:
             t0 = time.perf_counter()
             S.fit_all({name: s}, d, device=p.device)
             timings[name] = time.perf_counter() - t0
+
+
+def _search(p: _Plan, rt: Runtime, caches: dict) -> dict:
+    """On rank 0, tune every scorer that has a search space on the validation sets' caches
+    (:func:`mosx.scores.search`, refitting fitted scorers on the fit data at every point); the chosen,
+    fitted scorer replaces the requested one. Returns {method: SearchResult.as_dict() plus
+    "seconds", or None when the method has nothing to search}; {} without a search."""
+    if not (p.val_images and rt.main):
+        return {}
+    cfg = p.cfg
+
+    def val(name):
+        d = _data_of(caches[f"val:{name}"], p.head)
+        d.pop("labels")
+        return d
+
+    id_val = val("id")
+    ood_val = {n: val(n) for n in p.val_images if n != "id"}
+    fit_data = _fit_data(p, caches)
+    val_sets, test_sets = p.search_sets
+    out = {}
+    for m, s in p.scorers.items():
+        if not s.search_space():
+            out[m] = None
+            continue
+        t0 = time.perf_counter()
+        r = S.search(
+            s,
+            id_val,
+            ood_val,
+            cfg.search_metric,
+            test_sets=test_sets,
+            val_sets=val_sets,
+            fit_data=fit_data,
+            tpr=cfg.tpr,
+            positive=cfg.positive,
+            fpr_rule=cfg.fpr_rule,
+            aupr=cfg.aupr,
+            device=p.device,
+        )
+        p.scorers[m] = r.scorer
+        out[m] = {**r.as_dict(), "seconds": time.perf_counter() - t0}
+    return out
 
 
 def _perturbed(p: _Plan, rt: Runtime, sets: dict, opts: dict, timings: dict) -> dict:
