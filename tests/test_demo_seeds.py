@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from test_demo import FONTS_INSTALLED, SMOKE, needs_fonts
+from test_demo import FONTS_INSTALLED, SMOKE, _unleash_available, needs_fonts
 
 import mosx.demo as demo
 from mosx.demo import regime, seeds
@@ -185,14 +185,6 @@ def test_seeds_and_regime_argument_errors(capsys, tmp_path):
     assert "--seeds must be >= 1" in capsys.readouterr().err
     assert demo.main(["--preset", "tiny", "--um-regime", "--scaling", "--out", str(tmp_path)]) == 2
     assert "--um-regime is its own experiment" in capsys.readouterr().err
-
-
-def _unleash_available():
-    try:
-        demo.check_unleash_available()
-        return True
-    except demo.DemoError:
-        return False
 
 
 @needs_fonts
