@@ -182,3 +182,19 @@ def test_refuses_a_validation_set_that_is_a_test_set(gen, tmp_path):
         S.search(scorer, idv, oodv)
     with pytest.raises(ValueError, match="metric"):
         S.search(scorer, idv, oodv, metric="fpr90", test_sets={})
+
+
+def test_odin_search_space_is_the_papers_grid(gen):
+    """ODIN's temperature grid searched from cached logits (eps = 0 stays unperturbed); the chosen
+    point is the best of a direct loop over the same grid."""
+    assert S.ODIN().search_space() == {"temperature": [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]}
+    assert S.ODIN(eps=0.001).search_space()["eps"] == list(S.ODIN_EPS_GRID)
+    z_id, z_ood = rand(gen, 40, 6) * 3, rand(gen, 40, 6)
+    res = S.search(S.ODIN(), {"logits": z_id}, {"logits": z_ood}, metric="auroc", test_sets={})
+    direct = {
+        T: M.ood_metrics(S.ODIN(T).score(logits=z_id), S.ODIN(T).score(logits=z_ood)).auroc
+        for T in S.ODIN().search_space()["temperature"]
+    }
+    best = max(direct.values())
+    assert res.value == pytest.approx(best, abs=1e-12) and res.scorer.eps == 0
+    assert res.params["temperature"] == next(T for T, v in direct.items() if v == best)

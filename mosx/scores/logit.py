@@ -87,6 +87,17 @@ class ODIN(Scorer):
     def needs(self):
         return ("logits",) if self.eps == 0 else ("inputs", "model")
 
+    def search_space(self) -> dict:
+        """The ODIN paper's temperatures T in {1, 2, 5, ..., 1000}; with eps > 0 also the magnitudes
+        of :data:`mosx.scores.ODIN_EPS_GRID` (searched through select_eps, which needs the model and
+        the inputs). An eps = 0 ODIN stays unperturbed: its temperature is searched from cached logits."""
+        space = {"temperature": [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]}
+        if self.eps > 0:
+            from .eps_search import ODIN_EPS_GRID
+
+            space["eps"] = list(ODIN_EPS_GRID)
+        return space
+
     def _score(self, logits=None, inputs=None, model=None, **_):
         T = self.temperature
         if self.eps == 0:
