@@ -198,3 +198,15 @@ def test_odin_search_space_is_the_papers_grid(gen):
     best = max(direct.values())
     assert res.value == pytest.approx(best, abs=1e-12) and res.scorer.eps == 0
     assert res.params["temperature"] == next(T for T, v in direct.items() if v == best)
+
+
+def test_grid_points_the_fit_data_cannot_support_are_recorded_not_chosen(gen):
+    """knn's grid goes to k = 1000; with 30 fit rows the larger k are skipped with their reason."""
+    f_fit, f_id, f_ood = rand(gen, 30, 5), rand(gen, 20, 5), rand(gen, 20, 5) + 2
+    res = S.search(S.KNN(), {"features": f_id}, {"features": f_ood}, fit_data={"features": f_fit}, test_sets={})
+    ks = S.KNN().search_space()["k"]
+    skipped = [r["params"]["k"] for r in res.grid if "skipped" in r]
+    assert skipped == [k for k in ks if k > 30] and all(r["value"] is None for r in res.grid if "skipped" in r)
+    assert res.params["k"] <= 30 and res.value is not None
+    with pytest.raises(ValueError, match="no grid point of knn could be fitted"):
+        S.search(S.KNN(), {"features": f_id}, {"features": f_ood}, fit_data={"features": f_fit[:0]}, test_sets={})

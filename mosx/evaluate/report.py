@@ -68,9 +68,11 @@ class EvalResult:
                 out.append(f"{m}: no hyperparameters to search, scored as given")
                 continue
             chosen = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
+            n_skip = sum("skipped" in g for g in rec["grid"])
+            skipped = f", {n_skip} skipped: the fit data cannot support them" if n_skip else ""
             out.append(
                 f"{m}: chose {chosen} on validation {rec['metric']} {100 * rec['value']:.2f}% "
-                f"({len(rec['grid'])} points, validation sets {', '.join(rec['val_sets'])})"
+                f"({len(rec['grid'])} points{skipped}, validation sets {', '.join(rec['val_sets'])})"
             )
         return out
 

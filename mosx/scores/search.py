@@ -36,7 +36,8 @@ METRICS = {
 class SearchResult:
     """What :func:`search` chose and saw. `grid`: one entry per evaluated point, in grid order:
     ``{"params": {...}, "value": mean metric over the OOD validation sets, "metrics": {ood set:
-    OODMetrics.as_dict()}}``."""
+    OODMetrics.as_dict()}}``, or ``{"params", "value": None, "skipped": reason}`` for a point the fit
+    data cannot support (e.g. knn's k above the number of fit rows)."""
 
     scorer: Scorer  # the scorer with the chosen values (fitted)
     params: dict  # the chosen values
@@ -312,7 +313,13 @@ def search(
                 raise ValueError(
                     f"search: {scorer.name} is fitted on ID statistics: give fit_data to refit it at every grid point"
                 )
-            fit_all({"s": s}, fit_data, device=device)
+            try:
+                fit_all({"s": s}, fit_data, device=device)
+            except ValueError as e:
+                # a point the data cannot support (k larger than the fit set, dim past the feature
+                # width): recorded with its reason in the grid, never chosen
+                rows.append({"params": point, "value": None, "skipped": str(e)})
+                continue
         if eps_grid is None:
             candidates = [(point, s, metrics_of(s))]
         else:
@@ -329,5 +336,8 @@ def search(
             rows.append({"params": p, "value": value, "metrics": {o: m.as_dict() for o, m in ms.items()}})
             if best is None or (value < best[0] if lower else value > best[0]):
                 best = (value, p, sc)
+    if best is None:
+        reasons = sorted({r["skipped"] for r in rows if "skipped" in r})
+        raise ValueError(f"search: no grid point of {scorer.name} could be fitted on this data: {'; '.join(reasons)}")
     value, params, chosen = best
     return SearchResult(chosen, dict(params), metric, float(value), rows, val_ids)
