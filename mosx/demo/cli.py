@@ -4,7 +4,6 @@ run's models (--reuse) and `main`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ from .._io import OutputBusy, output_lock
 from .experiments import check_unleash_available, run_demo, run_scaling, run_unleash
 from .regime import run_regime
 from .seeds import run_seeds
-from .settings import PRESETS, DemoError, DemoSettings, _say, make_settings, resolve_device
+from .settings import PRESETS, DemoError, DemoSettings, _say, make_settings, resolve_device, same_settings
 
 __all__ = ["build_parser", "settings_from_args", "main"]
 
@@ -139,17 +138,10 @@ def _previous_run(s: DemoSettings, out: str) -> dict | None:
         return None
     with open(path) as f:
         prev = json.load(f)
-    now = json.loads(
-        json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()})
-    )
-    # how a run shows progress, where it ran, and the settings of the later experiments (Unleashing Mask,
-    # scaling) do not change the main run's models
-    keep = ("progress", "device", "um_keep", "umap_keep", "um_epochs", "um_lr", "scaling_classes")
-
-    def main_run(d):
-        return {k: v for k, v in d.items() if k not in keep and not k.startswith("regime_")}
-
-    if main_run(prev.get("settings", {})) != main_run(now):
+    # the settings of the later experiments (Unleashing Mask, scaling, the regime) do not change the
+    # main run's models
+    later = ("um_keep", "umap_keep", "um_epochs", "um_lr", "scaling_classes")
+    if not same_settings(prev.get("settings", {}), s, ignore=later, ignore_prefix="regime_"):
         _say(f"--reuse: {path} was made with other settings; running the demo again")
         return None
     if not all(os.path.exists(prev["training"][k]["model"]) for k in ("flat", "grouped")):

@@ -5,13 +5,12 @@ them through mosx.demo.report."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 from .pipeline import _train, evaluate_model, fit_subset, load_data, train_config, train_data, train_models
 from .report import _collect, _scaling_plot, _write_demo, _write_results, format_scaling, format_unleash
-from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, DemoError, DemoSettings, _say
+from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, DemoError, DemoSettings, _say, settings_record
 
 __all__ = ["run_demo", "run_scaling", "run_unleash", "check_unleash_available"]
 
@@ -86,7 +85,7 @@ def run_scaling(s: DemoSettings, out: str) -> dict:
                 }
         rows.append(row)
     result = {
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
+        "settings": settings_record(s),
         "rows": rows,
         "seconds": time.perf_counter() - t_start,
     }

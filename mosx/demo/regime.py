@@ -27,13 +27,13 @@ curves, mean +/- std over seeds)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
+from .experiments import check_unleash_available
 from .pipeline import load_data, train_config
 from .seeds import _table, cell, seed_settings, summarize_values
-from .settings import DemoError, DemoSettings, _say
+from .settings import DemoError, DemoSettings, _say, same_settings, settings_record
 
 __all__ = ["run_regime", "split_train_val", "select", "format_regime"]
 
@@ -266,18 +266,14 @@ def _seed_result(s: DemoSettings, folder: str, reuse: bool) -> dict:
     from .._io import atomic_write_text
 
     path = os.path.join(folder, "um_regime_seed.json")
-    settings = json.loads(json.dumps(dataclasses.asdict(s)))
     if reuse and os.path.exists(path):
         with open(path) as f:
             prev = json.load(f)
-        skip = ("progress", "device")
-        if {k: v for k, v in prev["settings"].items() if k not in skip} == {
-            k: v for k, v in settings.items() if k not in skip
-        }:
+        if same_settings(prev["settings"], s):
             _say(f"--reuse: {path}")
             return prev["result"]
     result = _one_seed(s, folder)
-    atomic_write_text(json.dumps({"settings": settings, "result": result}), path)
+    atomic_write_text(json.dumps({"settings": settings_record(s), "result": result}), path)
     return result
 
 
@@ -286,8 +282,7 @@ def run_regime(s: DemoSettings, out: str, seeds: int = 1, reuse: bool = False) -
     JSON, CSV and the per-epoch curves plot. reuse: read back the seeds a previous run finished."""
     from .report import _write_results
 
-    check = __import__("mosx.demo.experiments", fromlist=["check_unleash_available"])
-    check.check_unleash_available()
+    check_unleash_available()
     t_start = time.perf_counter()
     rout = os.path.join(out, "um_regime")
     os.makedirs(rout, exist_ok=True)
@@ -297,7 +292,7 @@ def run_regime(s: DemoSettings, out: str, seeds: int = 1, reuse: bool = False) -
         _say(f"===== um-regime seed {i + 1}/{seeds}: seed {si.seed}, data seed {si.data_seed}")
         runs.append(_seed_result(si, os.path.join(rout, f"seed_{i}"), reuse))
     summary = summarize_regime(runs)
-    summary["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}
+    summary["settings"] = settings_record(s)
     summary["seconds"] = time.perf_counter() - t_start
     summary["runs"] = runs
     table = format_regime(summary)

@@ -5,14 +5,13 @@ MOS histograms, FPR95 against the number of classes)."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
 import platform
 
 from .._io import atomic_write_text
-from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, resolve_device
+from .settings import FLAT_SCORES, GROUPED_SCORES, SCALING_SCORES, resolve_device, settings_record
 
 __all__ = ["format_table", "format_scaling", "format_unleash"]
 
@@ -53,7 +52,7 @@ def _collect(s, bench, res: dict, train_info: dict, stages: dict) -> dict:
             }
             labels[label] = spec
     return {
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
+        "settings": settings_record(s),
         "data": {
             "folder": bench.path,
             "key": bench.manifest["key"],

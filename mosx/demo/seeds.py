@@ -340,18 +340,14 @@ def _previous_scaling(s: DemoSettings, folder: str) -> dict | None:
     """scaling/scaling.json of a finished seed in folder made with the same settings, or None."""
     import json
 
-    from .settings import _say
+    from .settings import _say, same_settings
 
     path = os.path.join(folder, "scaling", "scaling.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         prev = json.load(f)
-    now = json.loads(json.dumps(dataclasses.asdict(s)))
-    skip = ("progress", "device")
-    if {k: v for k, v in prev.get("settings", {}).items() if k not in skip} != {
-        k: v for k, v in now.items() if k not in skip
-    }:
+    if not same_settings(prev.get("settings", {}), s):
         return None
     _say(f"--reuse: scaling results of {path}")
     return prev

@@ -4,10 +4,13 @@ small shared helpers (the device choice, the progress line, `DemoError`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 __all__ = [
+    "settings_record",
+    "same_settings",
     "DemoError",
     "DemoSettings",
     "PRESETS",
@@ -118,6 +121,31 @@ PRESETS = {
         "regime_um_epochs": 1.0,
     },
 }
+
+
+def settings_record(s: DemoSettings) -> dict:
+    """The settings as every results JSON stores them (tuples as lists)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(s)))
+
+
+# how a run shows progress and where it ran: never part of what --reuse compares
+RUN_ONLY = ("progress", "device")
+
+
+def same_settings(saved: dict, s: DemoSettings, ignore: tuple = (), ignore_prefix: str | None = None) -> bool:
+    """Whether the settings stored in a results file equal s, apart from RUN_ONLY, the names in
+    `ignore` and the names starting with `ignore_prefix` (settings of other experiments)."""
+
+    def kept(d):
+        return {
+            k: v
+            for k, v in d.items()
+            if k not in RUN_ONLY and k not in ignore and not (ignore_prefix and k.startswith(ignore_prefix))
+        }
+
+    return kept(saved) == kept(settings_record(s))
 
 
 def make_settings(preset: str = "quick", **overrides) -> DemoSettings:
