@@ -862,6 +862,14 @@ def test_trainer_files_load_without_running_code(tmp_path, gen):
         train(base.replace(data=str(tmp_path / "d.pt"), out=str(out), resume=True, steps=4))
 
 
+def tiny_cli(data, out, *extra, steps=4, size=0):
+    """`mosx train` arguments of a tiny flat run on `data` (a .pt file or an image folder) into out:
+    small-cnn-4, batch 8, crop 6 (from `size`; 0 = the tensors as they are), no workers or bar."""
+    return ["--data", str(data), "--out", str(out), "--model", "small-cnn-4", "--loss", "flat",
+            "--steps", str(steps), "--batch-size", "8", "--resize", str(size), "--crop", "6",
+            "--eval-resize", str(size), "--workers", "0", "--progress", "off", *extra]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ divergence
 @pytest.mark.parametrize("lr", [float("inf"), float("nan")])
 def test_non_finite_lr_is_refused(lr, tmp_path):
@@ -898,9 +906,8 @@ def test_divergence_exits_non_zero_on_the_command_line(tmp_path, capsys):
     data = tmp_path / "d.pt"
     x, y = tiny_data(torch.Generator().manual_seed(1))
     torch.save({"x": x, "y": y}, data)
-    argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--lr", "1e38", "--steps", "12",
-            "--batch-size", "8", "--resize", "0", "--crop", "6", "--eval-resize", "0", "--warmup-steps", "0",
-            "--log-every", "1", "--ckpt-every", "0", "--workers", "0", "--progress", "off", "--out", str(tmp_path / "o")]  # fmt: skip
+    argv = tiny_cli(data, tmp_path / "o", "--lr", "1e38", "--warmup-steps", "0", "--log-every", "1",
+                    "--ckpt-every", "0", steps=12)  # fmt: skip
     assert main(argv) == 3
     assert "training diverged" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "model.pt")
@@ -942,9 +949,7 @@ def test_resume_mismatch_exits_2_on_the_command_line(tmp_path, capsys):
     data = tmp_path / "d.pt"
     x, y = tiny_data(torch.Generator().manual_seed(2))
     torch.save({"x": x, "y": y}, data)
-    argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--steps", "4", "--batch-size", "8",
-            "--resize", "0", "--crop", "6", "--eval-resize", "0", "--workers", "0", "--progress", "off",
-            "--out", str(tmp_path / "o")]  # fmt: skip
+    argv = tiny_cli(data, tmp_path / "o")
     assert main(argv) == 0
     assert main(argv + ["--resume", "--seed", "9"]) == 2
     assert "seed: checkpoint 0, now 9" in capsys.readouterr().err
@@ -1001,9 +1006,7 @@ def test_a_second_run_on_the_same_out_stops_before_writing(gen, tmp_path, capsys
         assert sorted(os.listdir(out)) == [".mosx.lock"]  # nothing written
         data = tmp_path / "d.pt"
         torch.save({"x": x, "y": y}, data)
-        argv = ["--data", str(data), "--model", "small-cnn-4", "--loss", "flat", "--steps", "2", "--batch-size", "8",
-                "--resize", "0", "--crop", "6", "--eval-resize", "0", "--workers", "0", "--progress", "off",
-                "--out", out]  # fmt: skip
+        argv = tiny_cli(data, out, steps=2)
         assert main(argv) == 2
         assert "is writing here" in capsys.readouterr().err
     finally:
@@ -1030,8 +1033,6 @@ def test_an_unreadable_training_image_stops_the_run_naming_it(tmp_path, capsys):
                          "eval_resize": 8, "data": str(tmp_path / "d"), "out": str(tmp_path / "o")})  # fmt: skip
     with pytest.raises(UnreadableImage, match=r"b/2\.png \(sample 6, class 1\) cannot be read"):
         train(cfg, log=lambda m: None)
-    argv = ["--data", str(tmp_path / "d"), "--model", "small-cnn-4", "--loss", "flat", "--steps", "4",
-            "--batch-size", "8", "--resize", "8", "--crop", "6", "--eval-resize", "8", "--workers", "0",
-            "--progress", "off", "--out", str(tmp_path / "o2")]  # fmt: skip
+    argv = tiny_cli(tmp_path / "d", tmp_path / "o2", size=8)
     assert main(argv) == 4
     assert "2.png" in capsys.readouterr().err

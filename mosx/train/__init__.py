@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 
+# what stops a run with a message and an exit code instead of a traceback
+_EXIT_CODES = {ResumeMismatch: 2, OutputBusy: 2, NonFiniteTraining: 3, UnreadableImage: 4}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -57,15 +61,9 @@ def main(argv=None) -> int:
         return 0
     try:
         result = train(cfg)
-    except NonFiniteTraining as e:
+    except tuple(_EXIT_CODES) as e:
         print(f"mosx train: {e}", file=sys.stderr)
-        return 3
-    except (ResumeMismatch, OutputBusy) as e:
-        print(f"mosx train: {e}", file=sys.stderr)
-        return 2
-    except UnreadableImage as e:
-        print(f"mosx train: {e}", file=sys.stderr)
-        return 4
+        return _EXIT_CODES[type(e)]
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0

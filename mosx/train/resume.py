@@ -47,6 +47,13 @@ def data_fingerprint(data) -> dict:
     return {"n": len(data), "classes": int(data.num_classes), "hash": h.hexdigest()}
 
 
+def _data_id(run: Run) -> dict:
+    """The run's data fingerprint; the data do not change during a run, so it is hashed once."""
+    if run.data_id is None:
+        run.data_id = data_fingerprint(run.data)
+    return run.data_id
+
+
 def _check_same_run(run: Run, ck: dict, path: str) -> None:
     cfg = run.cfg
     if ck["step"] > cfg.steps:
@@ -66,8 +73,8 @@ def _check_same_run(run: Run, ck: dict, path: str) -> None:
     groups = None if run.groups is None else list(run.groups.class_to_group)
     if "groups" in ck and ck["groups"] != groups:
         diffs.append("the grouping differs (class -> group map)")
-    if ck.get("data") is not None and ck["data"] != data_fingerprint(run.data):
-        d, n = ck["data"], data_fingerprint(run.data)
+    d, n = ck.get("data"), _data_id(run)
+    if d is not None and d != n:
         diffs.append(f"the training data differ ({d['n']} samples, {d['classes']} classes -> {n['n']}, {n['classes']})")
     if diffs:
         raise ResumeMismatch(
@@ -120,7 +127,9 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
         dist.all_gather_object(rngs, rng_state())
     flush()  # raises NonFiniteTraining on a NaN / inf logged loss
     model = _unwrap(run.model)
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist() if named else []  # one sync
+    bad = [n for (n, _), ok in zip(named, finite) if not ok]
     if bad:
         what = f"{len(bad)} weight tensor(s) hold NaN / inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
         raise NonFiniteTraining(diverged_message(run, progress, what, done_steps))
@@ -139,7 +148,7 @@ def save(run: Run, progress: Progress, done_steps: int, flush) -> None:
                 "batch": [cfg.batch_size, run.micro],
                 "config": cfg.to_dict(),
                 "groups": None if run.groups is None else list(run.groups.class_to_group),
-                "data": data_fingerprint(run.data),
+                "data": _data_id(run),
             },
             run.ckpt_path,
         )

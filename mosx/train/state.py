@@ -40,6 +40,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     sched: StepSchedule
     mixup: Mixup
+    data_id: dict | None = None  # resume.data_fingerprint(data), computed once when first needed
 
     @property
     def out(self) -> str:
