@@ -469,6 +469,10 @@ class OODMetricsAccumulator:
     CUDA device, other backends on the CPU) and every rank gets the same numbers; each rank must call
     it. ``distributed=False`` keeps it local.
 
+    Open-set classification: pass ``correct`` (bool per sample, predicted class == label) with the
+    ID batches, and :meth:`oscr` / :meth:`ccr_at_fpr` give exactly :func:`oscr` / :func:`ccr_at_fpr`
+    of everything collected (gathered across ranks the same way).
+
     Args:
         tpr: as in `ood_metrics`.
         positive: as in `ood_metrics`.
@@ -494,7 +498,7 @@ class OODMetricsAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self._id, self._ood = [], []
+        self._id, self._ood, self._correct = [], [], []  # _correct[i]: the flags of _id[i], or None
 
     @property
     def num_id(self) -> int:
@@ -506,15 +510,29 @@ class OODMetricsAccumulator:
         """OOD scores collected on this rank."""
         return sum(t.numel() for t in self._ood)
 
-    def update(self, scores, is_id) -> None:
+    def update(self, scores, is_id, correct=None) -> None:
         """Add a batch: `scores` [B] (higher = more ID) and `is_id`, a bool per sample ([B] tensor or
-        array) or one bool for the whole batch."""
+        array) or one bool for the whole batch. `correct` (optional, bool [B]: predicted class ==
+        label) feeds :meth:`oscr` and :meth:`ccr_at_fpr`; only its ID rows are kept (OOD samples have
+        no correct class), and it must then come with every batch that holds ID samples."""
         fn = "OODMetricsAccumulator.update"
         if isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == 0:
             return
         s = _as_scores(scores, "scores", fn)
+        c = None
+        if correct is not None:
+            c = correct.detach() if isinstance(correct, torch.Tensor) else torch.as_tensor(correct)
+            if c.dtype != torch.bool:
+                raise TypeError(f"{fn}: correct must be bool (predicted class == label), got {c.dtype}")
+            if c.shape != s.shape:
+                raise ValueError(f"{fn}: correct has shape {tuple(c.shape)} but scores {tuple(s.shape)}")
+            c = c.to(s.device)
         if isinstance(is_id, bool):
-            (self._id if is_id else self._ood).append(s)
+            if is_id:
+                self._id.append(s)
+                self._correct.append(c)
+            else:
+                self._ood.append(s)
             return
         m = is_id.detach() if isinstance(is_id, torch.Tensor) else torch.as_tensor(is_id)
         if m.dtype != torch.bool:
@@ -523,6 +541,7 @@ class OODMetricsAccumulator:
             raise ValueError(f"{fn}: is_id has shape {tuple(m.shape)} but scores {tuple(s.shape)}")
         m = m.to(s.device)
         self._id.append(s[m])
+        self._correct.append(None if c is None else c[m])
         self._ood.append(s[~m])
 
     def _collect(self, parts, name):
@@ -551,6 +570,30 @@ class OODMetricsAccumulator:
         return ood_metrics(
             a, b.to(a.device), tpr=self.tpr, positive=self.positive, fpr_rule=self.fpr_rule, aupr=self.aupr
         )
+
+    def _collect_open_set(self, fn):
+        """(ID scores, OOD scores, correct flags) of everything collected, flags aligned with the scores."""
+        missing = sum(p.numel() for p, c in zip(self._id, self._correct) if c is None)
+        if missing:
+            raise ValueError(
+                f"OODMetricsAccumulator.{fn}: {missing} ID scores came without `correct` "
+                "(pass correct=pred == label to update() with every batch that holds ID samples)"
+            )
+        a = self._collect(self._id, "ID")
+        flags = [c.to(torch.float64) for c in self._correct]
+        c = self._collect(flags, "ID") if flags else a.new_zeros(0)
+        b = self._collect(self._ood, "OOD")
+        return a, b.to(a.device), c.to(a.device) > 0.5
+
+    def oscr(self) -> float:
+        """:func:`oscr` of everything collected (all ranks when distributed); needs `correct`."""
+        a, b, c = self._collect_open_set("oscr")
+        return oscr(a, b, c)
+
+    def ccr_at_fpr(self, fpr: float | Sequence[float] = (0.1, 0.01, 0.001, 0.0001)):
+        """:func:`ccr_at_fpr` of everything collected (all ranks when distributed); needs `correct`."""
+        a, b, c = self._collect_open_set("ccr_at_fpr")
+        return ccr_at_fpr(a, b, c, fpr)
 
 
 # ------------------------------------------------------------------------------ open-set classification

@@ -76,7 +76,7 @@ def test_accumulator_errors():
         M.OODMetricsAccumulator(positive="x")
 
 
-def _rank(rank, world, init, a, b, out):
+def _rank(rank, world, init, a, b, correct, out):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -85,13 +85,15 @@ def _rank(rank, world, init, a, b, out):
         # uneven shards; rank 1 gets no OOD scores at all
         ia = a[:100] if rank == 0 else a[100:]
         ib = b if rank == 0 else b[:0]
-        acc.update(ia.float(), True)
+        ic = correct[:100] if rank == 0 else correct[100:]
+        acc.update(ia.float(), True, correct=ic)
         if ib.numel():
             acc.update(ib.float(), False)
         local = M.OODMetricsAccumulator(distributed=False)
         local.update(ia.float(), True)
         local.update(torch.tensor([0.0]), False)
-        torch.save({"all": acc.compute(), "local_id": local.compute().num_id}, os.path.join(out, f"{rank}.pt"))
+        result = {"all": acc.compute(), "oscr": acc.oscr(), "ccr": acc.ccr_at_fpr(), "local_id": local.compute().num_id}
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -99,11 +101,14 @@ def _rank(rank, world, init, a, b, out):
 def test_accumulator_across_two_gloo_processes(gen, tmp_path):
     a, b = tied_scores(gen, 250) + 0.3, tied_scores(gen, 180)
     init = f"file://{tmp_path / 'pg'}"
-    torch.multiprocessing.spawn(_rank, args=(2, init, a, b, str(tmp_path)), nprocs=2, join=True)
+    correct = torch.rand(250, generator=gen) < 0.7
+    torch.multiprocessing.spawn(_rank, args=(2, init, a, b, correct, str(tmp_path)), nprocs=2, join=True)
     want = M.ood_metrics(a.float(), b.float())
     for r in (0, 1):
         got = torch.load(tmp_path / f"{r}.pt", weights_only=False)
         assert got["all"] == want
+        assert got["oscr"] == M.oscr(a.float(), b.float(), correct)
+        assert got["ccr"] == M.ccr_at_fpr(a.float(), b.float(), correct)
     assert torch.load(tmp_path / "0.pt", weights_only=False)["local_id"] == 100
 
 
@@ -151,3 +156,41 @@ def test_ccr_at_fpr_against_openood_rule(gen):
         M.oscr(a, b, correct.long())
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         M.ccr_at_fpr(a, b, correct, 0.0)
+
+
+def test_accumulator_open_set_rates_are_exact(gen):
+    """OSCR and CCR@FPR from the accumulator equal the one-shot functions on the same samples,
+    with the correct flags fed in mixed batches (their OOD rows dropped) and in whole ID batches."""
+    for _ in range(3):
+        a, b = tied_scores(gen, 400) + 0.5, tied_scores(gen, 300)
+        correct = torch.rand(400, generator=gen) < 0.75
+        s = torch.cat([a, b])
+        is_id = torch.cat([torch.ones(400, dtype=torch.bool), torch.zeros(300, dtype=torch.bool)])
+        flags = torch.cat([correct, torch.rand(300, generator=gen) < 0.5])  # OOD rows' flags: ignored
+        perm = torch.randperm(700, generator=gen)
+        acc = M.OODMetricsAccumulator()
+        for lo in range(0, 600, 37):
+            idx = perm[lo : min(lo + 37, 600)]
+            acc.update(s[idx], is_id[idx], correct=flags[idx])
+        rest = perm[600:]
+        acc.update(s[rest][is_id[rest]], True, correct=flags[rest][is_id[rest]].numpy())
+        acc.update(s[rest][~is_id[rest]], False)
+        a_seen = torch.cat([s[perm[:600]][is_id[perm[:600]]], s[rest][is_id[rest]]])
+        c_seen = torch.cat([flags[perm[:600]][is_id[perm[:600]]], flags[rest][is_id[rest]]])
+        assert acc.oscr() == M.oscr(a_seen, b, c_seen) == pytest.approx(ref_oscr(a, b, correct.tolist()), abs=1e-12)
+        assert acc.ccr_at_fpr([0.1, 0.05]) == M.ccr_at_fpr(a, b, correct, [0.1, 0.05])
+        assert acc.ccr_at_fpr(0.05) == M.ccr_at_fpr(a, b, correct, 0.05)
+
+
+def test_accumulator_open_set_errors():
+    acc = M.OODMetricsAccumulator()
+    acc.update(torch.tensor([1.0, 2.0]), True, correct=torch.tensor([True, False]))
+    acc.update(torch.tensor([3.0]), True)  # this ID batch came without flags
+    acc.update(torch.tensor([0.0]), False)
+    assert acc.compute().num_id == 3  # the detection metrics do not need the flags
+    with pytest.raises(ValueError, match="1 ID scores came without `correct`"):
+        acc.oscr()
+    with pytest.raises(TypeError, match="correct must be bool"):
+        acc.update(torch.tensor([1.0]), True, correct=torch.tensor([1]))
+    with pytest.raises(ValueError, match="correct has shape"):
+        acc.update(torch.tensor([1.0, 2.0]), True, correct=torch.tensor([True]))
