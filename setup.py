@@ -4,7 +4,9 @@ CUDA sources (csrc/cuda/*.cu) are compiled when the installed torch is a CUDA bu
 the same CUDA major version is found, GPU or not. Override with MOSX_CUDA=1 (require CUDA) or
 MOSX_CUDA=0 (CPU only). The decision is printed.
 
-Build against the torch you run with: `pip install --no-build-isolation .`
+`pip install .` builds against the torch pinned in pyproject.toml's build requirements (pip puts it
+in an isolated build environment); `pip install --no-build-isolation .` builds against the torch
+installed here. Either way the package requires the torch it was built against.
 """
 
 import glob

@@ -4,6 +4,12 @@ import zlib
 import pytest
 import torch
 
+# Tests start Python child processes (`python -m mosx.cli`, `-m pytest`, `-c`, torchrun workers), which
+# put their working directory first on sys.path. From the repository root that is the source tree,
+# which holds no compiled mosx._C after a plain `pip install .`: the children must import the
+# installed mosx, as the test process does. (Python 3.11+; under 3.10 use an editable install.)
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
 # Tests run on every device the build supports: CUDA only when a GPU is present and the CUDA
 # kernels were built.
 DEVICES = ["cpu"]
