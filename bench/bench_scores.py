@@ -1,12 +1,22 @@
-"""Speed of every scorer on cached ImageNet-sized outputs: 10,000 rows of fp16 logits (1,000 classes,
-1,008 for MOS) and 2,048-d features, read through mosx.scores.score_all as the evaluator does.
+"""Speed of every scorer on cached ImageNet-sized outputs, read through mosx.scores.score_all /
+fit_all as the evaluator does: fp16 logits (1,000 classes, 1,008 for MOS) and post-ReLU 2,048-d
+features, random, on the CPU (and the GPU when present).
 
-    pytest bench/bench_scores.py --benchmark-only
-MOSX_BENCH_QUICK=1: 500 rows, 256-d features, one round.
+    pytest bench/bench_scores.py --benchmark-only                      # 10k rows scored, fit on 10k
+    MOSX_BENCH_SCALE=imagenet pytest bench/bench_scores.py --benchmark-only
+    MOSX_BENCH_QUICK=1 ...                                             # CI: 500 rows, 256-d, one round
 
-The fitted scorers also get a fit benchmark (fit_all on the same rows), and KNN is compared with
-one matrix product over the same data (full mode: a 100k x 512 bank, 10k queries; median of 3):
-test_knn_against_one_matrix_product prints the ratio and fails above 3x.
+Scales (rows scored / rows fitted / feature width):
+  quick     500 / 2,000 / 256
+  default   10,000 / 10,000 / 2,048
+  imagenet  90,000 (50k ID + 40k OOD test rows, scored as one cache) / MOSX_BENCH_FIT_ROWS (default
+            1,281,167, ImageNet's training set) / 2,048. The fit cache alone is 5.2 GB of fp16 at full
+            size; MOSX_BENCH_FIT_ROWS=128000 gives a tenth of it on a small machine.
+
+The fitted scorers get a fit benchmark (fit_all on the fit rows); every scorer is scored after a
+fit on the fit rows. KNN is compared with one matrix product over the same data (full mode: a 100k
+x 512 bank, 10k queries; median of 3): test_knn_against_one_matrix_product prints the ratio and
+fails above 3x.
 """
 
 import os
@@ -18,22 +28,57 @@ import mosx
 from mosx import scores as S
 
 QUICK = os.environ.get("MOSX_BENCH_QUICK", "0") == "1"  # CI: small sizes, one round
-N, C, D = (500, 1000, 256) if QUICK else (10_000, 1000, 2048)
+SCALE = "quick" if QUICK else os.environ.get("MOSX_BENCH_SCALE", "default")
+if SCALE not in ("quick", "default", "imagenet"):
+    raise ValueError(f"MOSX_BENCH_SCALE must be quick, default or imagenet, got {SCALE!r}")
+C = 1000
+N, F, D = {
+    "quick": (500, 2000, 256),  # fit rows >= C: SHE needs a correct sample of every class
+    "default": (10_000, 10_000, 2048),
+    "imagenet": (90_000, int(os.environ.get("MOSX_BENCH_FIT_ROWS", "1281167")), 2048),
+}[SCALE]
+ROUNDS, WARMUP = (1, 0) if SCALE != "default" else (2, 1)  # imagenet: one timed run each (minutes)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _rows(gen, n, width, make, block=65_536):
+    """[n, width] fp16 drawn in row blocks, so the float32 draw never exists whole."""
+    out = torch.empty(n, width, dtype=torch.float16)
+    for lo in range(0, n, block):
+        out[lo : lo + block] = make(torch.randn(min(block, n - lo), width, generator=gen))
+    return out
+
+
+def _cache(seed, n, groups):
+    """Rows of a trained-looking cache: every class labelled about n / C times, its logit raised so
+    that most rows are classified correctly (SHE keeps only those)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % C)[torch.randperm(n, generator=gen)]
+    logits = _rows(gen, n, C, lambda z: z * 3)
+    logits[torch.arange(n), labels] += 24  # far above the max of 1,000 N(0, 9) draws: every row correct
+    return {
+        "logits": logits,
+        "grouped": _rows(gen, n, groups.num_logits, lambda z: z * 3),
+        "features": _rows(gen, n, D, torch.relu),
+        "labels": labels,
+    }
 
 
 @pytest.fixture(scope="module")
 def cache():
+    """The rows scored (the test sets), with the head and grouping the scorers use."""
     gen = torch.Generator().manual_seed(0)
     groups = mosx.Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
-    return {
-        "logits": (torch.randn(N, C, generator=gen) * 3).half(),
-        "grouped": (torch.randn(N, groups.num_logits, generator=gen) * 3).half(),
-        "features": torch.randn(N, D, generator=gen).relu().half(),
-        "labels": torch.randint(0, C, (N,), generator=gen),
-        "head": S.LinearHead(torch.randn(C, D, generator=gen) * 0.02, torch.zeros(C)),
-        "groups": groups,
-    }
+    head = S.LinearHead(torch.randn(C, D, generator=gen) * 0.02, torch.zeros(C))
+    return {**_cache(1, N, groups), "head": head, "groups": groups}
+
+
+@pytest.fixture(scope="module")
+def fit_cache(cache):
+    """The rows fitted on (ImageNet's training set at full scale); the scored rows when sizes match."""
+    if F == N:
+        return cache
+    return {**_cache(2, F, cache["groups"]), "head": cache["head"], "groups": cache["groups"]}
 
 
 SPECS = [
@@ -56,41 +101,54 @@ SPECS = [
     "rmd",
     "fdbd",
     "nci",
+    "she",
     "kl_matching:templates=labels",
 ]
-FIT_SPECS = ["vim", "knn", "nnguide", "rmd", "fdbd", "nci", "kl_matching:templates=labels"]
+FIT_SPECS = [
+    "kl_matching",
+    "mahalanobis",
+    "vim",
+    "knn",
+    "nnguide",
+    "rmd",
+    "she",
+    "fdbd",
+    "nci",
+    "kl_matching:templates=labels",
+]
+
+
+def _data(c, spec, labels=True):
+    d = {
+        "logits": c["grouped"] if spec == "mos" else c["logits"],
+        "features": c["features"],
+        "head": c["head"],
+    }
+    if labels:
+        d["labels"] = c["labels"]
+    return d
 
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_score_10k_rows(benchmark, cache, spec, device):
+def test_score(benchmark, cache, fit_cache, spec, device):
     s = S.build_scorer(spec, groups=cache["groups"], head=cache["head"])
-    data = {
-        "logits": cache["grouped"] if spec == "mos" else cache["logits"],
-        "features": cache["features"],
-        "labels": cache["labels"],
-        "head": cache["head"],
-    }
-    S.fit_all({spec: s}, data, device=device)
-    data.pop("labels")
-    benchmark.group = f"scores {N} rows {device}"
+    S.fit_all({spec: s}, _data(fit_cache, spec), device=device)
+    benchmark.group = f"scores {N} rows (fit on {F}) {device}"
+    data = _data(cache, spec, labels=False)
     out = benchmark.pedantic(
-        lambda: S.score_all({spec: s}, data, device=device)[spec],
-        rounds=1 if QUICK else 2,
-        warmup_rounds=0 if QUICK else 1,
+        lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=ROUNDS, warmup_rounds=WARMUP
     )
     assert out.shape == (N,) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("spec", FIT_SPECS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_fit_10k_rows(benchmark, cache, spec, device):
-    data = {"logits": cache["logits"], "features": cache["features"], "labels": cache["labels"], "head": cache["head"]}
-    benchmark.group = f"fit {N} rows {device}"
+def test_fit(benchmark, fit_cache, spec, device):
+    data = _data(fit_cache, spec)
+    benchmark.group = f"fit {F} rows {device}"
     s = benchmark.pedantic(
-        lambda: S.fit_all({spec: S.build_scorer(spec)}, data, device=device)[spec],
-        rounds=1 if QUICK else 2,
-        warmup_rounds=0,
+        lambda: S.fit_all({spec: S.build_scorer(spec)}, data, device=device)[spec], rounds=ROUNDS, warmup_rounds=0
     )
     assert s.fitted
 
@@ -166,16 +224,14 @@ def grouped_head(cache):
 
 @pytest.mark.parametrize("spec", WRAPPER_SPECS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_shaping_wrappers(benchmark, cache, grouped_head, spec, device):
-    """Shape the fp16 features, apply the head (the grouped one under MOS), score: fit on the same rows."""
+def test_shaping_wrappers(benchmark, cache, fit_cache, grouped_head, spec, device):
+    """Shape the fp16 features, apply the head (the grouped one under MOS), score; fit on the fit rows."""
     head = grouped_head if spec.split(":")[0].endswith("-mos") else cache["head"]
     s = S.build_scorer(spec, groups=cache["groups"], head=head)
+    S.fit_all({spec: s}, {"features": fit_cache["features"], "head": head}, device=device)
     data = {"features": cache["features"], "head": head}
-    S.fit_all({spec: s}, data, device=device)
     benchmark.group = f"shaping {N} rows {device}"
     out = benchmark.pedantic(
-        lambda: S.score_all({spec: s}, data, device=device)[spec],
-        rounds=1 if QUICK else 2,
-        warmup_rounds=0 if QUICK else 1,
+        lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=ROUNDS, warmup_rounds=WARMUP
     )
     assert out.shape == (N,) and torch.isfinite(out).all()
