@@ -4,11 +4,38 @@ lock that keeps two jobs out of one output folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy"]
+__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy", "DiskFull", "is_disk_full"]
+
+# Less free space than this after a failed write means the write failed for want of space: torch.save
+# reports a full disk as "unexpected pos ..." (a RuntimeError), not as ENOSPC.
+_FULL_BELOW = 64 * 1024
+
+
+EXIT_DISK_FULL = 5  # the exit status of mosx train / eval / demo when the disk fills
+
+
+class DiskFull(OSError):
+    """A write failed because the file system holding it is full (or over quota); the file it was
+    replacing is untouched."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an error is a full file system (DiskFull, or an OSError with ENOSPC / EDQUOT)."""
+    return isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _free_bytes(folder: str):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -30,9 +57,17 @@ def atomic_save(obj, path: str, writer=None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        free = _free_bytes(folder)  # measured before the partial file is removed
         if os.path.exists(tmp):
             os.remove(tmp)
+        no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(e, Exception) and (no_space or (free is not None and free < _FULL_BELOW)):
+            raise DiskFull(
+                errno.ENOSPC,
+                f"no space left on the device holding {folder} while writing {os.path.basename(path)} "
+                f"({type(e).__name__}: {e}); the previous {os.path.basename(path)}, if any, is untouched",
+            ) from e
         raise
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
@@ -71,11 +106,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save's name for a file being written
+
+
+def _sweep_temporaries(folder: str, me: int) -> None:
+    """Remove the half-written files that atomic_save left in folder when its process was killed
+    mid-write (SIGKILL, power loss): with the folder's lock held, no live job of ours writes them."""
+    for name in os.listdir(folder):
+        m = _TEMPORARY.match(name)
+        if m and int(m.group(1)) != me and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
 @contextlib.contextmanager
 def output_lock(folder: str, what: str):
     """Hold `<folder>/.mosx.lock` while a job writes into folder: a second job started on the same
     folder stops with OutputBusy instead of overwriting the first one's files. A lock left by a
-    process that no longer runs (on this host) is taken over; one from another host is respected."""
+    process that no longer runs (on this host) is taken over; one from another host is respected.
+    Half-written files a killed job left behind (atomic_save's temporaries) are removed on entry."""
     import socket
 
     os.makedirs(folder, exist_ok=True)
@@ -102,6 +151,7 @@ def output_lock(folder: str, what: str):
     else:  # pragma: no cover - three races in a row
         raise OutputBusy(f"{folder}: could not take {path}")
     try:
+        _sweep_temporaries(folder, me[0])
         yield
     finally:
         if _lock_holder(path) == me:

@@ -13,6 +13,7 @@ import mosx
 from mosx import evaluate as E
 from mosx import metrics as M
 from mosx import scores as S
+from mosx._io import DiskFull
 
 SIZE = 16
 
@@ -628,9 +629,10 @@ def test_short_cache_write_raises_and_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(C.os, "fstat", lambda fd: Short(real(fd)))  # as when the disk fills mid-write
     target = tmp_path / "logits.npy"
-    with pytest.raises(OSError, match=r"logits\.npy: could not write the evaluation cache"):
+    with pytest.raises(OSError, match=r"logits\.npy: could not write the evaluation cache") as e:
         C.save_npy(str(target), np.zeros((4, 3), np.float16))
     assert list(tmp_path.iterdir()) == []
+    assert isinstance(e.value, DiskFull) and e.value.errno == 28  # mosx eval: exit 5, "free space, rerun"
 
 
 # ------------------------------------------------------------------------------ inputs users hit

@@ -56,10 +56,9 @@ def states_equal(a, b):
 
 
 def subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    """The environment of a `python -m mosx.cli` child: one thread; the installed mosx (conftest keeps
+    the working directory off sys.path)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 # ---------------------------------------------------------------------- schedule

@@ -4,6 +4,7 @@ asking for other scores or hyperparameters never reruns the backbone."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._io import DiskFull, is_disk_full
 from ..runtime import Runtime
 from .backbone import extract
 from .images import ImageDataset, ImageList
@@ -134,14 +136,15 @@ def save_npy(path: str, arr: np.ndarray) -> None:
             f.flush()
             os.fsync(f.fileno())
             expected, written = f.tell(), os.fstat(f.fileno()).st_size
-        if written != expected:
-            raise OSError(f"wrote {written} of {expected} bytes")
+        if written != expected:  # what a full disk does to np.save: a short write, no error
+            raise OSError(errno.ENOSPC, f"wrote {written} of {expected} bytes")
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise OSError(f"{path}: could not write the evaluation cache ({e})") from e
+            msg = f"{path}: could not write the evaluation cache ({e})"
+            raise (DiskFull(e.errno, msg) if is_disk_full(e) else OSError(msg)) from e
         raise
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from .. import scores as S
+from .._io import EXIT_DISK_FULL, is_disk_full
 from .config import EvalConfig
 from .report import combine, write_outputs
 from .run import SEARCH_METRICS, evaluate, resolve_model
@@ -260,4 +261,16 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mosx eval: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        return _disk_full(e)
     return 0
+
+
+def _disk_full(e) -> int:
+    print(
+        f"mosx eval: {e}\nThe cache keeps every array written in full: free space, then rerun the same command.",
+        file=sys.stderr,
+    )
+    return EXIT_DISK_FULL

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .._io import OutputBusy
+from .._io import EXIT_DISK_FULL, OutputBusy, is_disk_full
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
 from .data import UnreadableImage
 from .loop import TrainResult, make_loss, train
@@ -64,6 +64,15 @@ def main(argv=None) -> int:
     except tuple(_EXIT_CODES) as e:
         print(f"mosx train: {e}", file=sys.stderr)
         return _EXIT_CODES[type(e)]
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(
+            f"mosx train: {e}\nEvery checkpoint written in full is intact: free space, then rerun the "
+            "same command with --resume.",
+            file=sys.stderr,
+        )
+        return EXIT_DISK_FULL
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0
