@@ -729,3 +729,46 @@ def test_nan_and_inf_prediction_follow_the_reference():
         assert torch.equal(p.cpu().isnan(), ref_prob.isnan())
         s, mg, _ = ops.group_softmax_score(xd, td["offsets"])
         assert torch.equal(s.cpu().isnan(), ref_score.isnan())
+
+
+@rehearsable
+def test_backward_arguments_are_checked_as_on_the_cpu():
+    """The backward ops check their saved and incoming tensors with the CPU's helpers: the same
+    rule and the same message on both devices (shape, not only the element count; a float dtype)."""
+    g = Groups.from_sizes([3, 2, 4])
+    td = g.tensors(DEV)
+    x = torch.randn(5, g.num_logits, device=DEV)
+    s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+    cases = [
+        ((s, x, td["offsets"], mg, ml[:, None]), r"min_lse must have shape \[5\]"),
+        ((s.long(), x, td["offsets"], mg, ml), "grad_score must be float64, float32, float16 or bfloat16"),
+        ((s, x, td["offsets"], mg.int(), ml), "min_group must be int64"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            ops.group_softmax_score_backward(*args)
+    y = ops.group_softmax(x, td["offsets"], False)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape"):
+        ops.group_softmax_backward(y[:, :-1], y, td["offsets"], False)
+    t = torch.randint(0, g.num_classes, (1, 5), device=DEV)
+    losses, lse = ops.group_cross_entropy(x, td["offsets"], t, td["class_logit"], -100)
+    with pytest.raises(RuntimeError, match=r"lse must have shape"):
+        ops.group_cross_entropy_backward(
+            torch.ones_like(losses), x, td["offsets"], t, td["class_logit"], lse[:, :1], -100
+        )
+
+
+def test_a_min_group_that_is_no_group_index_poisons_its_row():
+    """CUDA cannot raise on a value without a device sync: an out-of-range min_group gives NaN in
+    its row (the CPU raises), and the other rows are exact (docs/semantics.md)."""
+    g = Groups.from_sizes([3, 2, 4])
+    td = g.tensors(DEV)
+    x = torch.randn(4, g.num_logits, device=DEV)
+    s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+    bad = mg.clone()
+    bad[1] = 7
+    gx = ops.group_softmax_score_backward(torch.ones_like(s), x, td["offsets"], bad, ml)
+    want = ops.group_softmax_score_backward(torch.ones_like(s), x, td["offsets"], mg, ml)
+    assert torch.isnan(gx[1]).all()
+    keep = torch.tensor([0, 2, 3], device=DEV)
+    torch.testing.assert_close(gx[keep], want[keep], rtol=0, atol=0)

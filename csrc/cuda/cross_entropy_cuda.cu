@@ -220,14 +220,8 @@ at::Tensor group_cross_entropy_backward_cuda(const at::Tensor& grad_losses_in,
   check_targets(logits_in, offsets_in, targets_in, class_logit_in, op);
   const at::Tensor x = unit_inner_stride(logits_in);
   const int64_t N = x.size(0), M = targets_in.size(0);
-  TORCH_CHECK(grad_losses_in.dim() == 3 && grad_losses_in.size(0) == M &&
-                  grad_losses_in.size(1) == N && grad_losses_in.size(2) == K,
-              op, ": grad_losses must be [M, N, K] = [", M, ", ", N, ", ", K, "], got ",
-              grad_losses_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == N && lse_in.size(1) == K, op,
-              ": lse must be [N, K] = [", N, ", ", K, "], got ", lse_in.sizes());
-  check_same_device(grad_losses_in, "grad_losses", x, op);
-  check_same_device(lse_in, "lse", x, op);
+  check_float_arg(grad_losses_in, "grad_losses", {M, N, K}, x, op);  // as on the CPU
+  check_float_arg(lse_in, "lse", {N, K}, x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const at::Tensor t = targets_in.contiguous();

@@ -323,14 +323,9 @@ at::Tensor group_softmax_score_backward_cuda(const at::Tensor& grad_score,
   const auto [L, K] = check_common(logits_in, offsets_in, op);
   const at::Tensor x = unit_inner_stride(logits_in);
   const int64_t N = x.size(0);
-  TORCH_CHECK(grad_score.dim() == 1 && grad_score.size(0) == N && min_group_in.numel() == N &&
-                  min_lse_in.numel() == N,
-              op, ": grad_score, min_group and min_lse must all be [N] = [", N, "]");
-  TORCH_CHECK(min_group_in.scalar_type() == at::kLong, op, ": min_group must be int64, got ",
-              min_group_in.scalar_type());
-  check_same_device(grad_score, "grad_score", x, op);
-  check_same_device(min_group_in, "min_group", x, op);
-  check_same_device(min_lse_in, "min_lse", x, op);
+  check_float_arg(grad_score, "grad_score", {N}, x, op);  // as on the CPU
+  check_long_arg(min_group_in, "min_group", {N}, x, op);
+  check_float_arg(min_lse_in, "min_lse", {N}, x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const at::Tensor g = grad_score.to(acc_dtype(x)).contiguous();

@@ -220,11 +220,9 @@ at::Tensor group_softmax_backward_cuda(const at::Tensor& grad_in, const at::Tens
                                        const at::Tensor& offsets_in, bool log) {
   const char* op = "mosx.group_softmax_backward";
   const auto [L, K] = check_common(out_in, offsets_in, op);
-  TORCH_CHECK(grad_in.sizes() == out_in.sizes(), op, ": grad_out has shape ", grad_in.sizes(),
-              " but the softmax output has shape ", out_in.sizes());
+  check_float_arg(grad_in, "grad_out", out_in.sizes(), out_in, op);  // as on the CPU
   TORCH_CHECK(grad_in.scalar_type() == out_in.scalar_type(), op, ": grad_out is ",
               grad_in.scalar_type(), " but the softmax output is ", out_in.scalar_type());
-  check_same_device(grad_in, "grad_out", out_in, op);
   c10::cuda::CUDAGuard guard(out_in.device());
   const at::Tensor g = grad_in.contiguous(), y = out_in.contiguous();
   const at::Tensor offsets = kernel_offsets(offsets_in, L);
