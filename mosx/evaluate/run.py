@@ -251,7 +251,15 @@ def _build_scorers(scores, g: Groups | None, have_fit: bool) -> dict:
         name = spec if isinstance(spec, str) else s.name
         if name in out:
             name = repr(s) if repr(s) not in out else f"{name} #{len(out)}"
-        if s.needs_fit and not have_fit:
+        if "inputs" in s.fit_needs:  # fitted on images through the model: the cache cannot serve that
+            if not (s.fitted and getattr(s, "ready", True)):
+                raise ValueError(
+                    f"evaluate: scorer {name!r} is fitted on images through the model, which the evaluator "
+                    "cannot do from its cache: fit it with the Python API (mosx.scores.tune_mahalanobis_layers("
+                    "model, train_images, val_images, val_labels).scorer) and pass the fitted scorer in "
+                    "evaluate(scores=[...])"
+                )
+        elif s.needs_fit and not have_fit:
             raise ValueError(
                 f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
                 "(--fit-data) or fit_on_id=True (--fit-on-id)"
@@ -477,7 +485,7 @@ def _fit(p: _Plan, rt: Runtime, caches: dict, timings: dict) -> None:
     if d is None:
         return
     for name, s in p.scorers.items():
-        if s.needs_fit:
+        if s.needs_fit and "inputs" not in s.fit_needs:  # those came fitted (see _build_scorers)
             t0 = time.perf_counter()
             S.fit_all({name: s}, d, device=p.device)
             timings[name] = time.perf_counter() - t0

@@ -23,7 +23,9 @@ Where things live (imports go down this list, never up; families never import ea
 - ``base.py``       the Scorer interface, the registry (scorer_names) and the spec parser (build_scorer)
 - family modules, one class per scorer, each registered by its ``spec_name``:
   ``logit.py`` (MOS, MSP, MaxLogit, Energy, ODIN), ``templates.py`` (KLMatching),
-  ``distance.py`` (Mahalanobis), ``gradient.py`` (GradNorm), ``entropy.py`` (Entropy, GEN),
+  ``distance.py`` (Mahalanobis), ``gradient.py`` (GradNorm), ``layers.py`` (MahalanobisLayers,
+  the multi-layer Mahalanobis detector built on distance.py's per-layer statistics, and its tuning
+  protocol tune_mahalanobis_layers), ``entropy.py`` (Entropy, GEN),
   ``subspace.py`` (ViM), ``neighbors.py`` (KNN, NNGuide), ``classmeans.py`` (RMD, SHE),
   ``boundary.py`` (fDBD, NCI); the feature-shaping wrappers ``shaping.py`` (ReAct, DICE) and
   ``shaping_ash.py`` (ASH, SCALE), spelled ``<wrapper>-<score>``
@@ -50,6 +52,14 @@ from .logit import MOS, MSP, ODIN, Energy, MaxLogit
 from .templates import KLMatching
 from .distance import Mahalanobis
 from .gradient import GradNorm
+from .layers import (
+    MAHALANOBIS_LAYERS_EPS_GRID,
+    MahalanobisLayers,
+    adversarial_inputs,
+    default_layers,
+    layer_features,
+    tune_mahalanobis_layers,
+)
 from .shaping import DICE, ReAct
 from .shaping_ash import ASH, SCALE
 from .entropy import GEN, Entropy
@@ -85,6 +95,12 @@ __all__ = [
     "KLMatching",
     "Mahalanobis",
     "GradNorm",
+    "MahalanobisLayers",
+    "layer_features",
+    "default_layers",
+    "adversarial_inputs",
+    "tune_mahalanobis_layers",
+    "MAHALANOBIS_LAYERS_EPS_GRID",
     "ReAct",
     "DICE",
     "ASH",
