@@ -37,12 +37,12 @@ def run_demo(s: DemoSettings, out: str) -> dict:
     models, train_info, seconds = train_models(s, bench, out, data, step_log=True)
     stages.update(seconds)
 
-    _say("[4/4] scoring: baselines on the flat model, MOS on the grouped model")
+    _say("[4/4] scoring: baselines on the flat model, MOS (plain and feature-shaped) on the grouped model")
     t0 = time.perf_counter()
     fit = fit_subset(bench, s.fit_per_class, s.seed)
     res_flat = evaluate_model(models["flat"], bench, None, FLAT_SCORES, os.path.join(out, "eval_flat"), s, fit=fit)
     res_grp = evaluate_model(
-        models["grouped"], bench, bench.groups, GROUPED_SCORES, os.path.join(out, "eval_grouped"), s
+        models["grouped"], bench, bench.groups, GROUPED_SCORES, os.path.join(out, "eval_grouped"), s, fit=fit
     )
     stages["evaluate"] = time.perf_counter() - t0
 

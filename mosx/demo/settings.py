@@ -32,8 +32,19 @@ FLAT_SCORES = {
     "maxlogit": "MaxLogit",
     "gradnorm": "GradNorm",
     "react-energy": "ReAct + Energy",
+    "ash-energy": "ASH-S + Energy",
+    "scale-energy": "SCALE + Energy",
+    "dice-energy": "DICE + Energy",
 }
-GROUPED_SCORES = {"mos": "MOS"}
+# MOS on the grouped model, plain and under each feature-shaping method (the features shaped, the
+# grouped head applied, MOS scored): the flat rows above give the same shaping over Energy.
+GROUPED_SCORES = {
+    "mos": "MOS",
+    "react-mos": "ReAct + MOS",
+    "ash-mos": "ASH-S + MOS",
+    "scale-mos": "SCALE + MOS",
+    "dice-mos": "DICE + MOS",
+}
 SCALING_SCORES = {"msp": "MSP", "energy": "Energy", "mos": "MOS"}
 
 
