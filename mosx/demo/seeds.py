@@ -375,7 +375,8 @@ def seeds_plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(summary["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.5))
+    # one y axis: the method names once, on the left (long names would run into the left panel)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.5), sharey=True)
     for ax, metric, title in zip(axes, ("auroc", "fpr95"), ("average AUROC (%)", "average FPR95 (%)")):
         for y, label in enumerate(labels):
             v = summary["methods"][label]["average"][metric]
@@ -388,11 +389,11 @@ def seeds_plot(summary: dict, path: str) -> None:
                 capsize=3,
             )
             ax.plot([100 * x for x in v["values"]], [y] * len(v["values"]), "|", color="grey", ms=8)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels(labels)
-        ax.invert_yaxis()
         ax.set(xlabel=title)
         ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)))
+    axes[0].set_yticklabels(labels)
+    axes[0].invert_yaxis()  # shared: both panels list the methods top-down
     fig.suptitle(f"{len(summary['seeds'])} seeds: mean ± std (bars), each seed (ticks)")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
