@@ -292,15 +292,76 @@ def test_registry_spec_strings_and_the_evaluator(gen):
     s = S.build_scorer("mahalanobis_layers:layers=stem+stages.1,dtype=float32,regularization=0.01")
     assert s.layers == ["stem", "stages.1"] and s.dtype == torch.float32 and s.regularization == 0.01
     assert s.search_space() == {} and s.needs == ("inputs", "model") and not s.ready
-    # the evaluator cannot fit it from its cache: a clear message pointing to the Python API
-    with pytest.raises(ValueError, match=r"mahalanobis_layers.*Python API.*tune_mahalanobis_layers"):
-        _build_scorers(["mahalanobis_layers"], None, True)
+    # a spec is tuned by the evaluator (image_fit.py); a fitted, ready scorer is used as given
+    assert list(_build_scorers(["mahalanobis_layers"], None, False)) == ["mahalanobis_layers"]
     net, x, y = model(gen), rand(gen, 30, 3, 16, 16), torch.arange(30) % 3
     fitted = S.MahalanobisLayers().fit(inputs=x, labels=y, model=net)
-    with pytest.raises(ValueError, match="Python API"):  # statistics without a regression: not ready
-        _build_scorers([fitted], None, False)
+    from mosx.evaluate.image_fit import needs_image_fit
+
+    assert needs_image_fit(fitted)  # statistics without a regression: still to be tuned
     fitted.fit_regression(net, x[:15], x[15:] * 3)
-    assert list(_build_scorers([fitted], None, False)) == ["mahalanobis_layers"]  # a ready one is used as is
+    assert not needs_image_fit(fitted) and list(_build_scorers([fitted], None, False)) == ["mahalanobis_layers"]
+
+
+def _folders(root, rng, per_class):
+    import os
+
+    from test_evaluate import _png
+
+    for c, rgb in {"cat": (200, 40, 40), "dog": (40, 200, 40), "eel": (40, 40, 200)}.items():
+        os.makedirs(root / c)
+        for i in range(per_class):
+            _png(root / c / f"{i}.png", rgb, rng)
+
+
+def test_the_evaluator_tunes_it_as_the_reference_from_fit_and_validation_images(gen, tmp_path):
+    """`mosx eval --scores mahalanobis_layers --fit-data TRAIN --search id=VAL`: statistics on the fit
+    images, the regression and eps on the ID validation images and their FGSM versions; the scores
+    equal the Python protocol run by hand on the same images; missing sets are clear errors."""
+    import os
+
+    from test_evaluate import _png, common, load_images
+
+    from mosx import evaluate as E
+
+    rng = np.random.default_rng(1)
+    for name, n in (("id", 3), ("train", 6), ("val", 4)):
+        _folders(tmp_path / name, rng, n)
+    os.makedirs(tmp_path / "far")
+    for i in range(4):
+        _png(tmp_path / "far" / f"{i}.png", (128, 128, 128), rng)
+    net = model(gen).float()
+    opts = common(tmp_path, scores=["mahalanobis_layers"])
+    sets = (str(tmp_path / "id"), {"far": str(tmp_path / "far")})
+    with pytest.raises(ValueError, match=r"mahalanobis_layers.*fit set \(--fit-data"):
+        E.evaluate(net, *sets, **opts)
+    with pytest.raises(ValueError, match=r"ID validation set \(--search id="):
+        E.evaluate(net, *sets, fit_data=str(tmp_path / "train"), **opts)
+    res = E.evaluate(net, *sets, fit_data=str(tmp_path / "train"), search={"id": str(tmp_path / "val")}, **opts)
+    rec = res.search["mahalanobis_layers"]
+    assert rec["m"] == 6 and [r["params"]["eps"] for r in rec["grid"]] == list(S.MAHALANOBIS_LAYERS_EPS_GRID)
+    # the same protocol by hand: fit images, the first 2m validation images in the evaluator's order
+    train = E.image_list(str(tmp_path / "train"), "train")
+    val = E.image_list(str(tmp_path / "val"), "val")
+    by_hand = S.tune_mahalanobis_layers(
+        net,
+        [(load_images(train), torch.as_tensor(train.labels))],
+        [(load_images(val), torch.as_tensor(val.labels))],
+        m=6,
+    )
+    assert rec["params"] == by_hand.params and rec["value"] == pytest.approx(by_hand.value)
+    for name in ("id", "far"):
+        want = by_hand.scorer.score(inputs=load_images(E.image_list(str(tmp_path / name), name)), model=net)
+        np.testing.assert_allclose(res.scores["mahalanobis_layers"][name], want, rtol=1e-4, atol=1e-4)
+    # eps fixed by the spec: only the regression is fitted
+    res = E.evaluate(
+        net,
+        *sets,
+        fit_data=str(tmp_path / "train"),
+        search={"id": str(tmp_path / "val")},
+        **{**opts, "scores": ["mahalanobis_layers:eps=0.002"], "out_dir": str(tmp_path / "out2")},
+    )
+    assert [r["params"]["eps"] for r in res.search["mahalanobis_layers:eps=0.002"]["grid"]] == [0.002]
 
 
 def test_the_evaluator_scores_with_a_fitted_scorer(gen, tmp_path):

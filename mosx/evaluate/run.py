@@ -24,6 +24,7 @@ from ..scores.search import METRICS, _check_disjoint
 from .backbone import perturbed_scores
 from .cache import Cached, cache_set, model_fingerprint
 from .config import EvalConfig
+from .image_fit import check_image_fit, fit_on_images, needs_image_fit
 from .images import ImageDataset, ImageList, as_images, make_transform
 from .report import EvalResult, write_outputs
 
@@ -155,6 +156,7 @@ def _plan(cfg: EvalConfig) -> _Plan:
     scorers = _build_scorers(cfg.scores, g, have_fit)
     fit_images = as_images(cfg.fit_data, "fit", g) if cfg.fit_data is not None else None
     val_images, search_sets = _plan_search(cfg, g, id_images, ood_images, scorers)
+    check_image_fit(scorers, fit_images, val_images.get("id"))
 
     model = model.to(dev).eval()
     if dev.type == "cuda":
@@ -251,15 +253,8 @@ def _build_scorers(scores, g: Groups | None, have_fit: bool) -> dict:
         name = spec if isinstance(spec, str) else s.name
         if name in out:
             name = repr(s) if repr(s) not in out else f"{name} #{len(out)}"
-        if "inputs" in s.fit_needs:  # fitted on images through the model: the cache cannot serve that
-            if not (s.fitted and getattr(s, "ready", True)):
-                raise ValueError(
-                    f"evaluate: scorer {name!r} is fitted on images through the model, which the evaluator "
-                    "cannot do from its cache: fit it with the Python API (mosx.scores.tune_mahalanobis_layers("
-                    "model, train_images, val_images, val_labels).scorer) and pass the fitted scorer in "
-                    "evaluate(scores=[...])"
-                )
-        elif s.needs_fit and not have_fit:
+        # (a scorer fitted on images through the model is checked in _plan: image_fit.py)
+        if s.needs_fit and not have_fit and "inputs" not in s.fit_needs:
             raise ValueError(
                 f"evaluate: scorer {name!r} is fitted on ID statistics: give fit_data "
                 "(--fit-data) or fit_on_id=True (--fit-on-id)"
@@ -282,7 +277,11 @@ def _plan_search(cfg: EvalConfig, g: Groups | None, id_images: ImageList, ood_im
     Returns ({name: ImageList}, (validation identities, test identities)); ({}, None) without a search."""
     if not cfg.search:
         return {}, None
-    if not isinstance(cfg.search, Mapping) or "id" not in cfg.search or len(cfg.search) < 2:
+    # An OOD validation set is needed by the scorers with a search space; the image-fitted ones
+    # (mahalanobis_layers) tune on the ID validation set and its FGSM versions alone.
+    image_fit = any(needs_image_fit(s) for s in scorers.values())
+    need_ood = not image_fit or any(s.search_space() for s in scorers.values())
+    if not isinstance(cfg.search, Mapping) or "id" not in cfg.search or (need_ood and len(cfg.search) < 2):
         raise ValueError(
             "evaluate: search (--search) needs the ID validation set as 'id' and at least one OOD "
             "validation set, e.g. {'id': 'val_id/', 'ood': 'val_ood/'} (--search id=val_id/ --search ood=val_ood/)"
@@ -304,7 +303,7 @@ def _plan_search(cfg: EvalConfig, g: Groups | None, id_images: ImageList, ood_im
             )
     val_images = {}
     for name, spec in cfg.search.items():
-        val_images[name] = as_images(spec, f"val:{name}", g, labeled=False)
+        val_images[name] = as_images(spec, f"val:{name}", g, labeled=name == "id" and image_fit)
         if len(val_images[name]) == 0:
             raise ValueError(f"evaluate: validation set {name!r} is empty")
     val_sets = {"id": _set_identity(cfg.search["id"], val_images["id"])}
@@ -357,6 +356,7 @@ def _run(p: _Plan, rt: Runtime) -> EvalResult | None:
     timings = {}
     _fit(p, rt, caches, timings)
     searched = _search(p, rt, caches)
+    searched.update(fit_on_images(p, rt, timings))  # mahalanobis_layers: the reference's tuning
     perturbed = _perturbed(p, rt, sets, opts, timings)
     if not rt.main:
         return None
