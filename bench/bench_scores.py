@@ -10,8 +10,8 @@ Scales (rows scored / rows fitted / feature width):
   quick     500 / 2,000 / 256
   default   10,000 / 10,000 / 2,048
   imagenet  90,000 (50k ID + 40k OOD test rows, scored as one cache) / MOSX_BENCH_FIT_ROWS (default
-            1,281,167, ImageNet's training set) / 2,048. The fit cache alone is 5.2 GB of fp16 at full
-            size; MOSX_BENCH_FIT_ROWS=128000 gives a tenth of it on a small machine.
+            1,281,167, ImageNet's training set) / 2,048. The fit cache is 10.4 GB of fp16 at full size
+            (5.2 GB of it features); MOSX_BENCH_FIT_ROWS=128000 gives a tenth of it on a small machine.
 
 The fitted scorers get a fit benchmark (fit_all on the fit rows); every scorer is scored after a
 fit on the fit rows. KNN is compared with one matrix product over the same data (full mode: a 100k
