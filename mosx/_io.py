@@ -11,7 +11,7 @@ import shutil
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy", "DiskFull", "is_disk_full"]
+__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy", "DiskFull", "is_disk_full", "temp_path"]
 
 # Less free space than this after a failed write means the write failed for want of space: torch.save
 # reports a full disk as "unexpected pos ..." (a RuntimeError), not as ENOSPC.
@@ -22,8 +22,10 @@ EXIT_DISK_FULL = 5  # the exit status of mosx train / eval / demo when the disk 
 
 
 class DiskFull(OSError):
-    """A write failed because the file system holding it is full (or over quota); the file it was
-    replacing is untouched."""
+    """A write failed because the file system holding it is full: ENOSPC / EDQUOT, or any error of
+    the writer while under 64 KiB are left free (torch.save reports a full disk that way). A quota
+    reached with space left on the device is recognised only when the writer raises EDQUOT. The
+    file it was replacing is untouched."""
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -50,7 +52,7 @@ def atomic_save(obj, path: str, writer=None) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             (writer or torch.save)(obj, f)
@@ -99,24 +101,41 @@ def _lock_holder(path: str):
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or no pid at all
         return False
     except PermissionError:  # exists, owned by someone else
         return True
     return True
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_save's name for a file being written
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+    """Where a writer of `path` puts the data before renaming it into place: a hidden file beside it,
+    ``.<name>.mosx-tmp.<host>.<pid><suffix>``. The marker, host and pid let output_lock remove what
+    a killed writer left (and nothing else); `suffix` for writers that add an extension (np.savez)."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{base}.mosx-tmp.{_host_tag()}.{os.getpid()}{suffix}")
+
+
+_TEMPORARY = re.compile(r"^\..+\.mosx-tmp\.([A-Za-z0-9-]+)\.(\d+)(\.[A-Za-z0-9]+)?$")
 
 
 def _sweep_temporaries(folder: str, me: int) -> None:
-    """Remove the half-written files that atomic_save left in folder when its process was killed
-    mid-write (SIGKILL, power loss): with the folder's lock held, no live job of ours writes them."""
-    for name in os.listdir(folder):
-        m = _TEMPORARY.match(name)
-        if m and int(m.group(1)) != me and not _alive(int(m.group(1))):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
+    """Remove the half-written files that a killed mosx writer (SIGKILL, power loss) left anywhere
+    under folder: only names made by :func:`temp_path`, written on this host by a process that no
+    longer runs. A live writer, another host's writer and every other file are left alone."""
+    host = _host_tag()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = _TEMPORARY.match(name)
+            if m and m.group(1) == host and int(m.group(2)) != me and not _alive(int(m.group(2))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(root, name))
 
 
 @contextlib.contextmanager

@@ -99,19 +99,68 @@ def test_kill_at_random_moments_then_resume_is_bit_identical(tmp_path, gen):
 
 
 def test_a_killed_write_leaves_a_temporary_that_the_next_run_removes(tmp_path):
-    """SIGKILL during atomic_save leaves `.<name>.tmp<pid>`; the next job to take the folder's lock
-    removes it (its writer is dead), and keeps a live process's temporary."""
+    """SIGKILL during a write leaves its temporary (`temp_path`); the next job to take the folder's
+    lock removes it, in subfolders too (the evaluator's, inside a demo run), and leaves alone a live
+    writer's, another host's, a pid that cannot exist as ours, and every file that is not a mosx
+    temporary."""
+    from mosx._io import _host_tag, temp_path
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".checkpoint.pt.tmp{dead.pid}"
-    stale.write_bytes(b"half a checkpoint")
-    live = tmp_path / f".model.pt.tmp{os.getppid()}"  # the pytest runner's parent is alive
-    live.write_bytes(b"being written")
-    other = tmp_path / ".not-ours.tmp"
-    other.write_bytes(b"x")
+    (tmp_path / "eval_flat" / "cache").mkdir(parents=True)
+    host = _host_tag()
+    stale = [
+        tmp_path / f".checkpoint.pt.mosx-tmp.{host}.{dead.pid}",
+        tmp_path / "eval_flat" / "cache" / f".logits.npy.mosx-tmp.{host}.{dead.pid}.npy",
+        tmp_path / f".meta.json.mosx-tmp.{host}.99999999999999999999",  # no such pid: not alive
+    ]
+    kept = [
+        tmp_path / f".model.pt.mosx-tmp.{host}.{os.getppid()}",  # the pytest runner's parent is alive
+        tmp_path / f".model.pt.mosx-tmp.otherhost.{dead.pid}",  # another host's writer
+        tmp_path / f"draft.tmp{dead.pid}.docx",  # a user's file that merely looks temporary
+        tmp_path / f".notes.tmp{dead.pid}",
+    ]
+    for f in stale + kept:
+        f.write_bytes(b"x")
+    assert os.path.basename(temp_path(tmp_path / "a.pt")).startswith(".a.pt.mosx-tmp.")
     with output_lock(str(tmp_path), "test"):
-        assert not stale.exists()
-        assert live.exists() and other.exists()
+        assert [f.name for f in stale if f.exists()] == []
+        assert [f.name for f in kept if not f.exists()] == []
+
+
+def _temporaries(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".mosx-tmp." in p.name)
+
+
+@pytest.mark.slow
+def test_demo_killed_at_random_moments_then_reused_ends_as_an_uninterrupted_run(tmp_path, gen):
+    """The smoke demo, killed twice at random moments and rerun with --reuse: it finishes with the
+    metrics of an uninterrupted run of the same seed, and no half-written file is left anywhere."""
+    from test_demo import FONTS_INSTALLED, SMOKE
+
+    if not FONTS_INSTALLED:
+        pytest.skip("Noto fonts not installed")
+    data = str(tmp_path / "data")
+    demo = [sys.executable, "-m", "mosx.cli", "demo", *SMOKE, "--data-root", data]
+    t0 = time.time()
+    r = subprocess.run([*demo, "--out", str(tmp_path / "ref")], env=subprocess_env(), capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    span = time.time() - t0  # the data are cached now: later runs are shorter
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    out = tmp_path / "killed"
+    for _ in range(2):
+        proc = subprocess.Popen([*demo, "--out", str(out), "--reuse"], env=subprocess_env(), stdout=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, max(0.6, 0.7 * span)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = subprocess.run([*demo, "--out", str(out), "--reuse"], env=subprocess_env(), capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    want = json.loads((tmp_path / "ref" / "demo_results.json").read_text())
+    got = json.loads((out / "demo_results.json").read_text())
+    assert got["methods"].keys() == want["methods"].keys() and got["id_accuracy"] == want["id_accuracy"]
+    for label, m in want["methods"].items():  # every metric; the timings differ
+        assert (got["methods"][label]["sets"], got["methods"][label]["average"]) == (m["sets"], m["average"]), label
+    assert _temporaries(out) == [] and not (out / ".mosx.lock").exists()
 
 
 def _mount_tmpfs(path, size):

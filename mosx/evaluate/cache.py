@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._io import DiskFull, is_disk_full
+from .._io import DiskFull, is_disk_full, temp_path
 from ..runtime import Runtime
 from .backbone import extract
 from .images import ImageDataset, ImageList
@@ -129,7 +129,7 @@ def load_cache(path: str) -> Cached | None:
 def save_npy(path: str, arr: np.ndarray) -> None:
     """np.save to a temporary file, fsync, check its size, then rename: a full disk raises (naming
     the file) and leaves neither a truncated array nor a temporary file behind."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
+    tmp = temp_path(path, ".npy")
     try:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
@@ -149,7 +149,7 @@ def save_npy(path: str, arr: np.ndarray) -> None:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"  # per process: two evaluations into one folder never share it
+    tmp = temp_path(path)  # per process: two evaluations into one folder never share it
     try:
         with open(tmp, "w") as fh:
             json.dump(doc, fh, indent=1)

@@ -9,6 +9,8 @@ import html
 import os
 import platform
 
+from .._io import temp_path
+
 __all__ = ["write_html"]
 
 _STYLE = """
@@ -121,7 +123,7 @@ def write_html(res, path: str, tpr: float, settings: dict, plot_files) -> str:
         _kv_table(_versions()),
         "</body></html>",
     ]
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
     os.replace(tmp, path)

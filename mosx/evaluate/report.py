@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics as M
+from .._io import temp_path
 from .cache import safe_name
 from .html_report import write_html
 
@@ -192,7 +193,7 @@ def _write_scores(res: EvalResult, out_dir: str) -> dict:
     files = {}
     for s in sets:
         path = os.path.join(folder, f"{safe_name(s)}.npz")
-        tmp = f"{path}.tmp{os.getpid()}.npz"
+        tmp = temp_path(path, ".npz")  # np.savez adds .npz to a name without it
         np.savez_compressed(tmp, **{keys[m]: np.asarray(per[s]) for m, per in res.scores.items() if s in per})
         os.replace(tmp, path)
         files[s] = path
