@@ -573,16 +573,21 @@ class OODMetricsAccumulator:
 
     def _collect_open_set(self, fn):
         """(ID scores, OOD scores, correct flags) of everything collected, flags aligned with the scores."""
-        missing = sum(p.numel() for p, c in zip(self._id, self._correct) if c is None)
-        if missing:
+        # Every rank takes part in every gather, whatever it holds (a rank with no ID batch, or one
+        # whose batches lack flags, must not skip a collective): flags missing on a rank travel as NaN.
+        a = self._collect(self._id, "ID")
+        flags = [
+            torch.full((p.numel(),), math.nan, dtype=torch.float64, device=p.device) if c is None else c.double()
+            for p, c in zip(self._id, self._correct)
+        ]
+        c = self._collect(flags, "ID")
+        b = self._collect(self._ood, "OOD")
+        missing = int(torch.isnan(c).sum())
+        if missing:  # the same count on every rank: all of them raise
             raise ValueError(
                 f"OODMetricsAccumulator.{fn}: {missing} ID scores came without `correct` "
                 "(pass correct=pred == label to update() with every batch that holds ID samples)"
             )
-        a = self._collect(self._id, "ID")
-        flags = [c.to(torch.float64) for c in self._correct]
-        c = self._collect(flags, "ID") if flags else a.new_zeros(0)
-        b = self._collect(self._ood, "OOD")
         return a, b.to(a.device), c.to(a.device) > 0.5
 
     def oscr(self) -> float:

@@ -89,10 +89,28 @@ def _rank(rank, world, init, a, b, correct, out):
         acc.update(ia.float(), True, correct=ic)
         if ib.numel():
             acc.update(ib.float(), False)
+        # rank 1 holds only OOD scores, rank 0 only ID scores without flags: every rank still takes
+        # part in every gather, and both raise the same error instead of one of them hanging
+        lone = M.OODMetricsAccumulator()
+        if rank == 0:
+            lone.update(ia.float(), True)
+        else:
+            lone.update(ib.float() if ib.numel() else torch.tensor([0.0]), False)
+        try:
+            lone.oscr()
+            lone_error = None
+        except ValueError as e:
+            lone_error = str(e)
         local = M.OODMetricsAccumulator(distributed=False)
         local.update(ia.float(), True)
         local.update(torch.tensor([0.0]), False)
-        result = {"all": acc.compute(), "oscr": acc.oscr(), "ccr": acc.ccr_at_fpr(), "local_id": local.compute().num_id}
+        result = {
+            "all": acc.compute(),
+            "oscr": acc.oscr(),
+            "ccr": acc.ccr_at_fpr(),
+            "local_id": local.compute().num_id,
+            "lone_error": lone_error,
+        }
         torch.save(result, os.path.join(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,6 +127,7 @@ def test_accumulator_across_two_gloo_processes(gen, tmp_path):
         assert got["all"] == want
         assert got["oscr"] == M.oscr(a.float(), b.float(), correct)
         assert got["ccr"] == M.ccr_at_fpr(a.float(), b.float(), correct)
+        assert "100 ID scores came without `correct`" in got["lone_error"]
     assert torch.load(tmp_path / "0.pt", weights_only=False)["local_id"] == 100
 
 
