@@ -29,9 +29,9 @@ try:
     import torch
 except ImportError:
     sys.exit(
-        "[mosx setup] torch is not importable in the build environment. mosx compiles against the "
-        "installed torch: install torch first, then `pip install --no-build-isolation .` "
-        "(pip's default build isolation would build against a different torch)."
+        "[mosx setup] torch is not importable in the build environment. `pip install .` puts the "
+        "pinned torch there (pyproject.toml); with --no-build-isolation, mosx compiles against the "
+        "installed torch: install torch first, then `pip install --no-build-isolation .`."
     )
 
 

@@ -6,6 +6,7 @@ hand), scikit-learn's covariance and logistic regression, and the MOS reference'
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mosx import scores as S
@@ -341,18 +342,28 @@ def test_the_evaluator_tunes_it_as_the_reference_from_fit_and_validation_images(
     rec = res.search["mahalanobis_layers"]
     assert rec["m"] == 6 and [r["params"]["eps"] for r in rec["grid"]] == list(S.MAHALANOBIS_LAYERS_EPS_GRID)
     # the same protocol by hand: fit images, the first 2m validation images in the evaluator's order
+    from mosx.evaluate.image_fit import validation_order
+
     train = E.image_list(str(tmp_path / "train"), "train")
     val = E.image_list(str(tmp_path / "val"), "val")
+    order = validation_order(len(val))  # the evaluator takes the validation images in this order
     by_hand = S.tune_mahalanobis_layers(
         net,
         [(load_images(train), torch.as_tensor(train.labels))],
-        [(load_images(val), torch.as_tensor(val.labels))],
+        [(load_images(val)[order], torch.as_tensor(val.labels)[order])],
         m=6,
     )
     assert rec["params"] == by_hand.params and rec["value"] == pytest.approx(by_hand.value)
     for name in ("id", "far"):
         want = by_hand.scorer.score(inputs=load_images(E.image_list(str(tmp_path / name), name)), model=net)
         np.testing.assert_allclose(res.scores["mahalanobis_layers"][name], want, rtol=1e-4, atol=1e-4)
+    # a fit folder holding only some of the classes would shift the labels: refused
+    _folders(tmp_path / "partial", rng, 2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "partial" / "cat")
+    with pytest.raises(ValueError, match=r"fit set's class folders \(2\) are not the model's classes \(3\)"):
+        E.evaluate(net, *sets, fit_data=str(tmp_path / "partial"), search={"id": str(tmp_path / "val")}, **opts)
     # eps fixed by the spec: only the regression is fitted
     res = E.evaluate(
         net,
@@ -386,3 +397,25 @@ def test_the_evaluator_scores_with_a_fitted_scorer(gen, tmp_path):
     for name in ("id", "far"):
         want = s.score(inputs=load_images(E.image_list(str(tmp_path / name), name)), model=net)
         np.testing.assert_allclose(res.scores["mahalanobis_layers"][name], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fgsm_on_a_grouped_model_follows_the_group_cross_entropy(gen):
+    """A grouped model's logits are not class logits: the evaluator's FGSM loss is the group
+    cross-entropy of the class ids (by hand: the sum over groups of each slice's cross-entropy)."""
+    import mosx
+    from mosx.evaluate.image_fit import _group_loss
+
+    g = mosx.Groups.from_sizes([1, 2])  # classes 0 | 1, 2; 5 logits with the others slots
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = StemStages(classes=g.num_logits).double().eval()
+    x, y = rand(gen, 6, 3, 16, 16), torch.tensor([0, 1, 2, 2, 1, 0])
+    got = S.adversarial_inputs(net, x, y, noise=0.05, loss=_group_loss(g))
+    xg = x.clone().requires_grad_(True)
+    z = net(xg)
+    # by hand: group 0 = logits [others, class 0], group 1 = [others, class 1, class 2]
+    t0 = torch.where(y == 0, 1, 0)
+    t1 = torch.where(y == 1, 1, torch.where(y == 2, 2, 0))
+    loss = F.cross_entropy(z[:, 0:2], t0, reduction="sum") + F.cross_entropy(z[:, 2:5], t1, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xg)
+    torch.testing.assert_close(got, x + 0.05 * torch.sign(grad), rtol=0, atol=0)
+    assert _group_loss(None) is None

@@ -156,7 +156,7 @@ def _plan(cfg: EvalConfig) -> _Plan:
     scorers = _build_scorers(cfg.scores, g, have_fit)
     fit_images = as_images(cfg.fit_data, "fit", g) if cfg.fit_data is not None else None
     val_images, search_sets = _plan_search(cfg, g, id_images, ood_images, scorers)
-    check_image_fit(scorers, fit_images, val_images.get("id"))
+    check_image_fit(scorers, fit_images, val_images.get("id"), class_names or id_images.class_names)
 
     model = model.to(dev).eval()
     if dev.type == "cuda":

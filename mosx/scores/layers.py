@@ -241,7 +241,7 @@ class MahalanobisLayers(Scorer):
         with _evaluating(model), torch.no_grad():
             for x, y in _batches(inputs, batch_size, device):
                 for acc, f in zip(feats, _forward(model, x, names)):
-                    acc.append(f.detach())
+                    acc.append(f.detach().cpu())  # held on the host: sum_l C_l values an image
                 if labels is None:
                     if y is None:
                         raise ValueError(f"{_WHO}: fit needs `labels`, or batches of (inputs, labels, ...)")
@@ -250,7 +250,6 @@ class MahalanobisLayers(Scorer):
             raise ValueError(f"{_WHO}: fit got no inputs")
         feats = [torch.cat(f) for f in feats]
         labels = _check_labels(labels if labels is not None else torch.cat(labs), feats[0].shape[0], "fit")
-        labels = labels.to(feats[0].device)
         make = lambda: Mahalanobis(regularization=self.regularization, dtype=self.dtype)
         self._stats = [make().fit(features=f, labels=labels, device=device) for f in feats]
         self._names, self._coef, self._intercept, self._reg_eps, self._regressor = names, None, None, None, None
@@ -377,12 +376,14 @@ def tune_mahalanobis_layers(
     regularization: float = 0.0,
     dtype=torch.float64,
     clamp=None,
+    loss=None,
     batch_size: int = 32,
     device=None,
 ):
     """The reference protocol on ID data only: statistics on `fit_inputs` (ID training images,
     labels from `fit_labels` or the batches); the first m validation images and their FGSM versions
-    (:func:`adversarial_inputs` with `noise`, `clamp`) train the regression, refitted at every eps of
+    (:func:`adversarial_inputs` with `noise`, `clamp`, `loss`: the group cross-entropy for a
+    grouped model, whose logits are not class logits) train the regression, refitted at every eps of
     `eps_grid`; the next m and theirs choose eps by the lowest FPR95 (TPR of ID 95%; ties go to the
     earlier grid value, as the reference's strict "<"). No validation sample past the first 2m is read.
 
@@ -402,7 +403,7 @@ def tune_mahalanobis_layers(
     scorer = MahalanobisLayers(layers=layers, regularization=regularization, dtype=dtype)
     scorer.fit(inputs=fit_inputs, labels=fit_labels, model=model, device=device, batch_size=batch_size)
     (x_reg, adv_reg), (x_sel, adv_sel) = [
-        (x, adversarial_inputs(model, x, y, noise, clamp, batch_size=batch_size))
+        (x, adversarial_inputs(model, x, y, noise, clamp, loss=loss, batch_size=batch_size))
         for x, y in ((x_val[:m], y_val[:m]), (x_val[m:], y_val[m:]))
     ]
     rows, best = [], None
