@@ -829,3 +829,27 @@ def test_a_label_past_the_model_is_refused_before_anything_is_sized_by_it(tmp_pa
             net(), id_ds, {"o": torch.utils.data.TensorDataset(x)}, scores=["mahalanobis"], fit_data=fit_ds,
             plots=False, **common(tmp_path),
         )  # fmt: skip
+
+
+def test_symlink_loops_in_image_folders_are_not_followed(tmp_path):
+    """A directory symlink below a class folder or inside an OOD folder (here: loops back to the
+    folder) is not followed: each image is listed once and the listing ends."""
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "id" / c / "sub")
+        _png(tmp_path / "id" / c / "a.png", (200, 40, 40), rng)
+        _png(tmp_path / "id" / c / "sub" / "b.png", (200, 40, 40), rng)
+        os.symlink(tmp_path / "id" / c, tmp_path / "id" / c / "sub" / "loop")  # cat/sub/loop -> cat
+    os.makedirs(tmp_path / "ood")
+    _png(tmp_path / "ood" / "x.png", (9, 9, 9), rng)
+    os.symlink(tmp_path / "ood", tmp_path / "ood" / "self")  # ood/self -> ood
+    ids = E.image_list(str(tmp_path / "id"), "id")
+    assert [os.path.relpath(p, tmp_path / "id") for p in ids.paths] == [
+        "cat/a.png",
+        "cat/sub/b.png",
+        "dog/a.png",
+        "dog/sub/b.png",
+    ]
+    assert ids.labels == [0, 0, 1, 1]
+    ood = E.image_list(str(tmp_path / "ood"), "ood", labeled=False)
+    assert [os.path.relpath(p, tmp_path / "ood") for p in ood.paths] == ["x.png"]

@@ -224,3 +224,33 @@ def test_train_on_a_disk_that_fills_stops_clearly_and_resumes(tmp_path, gen, sma
     )
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert_complete(out, want)
+
+
+def test_eval_on_a_full_disk_exits_5_with_a_message(tmp_path, small_disk, capsys):
+    """`mosx eval` whose output (and cache) folder fills: exit 5, the message names the file and
+    says what to rerun, no traceback, and no temporary left on the disk."""
+    import numpy as np
+    from test_evaluate import SIZE, _png, net
+
+    from mosx import evaluate as E
+
+    disk, remount = small_disk
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "eel"):
+        os.makedirs(tmp_path / "id" / c)
+        for i in range(4):
+            _png(tmp_path / "id" / c / f"{i}.png", (200, 40, 40), rng)
+    os.makedirs(tmp_path / "far")
+    for i in range(4):
+        _png(tmp_path / "far" / f"{i}.png", (128, 128, 128), rng)
+    torch.save(net(), tmp_path / "model.pt")
+    remount("8k")  # two pages: the cache's arrays and meta.json do not fit
+    args = ["--model", str(tmp_path / "model.pt"), "--id", str(tmp_path / "id"), "--ood", f"far={tmp_path / 'far'}"]
+    args += ["--out", str(disk / "out"), "--image-size", str(SIZE), "--workers", "0", "--device", "cpu"]
+    args += ["--no-progress", "--no-plots", "--batch-size", "4", "--trust-pickle"]
+    assert E.main(args) == EXIT_DISK_FULL
+    err = capsys.readouterr().err
+    assert "no space left on" in err.lower() and "rerun the same command" in err
+    assert _temporaries(disk) == []
+    remount("16m")  # with room again the same command completes
+    assert E.main(args) == 0
