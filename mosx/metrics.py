@@ -519,14 +519,10 @@ class OODMetricsAccumulator:
         if isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == 0:
             return
         s = _as_scores(scores, "scores", fn)
+        but = f"scores {tuple(s.shape)}"
         c = None
         if correct is not None:
-            c = correct.detach() if isinstance(correct, torch.Tensor) else torch.as_tensor(correct)
-            if c.dtype != torch.bool:
-                raise TypeError(f"{fn}: correct must be bool (predicted class == label), got {c.dtype}")
-            if c.shape != s.shape:
-                raise ValueError(f"{fn}: correct has shape {tuple(c.shape)} but scores {tuple(s.shape)}")
-            c = c.to(s.device)
+            c = _bool_flags(correct, "correct", "predicted class == label", s.shape, but, fn, s.device)
         if isinstance(is_id, bool):
             if is_id:
                 self._id.append(s)
@@ -534,12 +530,7 @@ class OODMetricsAccumulator:
             else:
                 self._ood.append(s)
             return
-        m = is_id.detach() if isinstance(is_id, torch.Tensor) else torch.as_tensor(is_id)
-        if m.dtype != torch.bool:
-            raise TypeError(f"{fn}: is_id must be bool (True = in-distribution), got {m.dtype}")
-        if m.shape != s.shape:
-            raise ValueError(f"{fn}: is_id has shape {tuple(m.shape)} but scores {tuple(s.shape)}")
-        m = m.to(s.device)
+        m = _bool_flags(is_id, "is_id", "True = in-distribution", s.shape, but, fn, s.device)
         self._id.append(s[m])
         self._correct.append(None if c is None else c[m])
         self._ood.append(s[~m])
@@ -602,13 +593,20 @@ class OODMetricsAccumulator:
 
 
 # ------------------------------------------------------------------------------ open-set classification
-def _correct_mask(id_correct, n: int, fn: str, device) -> torch.Tensor:
-    c = id_correct.detach() if isinstance(id_correct, torch.Tensor) else torch.as_tensor(id_correct)
+def _bool_flags(x, name: str, meaning: str, shape, but: str, fn: str, device) -> torch.Tensor:
+    """A bool tensor or array of the given shape, on device; `meaning` and `but` fill the messages."""
+    c = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if c.dtype != torch.bool:
-        raise TypeError(f"{fn}: id_correct must be bool (predicted class == label), got {c.dtype}")
-    if c.shape != (n,):
-        raise ValueError(f"{fn}: id_correct has shape {tuple(c.shape)} but there are {n} ID scores")
+        raise TypeError(f"{fn}: {name} must be bool ({meaning}), got {c.dtype}")
+    if c.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {tuple(c.shape)} but {but}")
     return c.to(device)
+
+
+def _correct_mask(id_correct, n: int, fn: str, device) -> torch.Tensor:
+    return _bool_flags(
+        id_correct, "id_correct", "predicted class == label", (n,), f"there are {n} ID scores", fn, device
+    )
 
 
 def oscr(id_scores, ood_scores, id_correct) -> float:
