@@ -164,6 +164,29 @@ def _median_seconds(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
+def _against_product(device, product, scorer, what):
+    """Time a scorer against the bare matrix product over the same data (a warm-up each, then the
+    median of 3; one run in quick mode), print both and their ratio, and fail above 3x (not in quick
+    mode, whose sizes are too small to time)."""
+
+    def synced(fn):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    product, scorer = synced(product), synced(scorer)
+    product(), scorer()  # warm-up
+    repeats = 1 if QUICK else 3
+    t_mm, t_s = _median_seconds(product, repeats), _median_seconds(scorer, repeats)
+    ratio = t_s / t_mm
+    print(f"\n{what} on {device}: score {t_s:.3f} s, product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})")
+    if not QUICK:
+        assert ratio < 3.0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_knn_against_one_matrix_product(device):
     """KNN's exact blocked search vs the bare product queries @ bank.T over the same data (in
@@ -174,29 +197,11 @@ def test_knn_against_one_matrix_product(device):
     queries = torch.randn(Q, Dk, generator=gen).relu().to(device)
     knn = S.KNN(k=50).fit(features=bank)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def product():
         for lo in range(0, Q, 1024):
             queries[lo : lo + 1024] @ knn._bank.T
-        sync()
 
-    def search():
-        knn.score(features=queries)
-        sync()
-
-    product(), search()  # warm-up
-    repeats = 1 if QUICK else 3
-    t_mm, t_knn = _median_seconds(product, repeats), _median_seconds(search, repeats)
-    ratio = t_knn / t_mm
-    print(
-        f"\nknn k=50, {M} x {Dk} bank, {Q} queries on {device}: search {t_knn:.3f} s, "
-        f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})"
-    )
-    if not QUICK:
-        assert ratio < 3.0
+    _against_product(device, product, lambda: knn.score(features=queries), f"knn k=50, {M} x {Dk} bank, {Q} queries")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -206,29 +211,12 @@ def test_vim_against_one_matrix_product(cache, fit_cache, device):
     vim = S.ViM().fit(features=fit_cache["features"], head=cache["head"], device=device)
     data = {"logits": cache["logits"].to(device), "features": cache["features"].to(device)}
     basis = vim._residual_space.to(device, torch.float32)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def product():
-        data["features"].float() @ basis
-        sync()
-
-    def score():
-        vim.score(**data)
-        sync()
-
-    product(), score()  # warm-up
-    repeats = 1 if QUICK else 3
-    t_mm, t_vim = _median_seconds(product, repeats), _median_seconds(score, repeats)
-    ratio = t_vim / t_mm
-    print(
-        f"\nvim, {N} x {D} features, residual basis {tuple(basis.shape)} on {device}: score {t_vim:.3f} s, "
-        f"product {t_mm:.3f} s, ratio {ratio:.2f} (median of {repeats})"
+    _against_product(
+        device,
+        lambda: data["features"].float() @ basis,
+        lambda: vim.score(**data),
+        f"vim, {N} x {D} features, residual basis {tuple(basis.shape)}",
     )
-    if not QUICK:
-        assert ratio < 3.0
 
 
 # ------------------------------------------------------------------------------ shaping wrappers (issue 15)
