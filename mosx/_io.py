@@ -11,7 +11,16 @@ import shutil
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "output_lock", "OutputBusy", "DiskFull", "is_disk_full", "temp_path"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "output_lock",
+    "OutputBusy",
+    "DiskFull",
+    "is_disk_full",
+    "disk_full_exit",
+    "temp_path",
+]
 
 # Less free space than this after a failed write means the write failed for want of space: torch.save
 # reports a full disk as "unexpected pos ..." (a RuntimeError), not as ENOSPC.
@@ -29,8 +38,19 @@ class DiskFull(OSError):
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """Whether an error is a full file system (DiskFull, or an OSError with ENOSPC / EDQUOT)."""
-    return isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    """Whether an error is a full file system: an OSError (DiskFull included) with ENOSPC / EDQUOT."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_exit(command: str, e: OSError, advice: str) -> int:
+    """What mosx train / eval / demo do when the disk fills: the error and what to rerun on stderr,
+    no traceback; returns EXIT_DISK_FULL. Any other OSError is raised again."""
+    import sys
+
+    if not is_disk_full(e):
+        raise e
+    print(f"{command}: {e}\n{advice}", file=sys.stderr)
+    return EXIT_DISK_FULL
 
 
 def _free_bytes(folder: str):
@@ -63,8 +83,7 @@ def atomic_save(obj, path: str, writer=None) -> None:
         free = _free_bytes(folder)  # measured before the partial file is removed
         if os.path.exists(tmp):
             os.remove(tmp)
-        no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        if isinstance(e, Exception) and (no_space or (free is not None and free < _FULL_BELOW)):
+        if isinstance(e, Exception) and (is_disk_full(e) or (free is not None and free < _FULL_BELOW)):
             raise DiskFull(
                 errno.ENOSPC,
                 f"no space left on the device holding {folder} while writing {os.path.basename(path)} "
@@ -143,7 +162,7 @@ def output_lock(folder: str, what: str):
     """Hold `<folder>/.mosx.lock` while a job writes into folder: a second job started on the same
     folder stops with OutputBusy instead of overwriting the first one's files. A lock left by a
     process that no longer runs (on this host) is taken over; one from another host is respected.
-    Half-written files a killed job left behind (atomic_save's temporaries) are removed on entry."""
+    Half-written files a killed job left behind (:func:`temp_path` names) are removed on entry."""
     import socket
 
     os.makedirs(folder, exist_ok=True)

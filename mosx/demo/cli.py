@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from .._io import EXIT_DISK_FULL, OutputBusy, is_disk_full, output_lock
+from .._io import OutputBusy, disk_full_exit, output_lock
 from .experiments import check_unleash_available, run_demo, run_scaling, run_unleash
 from .regime import run_regime
 from .seeds import run_seeds
@@ -174,13 +174,9 @@ def main(argv=None) -> int:
         print(f"mosx demo: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(
-            f"mosx demo: {e}\nResults written in full are intact: free space, then rerun with --reuse.",
-            file=sys.stderr,
+        return disk_full_exit(
+            "mosx demo", e, "Results written in full are intact: free space, then rerun with --reuse."
         )
-        return EXIT_DISK_FULL
     print(f"mosx demo finished in {time.perf_counter() - t0:.1f}s")
     return 0
 

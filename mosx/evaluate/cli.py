@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from .. import scores as S
-from .._io import EXIT_DISK_FULL, is_disk_full
+from .._io import disk_full_exit
 from .config import EvalConfig
 from .report import combine, write_outputs
 from .run import SEARCH_METRICS, evaluate, resolve_model
@@ -262,15 +262,6 @@ def main(argv=None) -> int:
         print(f"mosx eval: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        return _disk_full(e)
+        advice = "The cache keeps every array written in full: free space, then rerun the same command."
+        return disk_full_exit("mosx eval", e, advice)
     return 0
-
-
-def _disk_full(e) -> int:
-    print(
-        f"mosx eval: {e}\nThe cache keeps every array written in full: free space, then rerun the same command.",
-        file=sys.stderr,
-    )
-    return EXIT_DISK_FULL

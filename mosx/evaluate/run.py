@@ -485,7 +485,7 @@ def _fit(p: _Plan, rt: Runtime, caches: dict, timings: dict) -> None:
     if d is None:
         return
     for name, s in p.scorers.items():
-        if s.needs_fit and "inputs" not in s.fit_needs:  # those came fitted (see _build_scorers)
+        if s.needs_fit and "inputs" not in s.fit_needs:  # fitted on images: image_fit.fit_on_images
             t0 = time.perf_counter()
             S.fit_all({name: s}, d, device=p.device)
             timings[name] = time.perf_counter() - t0

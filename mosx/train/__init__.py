@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .._io import EXIT_DISK_FULL, OutputBusy, is_disk_full
+from .._io import OutputBusy, disk_full_exit
 from .config import PRESETS, TrainConfig, build_parser, config_from_args, make_config
 from .data import UnreadableImage
 from .loop import TrainResult, make_loss, train
@@ -65,14 +65,8 @@ def main(argv=None) -> int:
         print(f"mosx train: {e}", file=sys.stderr)
         return _EXIT_CODES[type(e)]
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(
-            f"mosx train: {e}\nEvery checkpoint written in full is intact: free space, then rerun the "
-            "same command with --resume.",
-            file=sys.stderr,
-        )
-        return EXIT_DISK_FULL
+        advice = "Every checkpoint written in full is intact: free space, then rerun the same command with --resume."
+        return disk_full_exit("mosx train", e, advice)
     if result.flood_level is not None and cfg.um_estimate_only:
         print(f"{result.flood_level:.6f}")
     return 0
