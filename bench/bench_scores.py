@@ -255,3 +255,26 @@ def test_shaping_wrappers(benchmark, cache, fit_cache, grouped_head, spec, devic
         lambda: S.score_all({spec: s}, data, device=device)[spec], rounds=ROUNDS, warmup_rounds=WARMUP
     )
     assert out.shape == (N,) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------ multi-layer Mahalanobis
+@pytest.mark.parametrize("eps", [0.0, 0.001])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mahalanobis_layers_on_images(benchmark, eps, device):
+    """mahalanobis_layers reads images through the model, not a cache: the demo's CNN (plain-cnn-16,
+    stem + 4 stages, 32 x 32 inputs), 1,000 fit images of 10 classes, scoring 512 images (eps > 0: one
+    gradient per layer, as the reference). Quick mode: 200 fit images, 64 scored."""
+    from mosx.train.models import build_model
+
+    n_fit, n = (200, 64) if QUICK else (1000, 512)
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = build_model("plain-cnn-16", 10)[0].to(device).eval()
+    x = torch.rand(n_fit, 3, 32, 32, generator=gen).to(device)
+    y = torch.arange(n_fit, device=device) % 10
+    s = S.MahalanobisLayers(eps=eps).fit(inputs=x, labels=y, model=model, device=device)
+    s.fit_regression(model, x[:100], x[100:200].flip(-1) * 0.5, batch_size=64)
+    imgs = torch.rand(n, 3, 32, 32, generator=gen).to(device)
+    benchmark.group = f"mahalanobis_layers {n} images {device}"
+    out = benchmark.pedantic(lambda: s.score(inputs=imgs, model=model), rounds=ROUNDS, warmup_rounds=WARMUP)
+    assert out.shape == (n,) and torch.isfinite(out).all()
