@@ -254,3 +254,23 @@ def test_eval_on_a_full_disk_exits_5_with_a_message(tmp_path, small_disk, capsys
     assert _temporaries(disk) == []
     remount("16m")  # with room again the same command completes
     assert E.main(args) == 0
+
+
+def test_a_resumed_log_keeps_its_lines_even_if_killed_at_once(tmp_path):
+    """Found by the random-kill test: a resumed run truncated log.jsonl and wrote the kept lines
+    through a buffer, so a kill before its first logged step lost them. Now they are on disk when the
+    log opens; a torn last line (a kill mid-write, always past the checkpoint) is dropped."""
+    from types import SimpleNamespace
+
+    from mosx.train.log import TrainLog
+    from mosx.train.state import Progress
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 0.1, "images_per_s": 1.0}) for s in (4, 8, 12)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 16, "lo')  # torn at the end
+    cfg = SimpleNamespace(out=str(tmp_path), progress=False, steps=24)
+    run = SimpleNamespace(cfg=cfg, rt=SimpleNamespace(main=True, device=torch.device("cpu")))
+    log = TrainLog(run, Progress(start_step=8))
+    try:  # read from disk before anything else is written: as if this process were killed now
+        assert (tmp_path / "log.jsonl").read_text().splitlines() == lines[:2]
+    finally:
+        log.file.close()

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from .._io import atomic_write_text
 from .state import NonFiniteTraining, Progress, Run
 
 __all__ = ["AsyncLog", "TrainLog", "diverged_message"]
@@ -64,7 +65,7 @@ class TrainLog:
     """Where the logged losses go: progress.losses (every rank), log.jsonl and the bar (rank 0).
 
     A fresh run starts log.jsonl; a resumed one keeps the lines up to its checkpoint's step and drops
-    what the killed run logged after it."""
+    what the killed run logged after it (a torn last line included)."""
 
     def __init__(self, run: Run, progress: Progress):
         cfg, rt, start = run.cfg, run.rt, progress.start_step
@@ -73,12 +74,17 @@ class TrainLog:
         self.file = self.bar = None
         if rt.main:
             log_path = os.path.join(cfg.out, "log.jsonl")
-            kept = []
             if start > 0 and os.path.exists(log_path):
                 with open(log_path) as f:
-                    kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
-            self.file = open(log_path, "w")
-            self.file.writelines(kept)
+                    text = f.read()
+                # A run killed mid-line leaves a torn last line; it is past the checkpoint (the log is
+                # flushed before every checkpoint), so only whole lines are read.
+                whole = text[: text.rfind("\n") + 1]
+                kept = [ln + "\n" for ln in whole.splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+                # Rewritten atomically before anything is appended: a kill of this run at any moment
+                # keeps them (truncating, then writing them through a buffer, lost them).
+                atomic_write_text("".join(kept), log_path)
+            self.file = open(log_path, "a" if start > 0 else "w")
         if rt.main and cfg.progress and cfg.steps > start:
             from tqdm import tqdm
 
