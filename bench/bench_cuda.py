@@ -236,6 +236,8 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
         "bytes": bytes_moved(op, batch, groups, dt),
     }
     row["fused_ms"] = cuda_median_ms(fused)
+    # the kernel path of the op's forward (for ce_fwd_bwd, the forward's; the backward is chunked)
+    row["path"] = torch.ops.mosx._cuda_last_path()
     row["bandwidth"] = row["bytes"] / (row["fused_ms"] * 1e-3)
     row["fraction_of_copy"] = row["bandwidth"] / copy_bandwidth
     if memory_needed(op, batch, groups, dt, "reference") > free_memory():
@@ -327,14 +329,14 @@ def write_markdown(rows, config):
         "reference (or torch.compile of it) / time of the fused op; n/a = not run (memory or disabled).",
         "- each call is timed after an L2 flush; batch 1 and 256 measure latency, not bandwidth.",
         "",
-        "| op | layout | dtype | batch | fused (ms) | GB/s | fraction of copy | reference (ms) | "
+        "| op | layout | dtype | batch | path | fused (ms) | GB/s | fraction of copy | reference (ms) | "
         "vs reference | compiled ref (ms) | vs compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (OPS.index(r["op"]), r["layout"], r["dtype"], r["batch"])):
         f = r["fused_ms"]
         lines.append(
-            f"| {r['op']} | {r['layout']} | {r['dtype']} | {r['batch']} | {f:.4f} | "
+            f"| {r['op']} | {r['layout']} | {r['dtype']} | {r['batch']} | {r.get('path', '?')} | {f:.4f} | "
             f"{r['bandwidth'] / 1e9:.0f} | {r['fraction_of_copy']:.2f} | {ms(r.get('reference_ms'))} | "
             f"{ratio(r.get('reference_ms'), f)} | {ms(r.get('compiled_ms'))} | {ratio(r.get('compiled_ms'), f)} |"
         )

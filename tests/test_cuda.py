@@ -6,8 +6,8 @@ kernels (a silently CPU-only build must never pass this suite by skipping it).
 
 The generic op-vs-reference tests in test_ops.py also run on CUDA (parametrised device); these
 add the shapes the kernels are tuned for and the CUDA-specific properties. The CUDA kernels have
-two paths (register rows where they apply, and the chunked fallback); MOSX_CUDA_KERNELS=chunked
-forces the fallback, and test_chunked_kernels_pass_the_same_tests reruns this file on it (unless
+three paths (register rows and block rows where they apply, and the chunked fallback; check_path
+asserts which one a test reached); MOSX_CUDA_KERNELS=chunked forces the fallback, and test_chunked_kernels_pass_the_same_tests reruns this file on it (unless
 MOSX_CUDA_PATHS_SEPARATE=1 says the caller runs both paths itself, as tools/gpu_check.sh does).
 """
 
@@ -282,18 +282,19 @@ def test_bitwise_deterministic(gen):
 
 
 # ------------------------------------------------------------------------ robustness
-def test_bad_offsets_and_labels_never_fault():
+@pytest.mark.parametrize("L", [12, 3000], ids=["register", "block"])
+def test_bad_offsets_and_labels_never_fault(L):
     """Offsets values are not read on the host (that would need a sync): bad ones must give
     garbage, not an illegal memory access; bad labels give NaN instead of an error."""
-    x = torch.randn(4, 12, device="cuda")
+    x = torch.randn(4, L, device="cuda")
     for bad in ([0, 20, 12], [0, -5, 12], [0, 9, 3, 12], [5, 6, 7, 12], [0, 2, 4, 6, 8, 10, 12]):
-        off = torch.tensor(bad, device="cuda")
+        off = torch.tensor(bad, device="cuda") * (L // 12)  # the patterns, stretched to L
         ops.group_softmax_score(x, off)
         ops.group_softmax(x, off, True)
-        ops.group_predict(x, off, torch.zeros(12, dtype=torch.long, device="cuda"))
+        ops.group_predict(x, off, torch.zeros(L, dtype=torch.long, device="cuda"))
         t = torch.tensor([[0, 1, 2, 3]], device="cuda")
-        losses, lse = ops.group_cross_entropy(x, off, t, torch.arange(12, device="cuda"), -100)
-        ops.group_cross_entropy_backward(torch.ones_like(losses), x, off, t, torch.arange(12, device="cuda"), lse, -100)
+        losses, lse = ops.group_cross_entropy(x, off, t, torch.arange(L, device="cuda"), -100)
+        ops.group_cross_entropy_backward(torch.ones_like(losses), x, off, t, torch.arange(L, device="cuda"), lse, -100)
         torch.cuda.synchronize()
     # more groups than fit in shared memory: the host-side clamp of the offsets
     x = torch.randn(2, 5000, device="cuda")
@@ -490,6 +491,29 @@ def check_every_op(x, xc, g, dtype, gen, what=""):
     )
 
 
+def expected_path(L, K, dtype, shift=0, uniform=True):
+    """The kernel path plan_rows (csrc/cuda/launch.cuh) picks for a forward op on rows of L
+    logits in K groups (docs/semantics.md), assuming the block layout fits in shared memory."""
+    if CUDA_PATH == "chunked":
+        return "chunked"
+    if uniform and K <= 32:
+        tiers = (8, 32) if dtype == torch.float64 else (8, 32, 64)
+        per = -(-(L + shift) // 32)
+        for t in tiers:
+            if per <= t:
+                return f"register:{t}"
+    if L >= 1024 and K + 1 <= 2048:
+        return "block"
+    return "chunked"
+
+
+def check_path(want, what=""):
+    """The last forward op on the GPU ran on the path `want` (not checkable on the CPU)."""
+    if DEV == "cuda":
+        got = ops._cuda_last_path()
+        assert got == want, f"{what}: ran on {got}, the test meant {want}"
+
+
 def rehearsable(fn):
     """Marks a test whose code can be rehearsed on the CPU (MOSX_TEST_CUDA_DEVICE=cpu)."""
     fn._rehearsable = True
@@ -537,6 +561,61 @@ def test_tier_and_chunk_boundaries(width, shift, dtype, gen):
         g = Groups.from_sizes(sizes_for(L, k))
         x, xc = edge_logits(gen, 37, L, dtype, shift, stride)
         check_every_op(x, xc, g, dtype, gen, what=f"L={L} shift={shift} K={k}")
+        check_path(expected_path(L, k, dtype, shift), f"L={L} shift={shift} K={k}")
+
+
+# Block tier (csrc/cuda/block_rows.cuh): groups are cut into segments of 63 logits, reduced by one
+# thread each; a group of at most 8 segments (504 logits) is merged by one thread, a wider one by
+# a warp. Group widths (in logits) one below, at and one above those boundaries, groups of one
+# class, and layouts that reach the tier by width (> 2048 positions) or by group count (> 32).
+BLOCK_LAYOUTS = {
+    "segment_edges_wide_row": [n - 1 for n in (2, 62, 63, 64, 126, 127, 128, 503, 504, 505, 1000)],
+    "many_groups_short_row": [n - 1 for n in (2, 62, 63, 64, 3)] * 8,
+    "two_warp_merged_groups": [5000, 4400],
+    "most_groups_in_shared_memory": [1] * 2047,  # K + 1 = 2048 offsets: still the block tier
+}
+if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":
+    BLOCK_LAYOUTS = {k: BLOCK_LAYOUTS[k] for k in ("segment_edges_wide_row", "many_groups_short_row")}
+
+
+@rehearsable
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["shared_shift", "packed_odd_rows"])
+@pytest.mark.parametrize("name", list(BLOCK_LAYOUTS))
+def test_block_tier_segments_and_merges(name, packed, dtype, gen):
+    g = Groups.from_sizes(BLOCK_LAYOUTS[name])
+    L, K = g.num_logits, g.num_groups
+    for n, shift in ((1, 0), (37, 3)):
+        # packed rows of an odd width have a different alignment shift each (the row's own shift
+        # decides its staging); otherwise the rows share one
+        stride = L if packed else (L + shift + 7) // 8 * 8
+        x, xc = edge_logits(gen, n, L, dtype, shift, stride)
+        check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}")
+        uniform = n == 1 or stride * xc.element_size() % 16 == 0
+        assert expected_path(L, K, dtype, shift, uniform) in ("block", "chunked")  # the layouts
+        check_path(expected_path(L, K, dtype, shift, uniform), f"{name} n={n} shift={shift}")
+
+
+def test_block_tier_width_limit_and_group_limit(gen):
+    # Rows whose two staging buffers exceed the device's shared memory per block, and 2048 groups
+    # (2049 offsets), take the chunked kernels; just inside, the block tier.
+    if CUDA_PATH == "chunked":
+        pytest.skip("the default path's limits")
+    smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.empty(0, dtype=dtype).element_size()
+        for L, want in ((smem // (4 * es), "block"), (smem // es, "chunked")):
+            g = Groups.from_sizes([L // 2 - 1, L - L // 2 - 1])
+            td, tc = g.tensors(DEV), g.tensors("cpu")
+            x, xc = edge_logits(gen, 3, g.num_logits, dtype)
+            s, _, _ = ops.group_softmax_score(x, td["offsets"])
+            check_path(want, f"L={g.num_logits} {dtype}")
+            close(s, ops.group_softmax_score(xc, tc["offsets"])[0], ACC_TOL[dtype])
+    g = Groups.from_sizes([1] * 2048)
+    x, xc = edge_logits(gen, 5, g.num_logits, torch.float32)
+    s, mg, _ = ops.group_softmax_score(x, g.tensors(DEV)["offsets"])
+    check_path("chunked", "2048 groups")
+    close(s, ops.group_softmax_score(xc, g.tensors("cpu")["offsets"])[0], ACC_TOL[torch.float32])
 
 
 @rehearsable
@@ -582,6 +661,7 @@ def test_several_rows_per_warp(name, gen):
         rl, rlse = ops.group_cross_entropy(xc, tc["offsets"], cls, tc["class_logit"], -100)
         close(losses, rl, ACC_TOL[dtype] * 5)
         y = ops.group_softmax(x, td["offsets"], False)
+        check_path(expected_path(g.num_logits, g.num_groups, dtype), name)
         close(y[-3:], ops.group_softmax(xc[-3:], tc["offsets"], False), OUT_TOL[dtype])
         close(y[:3], ops.group_softmax(xc[:3], tc["offsets"], False), OUT_TOL[dtype])
 
@@ -667,16 +747,26 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
 @pytest.mark.parametrize("shift", SHIFTS)
 @pytest.mark.parametrize(
     "size,k",
-    [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3)],
-    ids=["fast_L1200", "fast_small_groups", "fast_L800", "lane_serial", "medium", "wide"],
+    [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3), (600, 5), (2, 2100)],
+    ids=[
+        "register_L1200",
+        "register_small_groups",
+        "register_L800",
+        "block_many_groups",
+        "block_medium",
+        "block_wide",
+        "block_warp_merged",
+        "chunked_2100_groups",
+    ],
 )
 def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
     # Bit-identical groups placed so that the fast reductions sum them in different orders: in
-    # different lanes of the register tiles, lane-serially or by the whole warp, inside one chunk
-    # or across a chunk boundary (1200 logits and more cross the 1024-element chunk). The canonical
-    # recheck must make them tie exactly, and the tie goes to the first group. The first three
-    # layouts take the register path (at most 32 groups, at most 2048 logits), the others the
-    # chunked one (as does everything under MOSX_CUDA_KERNELS=chunked).
+    # different lanes of the register tiles, in segments that start at other positions of the
+    # block tier (merged by a thread or, past 8 segments, by a warp), lane-serially or by the
+    # whole warp of the chunked kernels, inside one chunk or across a chunk boundary. The
+    # canonical recheck must make them tie exactly, and the tie goes to the first group. The ids
+    # name the path of the default kernels (check_path); MOSX_CUDA_KERNELS=chunked runs them all
+    # chunked.
     g = Groups.from_sizes([size - 1] * k)
     tc, td = g.tensors("cpu"), g.tensors(DEV)
     n = 24
@@ -693,6 +783,7 @@ def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
         rs, rmg, rml = ops.group_softmax_score(vals, tc["offsets"])
         close(s, rs, ACC_TOL[dtype])
         c, p, grp = ops.group_predict(x, td["offsets"], td["logit_class"])
+        check_path(expected_path(L, k, dtype, shift), f"size={size} k={k}")
         assert (grp == 0).all(), (dtype, grp)
         ref_cls, ref_prob, ref_group = reference.group_predict(vals.double(), g)
         assert torch.equal(c.cpu(), ref_cls) and (ref_group == 0).all()

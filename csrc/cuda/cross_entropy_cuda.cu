@@ -1,8 +1,9 @@
 // CUDA kernels of the group cross-entropy (class ids or per-group labels, ignore_index, mixup
 // with M = 2 target sets in one pass) and its backward. Semantics: see common.cuh; a loss is
 // (m - x_t) + log(s) from the group's own (m, s); the saved lse is m + log(s).
-// Paths: fast (register rows, fast_rows.cuh) for the forward; chunked (common.cuh) otherwise,
-// for the backward, and with MOSX_CUDA_KERNELS=chunked.
+// Paths: register rows (fast_rows.cuh) or block rows (block_rows.cuh) for the forward (plan_rows,
+// launch.cuh); chunked (common.cuh) otherwise, for the backward, and with
+// MOSX_CUDA_KERNELS=chunked.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -142,6 +143,28 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Block forward: thread g (of the block) writes group g's losses and lse.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    block_cross_entropy_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t rs,
+                               const int64_t* __restrict__ offsets, BlockLayout lay, CeTargets T,
+                               acc_type_t<scalar_t>* __restrict__ losses,
+                               acc_type_t<scalar_t>* __restrict__ lse_out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  BlockRows<scalar_t, false> br;
+  br.setup(smem, lay, offsets);
+  const int L = lay.L;
+  block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t*, int) {
+    if (threadIdx.x >= br.K) return;
+    int class_pos[2] = {0, 0};
+    for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, row, L);
+    for (int g = threadIdx.x; g < br.K; g += blockDim.x) {
+      if (br.off[g] >= br.off[g + 1]) continue;
+      ce_finish(x + row * rs, T, br.off, row, g, L, class_pos, br.stats(g), losses, lse_out);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -177,12 +200,13 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
   check_aligned(x, "logits", op);
   const CeTargets T = make_targets(t, cl, N, ignore_index);
   const int shift = uniform_shift(x);
-  const int per = fast_kernels_enabled() ? fast_tier(L, K, shift, x.element_size()) : 0;
+  const RowPlan plan = plan_rows(x, L, K, true, false);
+  note_path(plan);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_cross_entropy", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    if (per > 0) {
-      with_fast_tier(per, [&](auto tier) {
+    if (plan.path == Path::Register) {
+      with_fast_tier(plan.per, [&](auto tier) {
         constexpr int PER = decltype(tier)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
@@ -196,6 +220,12 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
                                                 lse.mutable_data_ptr<acc_t>());
         }
       });
+    } else if (plan.path == Path::Block) {
+      auto* k = &block_cross_entropy_kernel<scalar_t>;
+      const int blocks = block_grid(reinterpret_cast<const void*>(k), plan.block, N);
+      k<<<blocks, kBlockThreads, plan.block.bytes, stream>>>(
+          x.const_data_ptr<scalar_t>(), N, x.stride(0), offsets.const_data_ptr<int64_t>(),
+          plan.block, T, losses.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
     } else {
       const LaunchPlan p = plan_chunked(K, 1);
       auto* k = &cross_entropy_kernel<scalar_t>;

@@ -1,6 +1,7 @@
 // Host side shared by the CUDA op files: argument checks, the offsets the kernels read, the
 // launch geometry (one resident wave from the occupancy API, cached per kernel), and which
-// kernel path runs (MOSX_CUDA_KERNELS=chunked forces the chunked fallback, read once).
+// kernel path runs: the register tier, the block tier or the chunked fallback
+// (MOSX_CUDA_KERNELS=chunked forces the fallback, read once).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,20 +15,24 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
 
 #include "../checks.h"
 #include "../host_utils.h"
+#include "block_rows.cuh"
 #include "common.cuh"
+#include "fast_rows.cuh"
 
 namespace mosx {
 namespace cuda_detail {
 
-// Whether the register-row ("fast") kernels may run: false when the environment sets
-// MOSX_CUDA_KERNELS=chunked (read once per process). Both paths give the same results.
+// Whether the register-row and block-row ("fast") kernels may run: false when the environment
+// sets MOSX_CUDA_KERNELS=chunked (read once per process). Every path gives the same results.
 inline bool fast_kernels_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("MOSX_CUDA_KERNELS");
@@ -83,6 +88,29 @@ struct LaunchPlan {
   bool offs_in_smem;
 };
 
+// Per (kernel, device): allow `bytes` of dynamic shared memory (needed past 48 KiB); once each.
+inline void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = allowed[{kernel, dev}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  have = bytes;
+}
+
+// The most dynamic shared memory one block of the current device may use.
+inline size_t max_block_smem() {
+  int dev = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return static_cast<size_t>(bytes);
+}
+
 // Offsets as the kernels read them: contiguous; with more groups than fit in shared memory,
 // also clamped to [0, L] and made non-decreasing here (the kernels do it in shared memory).
 inline at::Tensor kernel_offsets(const at::Tensor& offsets, int64_t L) {
@@ -125,6 +153,59 @@ inline int uniform_shift(const at::Tensor& t) {
   const int64_t es = t.element_size();
   if (t.size(0) > 1 && (t.stride(0) * es) % 16 != 0) return -1;
   return static_cast<int>((reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) / es);
+}
+
+// Which kernels run for a forward op on rows of L logits in K groups:
+//  * register (fast_rows.cuh): every row shares one alignment shift (and, for the softmax, so
+//    does the output), at most kFastMaxGroups groups, L + shift within the widest tier;
+//  * block (block_rows.cuh): otherwise, for rows of at least kBlockMinLogits logits, K + 1 <=
+//    kOffsetsInSmem and the layout within the device's shared memory;
+//  * chunked (common.cuh): everything else, and every row with MOSX_CUDA_KERNELS=chunked.
+enum class Path { Register, Block, Chunked };
+
+struct RowPlan {
+  Path path = Path::Chunked;
+  int per = 0;        // register tier: values per lane
+  BlockLayout block;  // block tier: its shared-memory layout
+};
+
+constexpr int kBlockMinLogits = 1024;  // shorter rows waste most of a block's threads
+
+inline RowPlan plan_rows(const at::Tensor& x, int L, int K, bool register_ok, bool want_arg) {
+  RowPlan p;
+  if (!fast_kernels_enabled()) return p;
+  if (register_ok) {
+    p.per = fast_tier(L, K, uniform_shift(x), x.element_size());
+    if (p.per > 0) {
+      p.path = Path::Register;
+      return p;
+    }
+  }
+  if (L >= kBlockMinLogits && K + 1 <= kOffsetsInSmem) {
+    const int asize = x.scalar_type() == at::kDouble ? 8 : 4;
+    p.block = block_layout(K, L, static_cast<int>(x.element_size()), asize, want_arg);
+    if (p.block.bytes <= max_block_smem()) p.path = Path::Block;
+  }
+  return p;
+}
+
+// The path of the last forward launch on this thread ("register:<values per lane>", "block" or
+// "chunked"), so that a test can check that its shapes reach the path it means to test.
+inline std::string& last_path() {
+  static thread_local std::string p;
+  return p;
+}
+
+inline void note_path(const RowPlan& p) {
+  last_path() = p.path == Path::Register ? "register:" + std::to_string(p.per)
+                : p.path == Path::Block  ? std::string("block")
+                                         : std::string("chunked");
+}
+
+// Grid of a block-tier kernel: one block per row, at most one resident wave.
+inline int block_grid(const void* kernel, const BlockLayout& b, int64_t rows) {
+  allow_dynamic_smem(kernel, b.bytes);
+  return grid_for(kernel, kBlockThreads, b.bytes, rows, 1);
 }
 
 }  // namespace cuda_detail

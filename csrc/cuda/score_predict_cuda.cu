@@ -1,10 +1,12 @@
 // CUDA kernels of the MOS score (forward and backward) and the group prediction. Semantics: see
-// common.cuh (the same as csrc/cpu and mosx.reference). Two paths:
-//  * fast (fast_rows.cuh): rows held in registers, warp per row; rows up to 2048 logits with at
-//    most 32 groups and one alignment shift for every row;
+// common.cuh (the same as csrc/cpu and mosx.reference). Three paths (plan_rows, launch.cuh):
+//  * register (fast_rows.cuh): rows held in registers, warp per row; rows up to 2048 logits with
+//    at most 32 groups and one alignment shift for every row;
+//  * block (block_rows.cuh): block per row, the row copied to shared memory by cp.async, groups
+//    reduced segment by segment; wider rows and many groups;
 //  * chunked (common.cuh): any row, staged through shared memory in 4 KiB chunks, warp per row;
 //    the fallback, and the only path with MOSX_CUDA_KERNELS=chunked.
-// Both decide near-ties again from canonical per-group sums, so bit-identical groups tie exactly.
+// All decide near-ties again from canonical per-group sums, so bit-identical groups tie exactly.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -264,6 +266,78 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Block kernels (a row per block in shared memory). Warp 0 chooses the group, lane j looking at
+// groups j, j + 32, ...
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    block_score_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t rs,
+                       const int64_t* __restrict__ offsets, BlockLayout lay,
+                       acc_type_t<scalar_t>* __restrict__ score, int64_t* __restrict__ min_group,
+                       acc_type_t<scalar_t>* __restrict__ min_lse) {
+  using acc_t = acc_type_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  BlockRows<scalar_t, false> br;
+  br.setup(smem, lay, offsets);
+  const acc_t tol = near_tol<acc_t>(lay.L);
+  block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t* buf, int shift) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    Pick<false, acc_t> best;
+    best.init();
+    for (int g = lane; g < br.K; g += 32) {
+      const int lo = br.off[g], hi = br.off[g + 1];
+      if (lo >= hi) continue;
+      const Lse<acc_t> st = br.stats(g);
+      best.offer(lse_prob(static_cast<acc_t>(buf[shift + lo]), st), g, lse_finalize(st), 0);
+    }
+    best.warp_merge();
+    if (best.near_tie(tol)) best = canonical_score<scalar_t, acc_t>(x + row * rs, br.off, lane);
+    if (lane == 0) {
+      score[row] = -best.p;
+      min_group[row] = best.g == kNone ? 0 : best.g;
+      min_lse[row] = best.g == kNone ? acc_t(0) : best.aux;
+    }
+  });
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    block_predict_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t rs,
+                         const int64_t* __restrict__ offsets, BlockLayout lay,
+                         const int64_t* __restrict__ logit_class, int64_t* __restrict__ cls,
+                         acc_type_t<scalar_t>* __restrict__ prob, int64_t* __restrict__ group) {
+  using acc_t = acc_type_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  BlockRows<scalar_t, true> br;
+  br.setup(smem, lay, offsets);
+  const int L = lay.L;
+  const acc_t tol = near_tol<acc_t>(L);
+  block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t*, int) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    Pick<true, acc_t> best;
+    best.init();
+    for (int g = lane; g < br.K; g += 32) {
+      const int lo = br.off[g], hi = br.off[g + 1];
+      if (lo >= hi) continue;
+      const int ap = br.grp_ap[g];
+      const acc_t p = ap == kNone ? nan_of(acc_t(0)) : lse_prob(br.grp_av[g], br.stats(g));
+      best.offer(p, g, acc_t(0), p != p ? lo + 1 : ap);
+    }
+    best.warp_merge();
+    if (best.near_tie(tol)) best = canonical_predict<scalar_t, acc_t>(x + row * rs, br.off, lane);
+    if (lane == 0) {
+      int pos = best.g == kNone ? 1 : best.pos;
+      pos = pos < 0 ? 0 : (pos >= L ? L - 1 : pos);
+      cls[row] = logit_class[pos];
+      prob[row] = best.p;
+      group[row] = best.g == kNone ? 0 : best.g;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
@@ -281,12 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
   if (N == 0) return {score, min_group, min_lse};
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
-  const int per = fast_kernels_enabled() ? fast_tier(L, K, shift, x.element_size()) : 0;
+  const RowPlan plan = plan_rows(x, L, K, true, false);
+  note_path(plan);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax_score", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    if (per > 0) {
-      with_fast_tier(per, [&](auto tier) {
+    if (plan.path == Path::Register) {
+      with_fast_tier(plan.per, [&](auto tier) {
         constexpr int PER = decltype(tier)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
@@ -300,6 +375,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
               min_group.mutable_data_ptr<int64_t>(), min_lse.mutable_data_ptr<acc_t>());
         }
       });
+    } else if (plan.path == Path::Block) {
+      auto* k = &block_score_kernel<scalar_t>;
+      const int blocks = block_grid(reinterpret_cast<const void*>(k), plan.block, N);
+      k<<<blocks, kBlockThreads, plan.block.bytes, stream>>>(
+          x.const_data_ptr<scalar_t>(), N, x.stride(0), offsets.const_data_ptr<int64_t>(),
+          plan.block, score.mutable_data_ptr<acc_t>(), min_group.mutable_data_ptr<int64_t>(),
+          min_lse.mutable_data_ptr<acc_t>());
     } else {
       const LaunchPlan p = plan_chunked(K, 1);
       auto* k = &score_kernel<scalar_t>;
@@ -367,12 +449,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
   if (N == 0) return {cls, prob, group};
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
-  const int per = fast_kernels_enabled() ? fast_tier(L, K, shift, x.element_size()) : 0;
+  const RowPlan plan = plan_rows(x, L, K, true, true);
+  note_path(plan);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_predict", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    if (per > 0) {
-      with_fast_tier(per, [&](auto tier) {
+    if (plan.path == Path::Register) {
+      with_fast_tier(plan.per, [&](auto tier) {
         constexpr int PER = decltype(tier)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
@@ -387,6 +470,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
               group.mutable_data_ptr<int64_t>());
         }
       });
+    } else if (plan.path == Path::Block) {
+      auto* k = &block_predict_kernel<scalar_t>;
+      const int blocks = block_grid(reinterpret_cast<const void*>(k), plan.block, N);
+      k<<<blocks, kBlockThreads, plan.block.bytes, stream>>>(
+          x.const_data_ptr<scalar_t>(), N, x.stride(0), offsets.const_data_ptr<int64_t>(),
+          plan.block, lc.const_data_ptr<int64_t>(), cls.mutable_data_ptr<int64_t>(),
+          prob.mutable_data_ptr<acc_t>(), group.mutable_data_ptr<int64_t>());
     } else {
       const LaunchPlan p = plan_chunked(K, 1);
       auto* k = &predict_kernel<scalar_t>;
@@ -401,9 +491,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
   return {cls, prob, group};
 }
 
-// "fast" (register rows where they apply, chunked elsewhere) or "chunked" (forced by
+// "fast" (register or block rows where they apply, chunked elsewhere) or "chunked" (forced by
 // MOSX_CUDA_KERNELS=chunked); lets the tests check which path a process runs.
 std::string cuda_kernels() { return fast_kernels_enabled() ? "fast" : "chunked"; }
+
+// The path the last forward op of this thread ran on a CUDA tensor (see note_path).
+std::string cuda_last_path() { return last_path(); }
 
 }  // namespace
 }  // namespace cuda_detail
@@ -417,10 +510,14 @@ TORCH_LIBRARY_IMPL(mosx, CUDA, m) {
 TORCH_LIBRARY_FRAGMENT(mosx, m) {
   // Which CUDA kernel path this process runs: "fast" or "chunked" (MOSX_CUDA_KERNELS=chunked).
   m.def("_cuda_kernels() -> str");
+  // The path of this thread's last CUDA forward op: "register:<values per lane>", "block" or
+  // "chunked" (for tests and tools/gpu_check.sh).
+  m.def("_cuda_last_path() -> str");
 }
 
 TORCH_LIBRARY_IMPL(mosx, CompositeExplicitAutograd, m) {
   m.impl("_cuda_kernels", &cuda_detail::cuda_kernels);
+  m.impl("_cuda_last_path", &cuda_detail::cuda_last_path);
 }
 
 }  // namespace mosx

@@ -1,9 +1,10 @@
 // CUDA kernels of the group softmax / log-softmax and its backward. Semantics: see common.cuh;
 // every probability is exp(x - m) * (1 / s) and every log-probability (x - m) - log(s), from the
 // group's own (m, s) (as on the CPU), not from an lse rounded to the accumulation type.
-// Paths: fast (register rows, fast_rows.cuh) for the forward where the input and output rows
-// share one alignment shift; chunked (common.cuh) otherwise, for the backward, and with
-// MOSX_CUDA_KERNELS=chunked.
+// Paths (plan_rows, launch.cuh) for the forward: register rows (fast_rows.cuh) where the input
+// and output rows share one alignment shift, block rows (block_rows.cuh: the row rewritten in
+// shared memory, then 16-byte stores), chunked (common.cuh) otherwise; the backward and every
+// op with MOSX_CUDA_KERNELS=chunked run chunked.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -168,6 +169,35 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Block forward: each segment's thread rewrites its logits in the staged row, which is then
+// stored with 16-byte stores.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    block_softmax_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t rs,
+                         const int64_t* __restrict__ offsets, BlockLayout lay, bool log,
+                         scalar_t* __restrict__ y) {
+  using acc_t = acc_type_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  BlockRows<scalar_t, false> br;
+  br.setup(smem, lay, offsets);
+  const int L = lay.L;
+  block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t* buf, int shift) {
+    scalar_t* ys = buf + shift;
+    for (int j = threadIdx.x; j < br.segments; j += blockDim.x) {
+      int g, lo, hi;
+      br.segment(j, g, lo, hi);
+      const Lse<acc_t> st = br.stats(g);
+      const acc_t a = st.m, b = log ? log_of(st.s) : acc_t(1) / st.s;
+      for (int q = lo; q < hi; ++q) {
+        const acc_t d = static_cast<acc_t>(ys[q]) - a;
+        ys[q] = static_cast<scalar_t>(log ? d - b : exp_out(d) * b);
+      }
+    }
+    __syncthreads();
+    store_row(y + row * L, buf, shift, L);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -182,14 +212,13 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& off
   if (N == 0) return y;
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
-  const int per = fast_kernels_enabled() && uniform_shift(y) == shift
-                      ? fast_tier(L, K, shift, x.element_size())
-                      : 0;
+  const RowPlan plan = plan_rows(x, L, K, uniform_shift(y) == shift, false);
+  note_path(plan);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    if (per > 0) {
-      with_fast_tier(per, [&](auto tier) {
+    if (plan.path == Path::Register) {
+      with_fast_tier(plan.per, [&](auto tier) {
         constexpr int PER = decltype(tier)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
@@ -202,6 +231,12 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& off
                                                 y.mutable_data_ptr<scalar_t>());
         }
       });
+    } else if (plan.path == Path::Block) {
+      auto* k = &block_softmax_kernel<scalar_t>;
+      const int blocks = block_grid(reinterpret_cast<const void*>(k), plan.block, N);
+      k<<<blocks, kBlockThreads, plan.block.bytes, stream>>>(
+          x.const_data_ptr<scalar_t>(), N, x.stride(0), offsets.const_data_ptr<int64_t>(),
+          plan.block, log, y.mutable_data_ptr<scalar_t>());
     } else {
       at::Tensor scratch = at::empty({N, 2 * K}, x.options().dtype(acc_dtype(x)));
       const LaunchPlan p = plan_chunked(K, 1);
