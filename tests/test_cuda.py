@@ -393,12 +393,15 @@ def test_cupy_in_cupy_out_without_copies(gen):
 # compare the CPU kernels with themselves, which checks shapes, helpers and assertions, not CUDA.
 DEV = os.environ.get("MOSX_TEST_CUDA_DEVICE", "cuda")
 CUDA_PATH = "chunked" if os.environ.get("MOSX_CUDA_KERNELS") == "chunked" else "fast"
-# Row widths (L + alignment shift) at every tier boundary of the register path (256, 1024 and 2048
-# positions) and at the chunked path's 1024-element chunk (float32 / 16-bit; float64 chunks hold
-# 512), one below, at and one above.
-TIER_WIDTHS = sorted({w + d for w in (256, 512, 1024, 2048) for d in (-1, 0, 1)})
+# Row widths (L + alignment shift) at every tier boundary of the register path (64 and 128
+# positions: four and two rows per warp; 256, 1024 and 2048: a warp per row) and at the chunked
+# path's 1024-element chunk (float32 / 16-bit; float64 chunks hold 512), one below, at and one
+# above.
+TIER_WIDTHS = sorted({w + d for w in (64, 128, 256, 512, 1024, 2048) for d in (-1, 0, 1)})
 SHIFTS = [0, 1, 3]
 ROWS_PER_WARP_LAYOUTS = {
+    "L48_four_rows_per_warp": [11] * 4,
+    "L100_two_rows_per_warp": [9, 30, 1, 55],
     "L168": [20] * 8,
     "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES),
     "L1200": [99] * 12,
@@ -407,9 +410,9 @@ ROWS_PER_WARP_LAYOUTS = {
 # MOSX_TEST_SUBSET=sanitize: a smaller draw of the same tests that still runs every kernel and tier
 # (tools/gpu_check.sh runs compute-sanitizer over it).
 if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":
-    TIER_WIDTHS = [257, 1025, 2049]
+    TIER_WIDTHS = [65, 129, 257, 1025, 2049]
     SHIFTS = [1]
-    ROWS_PER_WARP_LAYOUTS = {k: ROWS_PER_WARP_LAYOUTS[k] for k in ("L168", "imagenet")}
+    ROWS_PER_WARP_LAYOUTS = {k: ROWS_PER_WARP_LAYOUTS[k] for k in ("L48_four_rows_per_warp", "L168", "imagenet")}
 
 
 def sizes_for(num_logits, k):
@@ -497,11 +500,9 @@ def expected_path(L, K, dtype, shift=0, uniform=True):
     if CUDA_PATH == "chunked":
         return "chunked"
     if uniform and K <= 32:
-        tiers = (8, 32) if dtype == torch.float64 else (8, 32, 64)
-        per = -(-(L + shift) // 32)
-        for t in tiers:
-            if per <= t:
-                return f"register:{t}"
+        for lanes, per in ((8, 8), (16, 8), (32, 8), (32, 32), (32, 64)):
+            if L + shift <= lanes * per and not (dtype == torch.float64 and per > 32):
+                return f"register:{lanes}x{per}"
     if L >= 1024 and K + 1 <= 2048:
         return "block"
     return "chunked"
@@ -640,9 +641,11 @@ def resident_warps():
 @pytest.mark.parametrize("name", list(ROWS_PER_WARP_LAYOUTS))
 def test_several_rows_per_warp(name, gen):
     # Three times as many rows as a full wave of warps can hold: every warp runs the grid-stride
-    # loop (and the register path's next-row prefetch) several times.
+    # loop (and the register path's next-row prefetch) several times; the short layouts put four
+    # or two rows in each warp, and the row count (not a multiple of 4) leaves a warp's last
+    # slots empty.
     g = Groups.from_sizes(ROWS_PER_WARP_LAYOUTS[name])
-    n = min(3 * resident_warps(), 30000)
+    n = min(3 * resident_warps(), 30000) * (4 if g.num_logits <= 128 else 1) + 3
     tc, td = g.tensors("cpu"), g.tensors(DEV)
     for dtype in (torch.float32, torch.bfloat16):
         xc = (torch.randn(n, g.num_logits, generator=gen) * 4).to(dtype)
@@ -747,8 +750,10 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
 @pytest.mark.parametrize("shift", SHIFTS)
 @pytest.mark.parametrize(
     "size,k",
-    [(100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3), (600, 5), (2, 2100)],
+    [(12, 4), (30, 4), (100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3), (600, 5), (2, 2100)],
     ids=[
+        "register_four_rows_per_warp",
+        "register_two_rows_per_warp",
         "register_L1200",
         "register_small_groups",
         "register_L800",
@@ -788,6 +793,32 @@ def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
         ref_cls, ref_prob, ref_group = reference.group_predict(vals.double(), g)
         assert torch.equal(c.cpu(), ref_cls) and (ref_group == 0).all()
         close(p.double(), ref_prob, ACC_TOL[dtype])
+
+
+@rehearsable
+@pytest.mark.parametrize("n", [1, 3, 6, 37])
+def test_short_rows_some_tied_share_a_warp(n, gen):
+    # Four rows per warp (48 logits): every other row holds four bit-identical groups (a near-tie,
+    # decided again by the whole warp for that row only), the rows between them random.
+    g = Groups.from_sizes([11] * 4)
+    tc, td = g.tensors("cpu"), g.tensors(DEV)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xc = (torch.randn(n, g.num_logits, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        xc[::2] = xc[::2, :12].repeat(1, 4)
+        x = xc.to(DEV)
+        s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+        check_path(expected_path(g.num_logits, 4, dtype), "L48")
+        assert (mg[::2] == 0).all(), mg
+        rs, rmg, rml = ops.group_softmax_score(xc, tc["offsets"])
+        close(s, rs, ACC_TOL[dtype])
+        close(ml, rml, ACC_TOL[dtype])
+        clear = clear_winner(per_group_others_prob(xc.double(), g), largest=False)
+        assert torch.equal(mg.cpu()[clear], rmg[clear])
+        c, p, grp = ops.group_predict(x, td["offsets"], td["logit_class"])
+        assert (grp[::2] == 0).all(), grp
+        rc, rp, rg = ops.group_predict(xc, tc["offsets"], tc["logit_class"])
+        close(p, rp, ACC_TOL[dtype])
+        assert torch.equal(c.cpu()[::2], rc[::2])
 
 
 @rehearsable

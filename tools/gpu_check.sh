@@ -189,7 +189,7 @@ if [ "$REHEARSE" = 1 ]; then
   say "bench: rehearsal: collection only, and a synthetic result line for the summary"
   timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only bench/bench_cuda.py >"$OUT/bench.log" 2>&1 \
     || say "bench: WARNING: collection failed (see bench.log)"
-  echo '{"op": "score", "layout": "imagenet_1008", "dtype": "float32", "batch": 65536, "num_logits": 1008, "bytes": 1, "path": "register:32", "fused_ms": 1.0, "bandwidth": 1.0, "fraction_of_copy": 0.0, "reference_ms": 2.0, "copy_bandwidth": 1.0, "rehearsal": true}' >>"$OUT/bench.jsonl"
+  echo '{"op": "score", "layout": "imagenet_1008", "dtype": "float32", "batch": 65536, "num_logits": 1008, "bytes": 1, "path": "register:32x32", "fused_ms": 1.0, "bandwidth": 1.0, "fraction_of_copy": 0.0, "reference_ms": 2.0, "copy_bandwidth": 1.0, "rehearsal": true}' >>"$OUT/bench.jsonl"
   echo '{"op": "score", "layout": "imagenet_1008", "dtype": "float32", "batch": 65536, "compiled_ms": 3.0, "rehearsal": true}' >>"$OUT/bench.jsonl"
 else
   say "bench: bench/bench_cuda.py (timeout ${BENCH_TIMEOUT}s)"
@@ -264,13 +264,13 @@ if rows:
     copy = next(iter(rows.values()))["copy_bandwidth"]
     print(f"bandwidth (copy bandwidth measured in the same run: {copy / 1e12:.3f} TB/s, read + write)"
           + ("  [REHEARSAL: synthetic numbers]" if rehearse else ""))
-    print(f"  {'op':11s} {'layout':14s} {'dtype':9s} {'batch':>8s} {'path':11s} {'fused ms':>9s} {'GB/s':>7s} {'of copy':>8s} {'vs ref':>7s} {'vs compiled':>11s}")
+    print(f"  {'op':11s} {'layout':14s} {'dtype':9s} {'batch':>8s} {'path':14s} {'fused ms':>9s} {'GB/s':>7s} {'of copy':>8s} {'vs ref':>7s} {'vs compiled':>11s}")
     def ratio(v, f):
         return "n/a" if v is None else f"{v / f:.2f}x"
     for key in sorted(rows):
         r = rows[key]
         f = r["fused_ms"]
-        print(f"  {key[0]:11s} {key[1]:14s} {key[2]:9s} {key[3]:>8d} {r.get('path', '?'):11s} {f:9.4f} {r['bandwidth'] / 1e9:7.0f} "
+        print(f"  {key[0]:11s} {key[1]:14s} {key[2]:9s} {key[3]:>8d} {r.get('path', '?'):14s} {f:9.4f} {r['bandwidth'] / 1e9:7.0f} "
               f"{r['fraction_of_copy']:8.2f} {ratio(r.get('reference_ms'), f):>7s} {ratio(compiled.get(key), f):>11s}")
 else:
     print("bandwidth: no benchmark result (see bench.log)")

@@ -87,18 +87,20 @@ __device__ __forceinline__ auto to_acc(scalar_t v) {
   return static_cast<acc_type_t<scalar_t>>(v);
 }
 
-template <typename T>
+// Reductions over aligned groups of W lanes (W = 32: the whole warp). Every lane of the warp
+// must call them (full-mask shuffles); xor offsets below W keep each group to itself.
+template <int W = 32, typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v = vmax(v, __shfl_xor_sync(kFull, v, d));
+  for (int d = W / 2; d > 0; d >>= 1) v = vmax(v, __shfl_xor_sync(kFull, v, d));
   return v;
 }
 
 // xor butterfly: every lane ends with identical bits (float addition is commutative).
-template <typename T>
+template <int W = 32, typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(kFull, v, d);
+  for (int d = W / 2; d > 0; d >>= 1) v += __shfl_xor_sync(kFull, v, d);
   return v;
 }
 
@@ -210,10 +212,10 @@ __device__ __forceinline__ void arg_update(acc_t v, int q, acc_t& av, int& ap) {
   }
 }
 
-template <typename acc_t>
+template <int W = 32, typename acc_t>
 __device__ __forceinline__ void warp_arg(acc_t& av, int& ap) {
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) {
+  for (int d = W / 2; d > 0; d >>= 1) {
     const acc_t ov = __shfl_xor_sync(kFull, av, d);
     const int op = __shfl_xor_sync(kFull, ap, d);
     arg_update(ov, op, av, ap);

@@ -116,29 +116,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Fast forward: per group (m, s) from the registers; lane 0 writes the group's losses and lse.
-template <typename scalar_t, int PER>
+template <typename scalar_t, int PER, int LANES>
 __global__ void __launch_bounds__(kThreads)
     fast_cross_entropy_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs,
                               int shift, const int64_t* __restrict__ offsets, int K, CeTargets T,
                               acc_type_t<scalar_t>* __restrict__ losses,
                               acc_type_t<scalar_t>* __restrict__ lse_out) {
   using acc_t = acc_type_t<scalar_t>;
-  using Row = FastRow<scalar_t, PER>;
+  using Row = FastRow<scalar_t, PER, LANES>;
   extern __shared__ int fast_offsets[];
-  const int lane = threadIdx.x % 32;
   const Offsets off = setup_offsets(offsets, K, L, fast_offsets);
-  fast_row_loop<scalar_t, PER>(x, N, L, rs, shift, lane, [&](int64_t row, const Row& fr) {
-    const scalar_t* xr = x + row * rs;
+  fast_row_loop<scalar_t, PER, LANES>(x, N, L, rs, shift, [&](const RowSlot& r, const Row& fr) {
+    const scalar_t* xr = x + r.row * rs;
     int class_pos[2] = {0, 0};
-    if (lane == 0)
-      for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, row, L);
+    if (r.leader())
+      for (int m = 0; m < T.M; ++m) class_pos[m] = ce_class_pos(T, m, r.row, L);
     for (int g = 0; g < K; ++g) {
       const int lo = off[g], hi = off[g + 1];
       if (lo >= hi) continue;
       acc_t x0, av;
       int ap;
-      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, lane, x0, av, ap);
-      if (lane == 0) ce_finish(xr, T, off, row, g, L, class_pos, st, losses, lse_out);
+      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, r.lane, x0, av, ap);
+      if (r.leader()) ce_finish(xr, T, off, r.row, g, L, class_pos, st, losses, lse_out);
     }
   });
 }
@@ -206,14 +205,15 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_cross_entropy", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (plan.path == Path::Register) {
-      with_fast_tier(plan.per, [&](auto tier) {
-        constexpr int PER = decltype(tier)::value;
+      with_fast_tier(plan.tier, [&](auto per, auto lanes) {
+        constexpr int PER = decltype(per)::value, LANES = decltype(lanes)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
         } else {
-          auto* k = &fast_cross_entropy_kernel<scalar_t, PER>;
+          auto* k = &fast_cross_entropy_kernel<scalar_t, PER, LANES>;
           const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
-          const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
+          const int blocks =
+              grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps * (32 / LANES));
           k<<<blocks, kThreads, smem, stream>>>(x.const_data_ptr<scalar_t>(), N, L, x.stride(0),
                                                 shift, offsets.const_data_ptr<int64_t>(), K, T,
                                                 losses.mutable_data_ptr<acc_t>(),

@@ -157,7 +157,8 @@ inline int uniform_shift(const at::Tensor& t) {
 
 // Which kernels run for a forward op on rows of L logits in K groups:
 //  * register (fast_rows.cuh): every row shares one alignment shift (and, for the softmax, so
-//    does the output), at most kFastMaxGroups groups, L + shift within the widest tier;
+//    does the output), at most kFastMaxGroups groups, L + shift within the widest tier (rows of
+//    at most 64 or 128 positions share a warp four or two to a warp);
 //  * block (block_rows.cuh): otherwise, for rows of at least kBlockMinLogits logits, K + 1 <=
 //    kOffsetsInSmem and the layout within the device's shared memory;
 //  * chunked (common.cuh): everything else, and every row with MOSX_CUDA_KERNELS=chunked.
@@ -165,7 +166,7 @@ enum class Path { Register, Block, Chunked };
 
 struct RowPlan {
   Path path = Path::Chunked;
-  int per = 0;        // register tier: values per lane
+  FastTier tier;      // register tier: lanes per row, values per lane
   BlockLayout block;  // block tier: its shared-memory layout
 };
 
@@ -175,8 +176,8 @@ inline RowPlan plan_rows(const at::Tensor& x, int L, int K, bool register_ok, bo
   RowPlan p;
   if (!fast_kernels_enabled()) return p;
   if (register_ok) {
-    p.per = fast_tier(L, K, uniform_shift(x), x.element_size());
-    if (p.per > 0) {
+    p.tier = fast_tier(L, K, uniform_shift(x), x.element_size());
+    if (p.tier.per > 0) {
       p.path = Path::Register;
       return p;
     }
@@ -189,7 +190,7 @@ inline RowPlan plan_rows(const at::Tensor& x, int L, int K, bool register_ok, bo
   return p;
 }
 
-// The path of the last forward launch on this thread ("register:<values per lane>", "block" or
+// The path of the last forward launch on this thread ("register:<lanes>x<values per lane>", "block" or
 // "chunked"), so that a test can check that its shapes reach the path it means to test.
 inline std::string& last_path() {
   static thread_local std::string p;
@@ -197,9 +198,10 @@ inline std::string& last_path() {
 }
 
 inline void note_path(const RowPlan& p) {
-  last_path() = p.path == Path::Register ? "register:" + std::to_string(p.per)
-                : p.path == Path::Block  ? std::string("block")
-                                         : std::string("chunked");
+  last_path() = p.path == Path::Register
+                    ? "register:" + std::to_string(p.tier.lanes) + "x" + std::to_string(p.tier.per)
+                : p.path == Path::Block ? std::string("block")
+                                        : std::string("chunked");
 }
 
 // Grid of a block-tier kernel: one block per row, at most one resident wave.

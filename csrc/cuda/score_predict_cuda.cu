@@ -1,7 +1,8 @@
 // CUDA kernels of the MOS score (forward and backward) and the group prediction. Semantics: see
 // common.cuh (the same as csrc/cpu and mosx.reference). Three paths (plan_rows, launch.cuh):
-//  * register (fast_rows.cuh): rows held in registers, warp per row; rows up to 2048 logits with
-//    at most 32 groups and one alignment shift for every row;
+//  * register (fast_rows.cuh): rows held in registers, a warp per row (two or four rows per warp
+//    for rows of at most 128 or 64 positions); rows up to 2048 logits with at most 32 groups and
+//    one alignment shift for every row;
 //  * block (block_rows.cuh): block per row, the row copied to shared memory by cp.async, groups
 //    reduced segment by segment; wider rows and many groups;
 //  * chunked (common.cuh): any row, staged through shared memory in 4 KiB chunks, warp per row;
@@ -198,19 +199,18 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Fast kernels (register rows).
 
-template <typename scalar_t, int PER>
+template <typename scalar_t, int PER, int LANES>
 __global__ void __launch_bounds__(kThreads)
     fast_score_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs, int shift,
                       const int64_t* __restrict__ offsets, int K,
                       acc_type_t<scalar_t>* __restrict__ score, int64_t* __restrict__ min_group,
                       acc_type_t<scalar_t>* __restrict__ min_lse) {
   using acc_t = acc_type_t<scalar_t>;
-  using Row = FastRow<scalar_t, PER>;
+  using Row = FastRow<scalar_t, PER, LANES>;
   extern __shared__ int fast_offsets[];
-  const int lane = threadIdx.x % 32;
   const Offsets off = setup_offsets(offsets, K, L, fast_offsets);
   const acc_t tol = near_tol<acc_t>(L);
-  fast_row_loop<scalar_t, PER>(x, N, L, rs, shift, lane, [&](int64_t row, const Row& fr) {
+  fast_row_loop<scalar_t, PER, LANES>(x, N, L, rs, shift, [&](const RowSlot& r, const Row& fr) {
     Pick<false, acc_t> best;
     best.init();
     for (int g = 0; g < K; ++g) {
@@ -218,31 +218,32 @@ __global__ void __launch_bounds__(kThreads)
       if (lo >= hi) continue;
       acc_t x0, av;
       int ap;
-      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, lane, x0, av, ap);
+      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, r.lane, x0, av, ap);
       best.offer(lse_prob(x0, st), g, lse_finalize(st), 0);
     }
-    if (best.near_tie(tol)) best = canonical_score<scalar_t, acc_t>(x + row * rs, off, lane);
-    if (lane == 0) {
-      score[row] = -best.p;
-      min_group[row] = best.g == kNone ? 0 : best.g;
-      min_lse[row] = best.g == kNone ? acc_t(0) : best.aux;
+    recheck_near_ties<LANES>(best, best.near_tie(tol), r, [&](int64_t row) {
+      return canonical_score<scalar_t, acc_t>(x + row * rs, off, r.warp_lane);
+    });
+    if (r.leader()) {
+      score[r.row] = -best.p;
+      min_group[r.row] = best.g == kNone ? 0 : best.g;
+      min_lse[r.row] = best.g == kNone ? acc_t(0) : best.aux;
     }
   });
 }
 
-template <typename scalar_t, int PER>
+template <typename scalar_t, int PER, int LANES>
 __global__ void __launch_bounds__(kThreads)
     fast_predict_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs, int shift,
                         const int64_t* __restrict__ offsets, int K,
                         const int64_t* __restrict__ logit_class, int64_t* __restrict__ cls,
                         acc_type_t<scalar_t>* __restrict__ prob, int64_t* __restrict__ group) {
   using acc_t = acc_type_t<scalar_t>;
-  using Row = FastRow<scalar_t, PER>;
+  using Row = FastRow<scalar_t, PER, LANES>;
   extern __shared__ int fast_offsets[];
-  const int lane = threadIdx.x % 32;
   const Offsets off = setup_offsets(offsets, K, L, fast_offsets);
   const acc_t tol = near_tol<acc_t>(L);
-  fast_row_loop<scalar_t, PER>(x, N, L, rs, shift, lane, [&](int64_t row, const Row& fr) {
+  fast_row_loop<scalar_t, PER, LANES>(x, N, L, rs, shift, [&](const RowSlot& r, const Row& fr) {
     Pick<true, acc_t> best;
     best.init();
     for (int g = 0; g < K; ++g) {
@@ -250,17 +251,19 @@ __global__ void __launch_bounds__(kThreads)
       if (lo >= hi) continue;
       acc_t x0, av;
       int ap;
-      const Lse<acc_t> st = fr.template group<true>(lo, hi, shift, lane, x0, av, ap);
+      const Lse<acc_t> st = fr.template group<true>(lo, hi, shift, r.lane, x0, av, ap);
       const acc_t p = ap == kNone ? nan_of(acc_t(0)) : lse_prob(av, st);
       best.offer(p, g, acc_t(0), p != p ? lo + 1 : ap);
     }
-    if (best.near_tie(tol)) best = canonical_predict<scalar_t, acc_t>(x + row * rs, off, lane);
-    if (lane == 0) {
+    recheck_near_ties<LANES>(best, best.near_tie(tol), r, [&](int64_t row) {
+      return canonical_predict<scalar_t, acc_t>(x + row * rs, off, r.warp_lane);
+    });
+    if (r.leader()) {
       int pos = best.g == kNone ? 1 : best.pos;
       pos = pos < 0 ? 0 : (pos >= L ? L - 1 : pos);
-      cls[row] = logit_class[pos];
-      prob[row] = best.p;
-      group[row] = best.g == kNone ? 0 : best.g;
+      cls[r.row] = logit_class[pos];
+      prob[r.row] = best.p;
+      group[r.row] = best.g == kNone ? 0 : best.g;
     }
   });
 }
@@ -361,14 +364,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax_score", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (plan.path == Path::Register) {
-      with_fast_tier(plan.per, [&](auto tier) {
-        constexpr int PER = decltype(tier)::value;
+      with_fast_tier(plan.tier, [&](auto per, auto lanes) {
+        constexpr int PER = decltype(per)::value, LANES = decltype(lanes)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
         } else {
-          auto* k = &fast_score_kernel<scalar_t, PER>;
+          auto* k = &fast_score_kernel<scalar_t, PER, LANES>;
           const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
-          const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
+          const int blocks =
+              grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps * (32 / LANES));
           k<<<blocks, kThreads, smem, stream>>>(
               x.const_data_ptr<scalar_t>(), N, L, x.stride(0), shift,
               offsets.const_data_ptr<int64_t>(), K, score.mutable_data_ptr<acc_t>(),
@@ -455,14 +459,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_predict", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (plan.path == Path::Register) {
-      with_fast_tier(plan.per, [&](auto tier) {
-        constexpr int PER = decltype(tier)::value;
+      with_fast_tier(plan.tier, [&](auto per, auto lanes) {
+        constexpr int PER = decltype(per)::value, LANES = decltype(lanes)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
         } else {
-          auto* k = &fast_predict_kernel<scalar_t, PER>;
+          auto* k = &fast_predict_kernel<scalar_t, PER, LANES>;
           const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
-          const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
+          const int blocks =
+              grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps * (32 / LANES));
           k<<<blocks, kThreads, smem, stream>>>(
               x.const_data_ptr<scalar_t>(), N, L, x.stride(0), shift,
               offsets.const_data_ptr<int64_t>(), K, lc.const_data_ptr<int64_t>(),

@@ -142,30 +142,29 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Fast forward: the row stays in registers from the load to the store.
 
-template <typename scalar_t, int PER>
+template <typename scalar_t, int PER, int LANES>
 __global__ void __launch_bounds__(kThreads)
     fast_softmax_kernel(const scalar_t* __restrict__ x, int64_t N, int L, int64_t rs, int shift,
                         const int64_t* __restrict__ offsets, int K, bool log,
                         scalar_t* __restrict__ y) {
   using acc_t = acc_type_t<scalar_t>;
-  using Row = FastRow<scalar_t, PER>;
+  using Row = FastRow<scalar_t, PER, LANES>;
   extern __shared__ int fast_offsets[];
-  const int lane = threadIdx.x % 32;
   const Offsets off = setup_offsets(offsets, K, L, fast_offsets);
-  fast_row_loop<scalar_t, PER>(x, N, L, rs, shift, lane, [&](int64_t row, Row& fr) {
+  fast_row_loop<scalar_t, PER, LANES>(x, N, L, rs, shift, [&](const RowSlot& r, Row& fr) {
     for (int g = 0; g < K; ++g) {
       const int lo = off[g], hi = off[g + 1];
       if (lo >= hi) continue;
       acc_t x0, av;
       int ap;
-      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, lane, x0, av, ap);
+      const Lse<acc_t> st = fr.template group<false>(lo, hi, shift, r.lane, x0, av, ap);
       const acc_t a = st.m, b = log ? log_of(st.s) : acc_t(1) / st.s;
-      Row::for_range(lo, hi, shift, lane, [&](int i, int j, int) {
+      Row::for_range(lo, hi, shift, r.lane, [&](int i, int j, int) {
         const acc_t d = fr.v[i][j] - a;
         fr.v[i][j] = log ? d - b : exp_out(d) * b;
       });
     }
-    fr.store(y + row * L, shift, L, lane);
+    if (r.active) fr.store(y + r.row * L, shift, L, r.lane);
   });
 }
 
@@ -218,14 +217,15 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& off
   MOSX_DISPATCH_FLOATS(x.scalar_type(), "mosx.group_softmax", [&] {
     using acc_t = acc_type_t<scalar_t>;
     if (plan.path == Path::Register) {
-      with_fast_tier(plan.per, [&](auto tier) {
-        constexpr int PER = decltype(tier)::value;
+      with_fast_tier(plan.tier, [&](auto per, auto lanes) {
+        constexpr int PER = decltype(per)::value, LANES = decltype(lanes)::value;
         if constexpr (sizeof(scalar_t) == 8 && PER > 32) {
           TORCH_CHECK(false, op, ": internal error: no float64 fast tier ", PER);
         } else {
-          auto* k = &fast_softmax_kernel<scalar_t, PER>;
+          auto* k = &fast_softmax_kernel<scalar_t, PER, LANES>;
           const size_t smem = static_cast<size_t>(K + 1) * sizeof(int);
-          const int blocks = grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps);
+          const int blocks =
+              grid_for(reinterpret_cast<const void*>(k), kThreads, smem, N, kWarps * (32 / LANES));
           k<<<blocks, kThreads, smem, stream>>>(x.const_data_ptr<scalar_t>(), N, L, x.stride(0),
                                                 shift, offsets.const_data_ptr<int64_t>(), K, log,
                                                 y.mutable_data_ptr<scalar_t>());
