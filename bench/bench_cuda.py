@@ -236,7 +236,7 @@ def test_cuda_op(benchmark, copy_bandwidth, op, batch, dtype, layout):
         "bytes": bytes_moved(op, batch, groups, dt),
     }
     row["fused_ms"] = cuda_median_ms(fused)
-    # the kernel path of the op's forward (for ce_fwd_bwd, the forward's; the backward is chunked)
+    # the kernel path of the op (for ce_fwd_bwd, the backward's: it runs last)
     row["path"] = torch.ops.mosx._cuda_last_path()
     row["bandwidth"] = row["bytes"] / (row["fused_ms"] * 1e-3)
     row["fraction_of_copy"] = row["bandwidth"] / copy_bandwidth

@@ -401,7 +401,7 @@ TIER_WIDTHS = sorted({w + d for w in (64, 128, 256, 512, 1024, 2048) for d in (-
 SHIFTS = [0, 1, 3]
 ROWS_PER_WARP_LAYOUTS = {
     "L48_four_rows_per_warp": [11] * 4,
-    "L100_two_rows_per_warp": [9, 30, 1, 55],
+    "L100_two_rows_per_warp": [9, 30, 1, 56],
     "L168": [20] * 8,
     "imagenet": list(mosx.IMAGENET_TAXONOMY_SIZES),
     "L1200": [99] * 12,
@@ -446,13 +446,19 @@ def edge_copy(t, shift):
     return out
 
 
-def check_every_op(x, xc, g, dtype, gen, what=""):
-    """Every op on x (DEV) against the CPU kernels on xc (the same values)."""
+def check_every_op(x, xc, g, dtype, gen, what="", shift=None):
+    """Every op on x (DEV) against the CPU kernels on xc (the same values). With `shift` (the
+    alignment shift of x's first row), also the kernel path of the score forward and of the
+    cross-entropy backward (whose output, a new tensor, has shift 0)."""
     tc, td = g.tensors("cpu"), g.tensors(DEV)
     n, L = xc.shape
     acc_tol, out_tol = ACC_TOL[dtype], OUT_TOL[dtype]
     x64 = xc.double()
     s, mg, ml = ops.group_softmax_score(x, td["offsets"])
+    es = xc.element_size()
+    uniform = n <= 1 or x.stride(0) * es % 16 == 0
+    if shift is not None:
+        check_path(expected_path(L, g.num_groups, dtype, shift, uniform), f"{what} forward")
     rs, rmg, rml = ops.group_softmax_score(xc, tc["offsets"])
     close(s, rs, acc_tol, msg=lambda m: f"{what} score: {m}")
     clear = clear_winner(per_group_others_prob(x64, g), largest=False)
@@ -485,10 +491,14 @@ def check_every_op(x, xc, g, dtype, gen, what=""):
     close(losses, rl, acc_tol * 5, msg=lambda m: f"{what} cross-entropy: {m}")
     close(lse, rlse, acc_tol * 5)
     gl = torch.rand(2, n, g.num_groups, generator=gen, dtype=torch.float64).to(rl.dtype)
+    gx = ops.group_cross_entropy_backward(
+        gl.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], rlse.to(DEV), -100
+    )
+    if shift is not None:
+        same = uniform and shift == 0 and (n <= 1 or L * es % 16 == 0)  # gx rows share x's shift
+        check_path(expected_path(L, g.num_groups, dtype, shift, same), f"{what} cross-entropy backward")
     close(
-        ops.group_cross_entropy_backward(
-            gl.to(DEV), x, td["offsets"], cls.to(DEV), td["class_logit"], rlse.to(DEV), -100
-        ),
+        gx,
         ops.group_cross_entropy_backward(gl, xc, tc["offsets"], cls, tc["class_logit"], rlse, -100),
         out_tol,
     )
@@ -509,7 +519,8 @@ def expected_path(L, K, dtype, shift=0, uniform=True):
 
 
 def check_path(want, what=""):
-    """The last forward op on the GPU ran on the path `want` (not checkable on the CPU)."""
+    """The last tiered op on the GPU (a forward, or the cross-entropy backward) ran on the path
+    `want` (not checkable on the CPU)."""
     if DEV == "cuda":
         got = ops._cuda_last_path()
         assert got == want, f"{what}: ran on {got}, the test meant {want}"
@@ -561,8 +572,7 @@ def test_tier_and_chunk_boundaries(width, shift, dtype, gen):
     for k in (2, 8):
         g = Groups.from_sizes(sizes_for(L, k))
         x, xc = edge_logits(gen, 37, L, dtype, shift, stride)
-        check_every_op(x, xc, g, dtype, gen, what=f"L={L} shift={shift} K={k}")
-        check_path(expected_path(L, k, dtype, shift), f"L={L} shift={shift} K={k}")
+        check_every_op(x, xc, g, dtype, gen, what=f"L={L} shift={shift} K={k}", shift=shift)
 
 
 # Block tier (csrc/cuda/block_rows.cuh): groups are cut into segments of 63 logits, reduced by one
@@ -591,10 +601,9 @@ def test_block_tier_segments_and_merges(name, packed, dtype, gen):
         # decides its staging); otherwise the rows share one
         stride = L if packed else (L + shift + 7) // 8 * 8
         x, xc = edge_logits(gen, n, L, dtype, shift, stride)
-        check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}")
         uniform = n == 1 or stride * xc.element_size() % 16 == 0
         assert expected_path(L, K, dtype, shift, uniform) in ("block", "chunked")  # the layouts
-        check_path(expected_path(L, K, dtype, shift, uniform), f"{name} n={n} shift={shift}")
+        check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}", shift=shift)
 
 
 def test_block_tier_width_limit_and_group_limit(gen):
@@ -628,7 +637,7 @@ def test_packed_rows_with_varying_shifts_and_exact_allocation(shift, gen):
         g = Groups.from_sizes(sizes)
         for dtype in (torch.float32, torch.bfloat16):
             x, xc = edge_logits(gen, 19, g.num_logits, dtype, shift)
-            check_every_op(x, xc, g, dtype, gen, what=f"sizes={sizes[:3]} shift={shift}")
+            check_every_op(x, xc, g, dtype, gen, what=f"sizes={sizes[:3]} shift={shift}", shift=shift)
 
 
 def resident_warps():
@@ -664,7 +673,8 @@ def test_several_rows_per_warp(name, gen):
         rl, rlse = ops.group_cross_entropy(xc, tc["offsets"], cls, tc["class_logit"], -100)
         close(losses, rl, ACC_TOL[dtype] * 5)
         y = ops.group_softmax(x, td["offsets"], False)
-        check_path(expected_path(g.num_logits, g.num_groups, dtype), name)
+        uniform = g.num_logits * xc.element_size() % 16 == 0  # packed rows share a shift
+        check_path(expected_path(g.num_logits, g.num_groups, dtype, 0, uniform), name)
         close(y[-3:], ops.group_softmax(xc[-3:], tc["offsets"], False), OUT_TOL[dtype])
         close(y[:3], ops.group_softmax(xc[:3], tc["offsets"], False), OUT_TOL[dtype])
 

@@ -268,8 +268,9 @@ struct BlockRows {
 // The grid-stride loop of a block-tier kernel: body(row, buf, shift) for every row of this block,
 // where buf is the staged row's buffer and shift the row's alignment shift (position q is at
 // buf[q + shift]), with the block's next row in flight. body runs in every thread after
-// reduce(); it may __syncthreads, and may rewrite the row in buf.
-template <typename scalar_t, bool want_arg, class Body>
+// reduce() (skipped with reduce = false: a backward that has its statistics saved); it may
+// __syncthreads, and may rewrite the row in buf.
+template <bool reduce = true, typename scalar_t, bool want_arg, class Body>
 __device__ __forceinline__ void block_row_loop(BlockRows<scalar_t, want_arg>& br,
                                                const scalar_t* __restrict__ x, int64_t N,
                                                int64_t rs, Body&& body) {
@@ -286,7 +287,7 @@ __device__ __forceinline__ void block_row_loop(BlockRows<scalar_t, want_arg>& br
     __syncthreads();
     scalar_t* buf = br.rows + cur * br.row_elems;
     const int shift = row_shift(x + row * rs);
-    br.reduce(buf + shift);
+    if (reduce) br.reduce(buf + shift);
     body(row, buf, shift);
     __syncthreads();  // every reader of buf and of the statistics is done
     cur ^= 1;

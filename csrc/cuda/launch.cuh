@@ -155,9 +155,10 @@ inline int uniform_shift(const at::Tensor& t) {
   return static_cast<int>((reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) / es);
 }
 
-// Which kernels run for a forward op on rows of L logits in K groups:
-//  * register (fast_rows.cuh): every row shares one alignment shift (and, for the softmax, so
-//    does the output), at most kFastMaxGroups groups, L + shift within the widest tier (rows of
+// Which kernels run for a forward op (or the cross-entropy backward) on rows of L logits in K
+// groups:
+//  * register (fast_rows.cuh): every row shares one alignment shift (and, for the ops that write
+//    rows, so does the output: register_ok), at most kFastMaxGroups groups, L + shift within the widest tier (rows of
 //    at most 64 or 128 positions share a warp four or two to a warp);
 //  * block (block_rows.cuh): otherwise, for rows of at least kBlockMinLogits logits, K + 1 <=
 //    kOffsetsInSmem and the layout within the device's shared memory;
@@ -190,7 +191,7 @@ inline RowPlan plan_rows(const at::Tensor& x, int L, int K, bool register_ok, bo
   return p;
 }
 
-// The path of the last forward launch on this thread ("register:<lanes>x<values per lane>", "block" or
+// The path of the last tiered launch on this thread (forwards, cross-entropy backward) ("register:<lanes>x<values per lane>", "block" or
 // "chunked"), so that a test can check that its shapes reach the path it means to test.
 inline std::string& last_path() {
   static thread_local std::string p;

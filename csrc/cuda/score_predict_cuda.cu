@@ -500,7 +500,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
 // MOSX_CUDA_KERNELS=chunked); lets the tests check which path a process runs.
 std::string cuda_kernels() { return fast_kernels_enabled() ? "fast" : "chunked"; }
 
-// The path the last forward op of this thread ran on a CUDA tensor (see note_path).
+// The path the last tiered op (a forward or the cross-entropy backward) of this thread ran on a
+// CUDA tensor (see note_path).
 std::string cuda_last_path() { return last_path(); }
 
 }  // namespace
