@@ -293,8 +293,9 @@ def test_bad_offsets_and_labels_never_fault(L):
         ops.group_softmax(x, off, True)
         ops.group_predict(x, off, torch.zeros(L, dtype=torch.long, device="cuda"))
         t = torch.tensor([[0, 1, 2, 3]], device="cuda")
-        losses, lse = ops.group_cross_entropy(x, off, t, torch.arange(L, device="cuda"), -100)
-        ops.group_cross_entropy_backward(torch.ones_like(losses), x, off, t, torch.arange(L, device="cuda"), lse, -100)
+        class_logit = torch.arange(L - (len(bad) - 1), device="cuda")  # one per class: L - K
+        losses, lse = ops.group_cross_entropy(x, off, t, class_logit, -100)
+        ops.group_cross_entropy_backward(torch.ones_like(losses), x, off, t, class_logit, lse, -100)
         torch.cuda.synchronize()
     # more groups than fit in shared memory: the host-side clamp of the offsets
     x = torch.randn(2, 5000, device="cuda")
@@ -631,7 +632,8 @@ def test_block_tier_width_limit_and_group_limit(gen):
 @rehearsable
 @pytest.mark.parametrize("shift", [0, 1])
 def test_packed_rows_with_varying_shifts_and_exact_allocation(shift, gen):
-    # Packed rows of an odd width: every row has another alignment shift (the chunked path),
+    # Packed rows of an odd width: every row has another alignment shift (the block path for the
+    # 1201-logit row, the chunked path for the shorter ones),
     # in an allocation of exactly n * L (+ shift) elements.
     for sizes in (list(mosx.IMAGENET_TAXONOMY_SIZES)[:-1], [6, 1, 2], [1200]):
         g = Groups.from_sizes(sizes)
@@ -861,6 +863,53 @@ def test_nan_and_inf_prediction_follow_the_reference():
         assert torch.equal(p.cpu().isnan(), ref_prob.isnan())
         s, mg, _ = ops.group_softmax_score(xd, td["offsets"])
         assert torch.equal(s.cpu().isnan(), ref_score.isnan())
+
+
+@rehearsable
+def test_nan_and_inf_in_later_segments_on_the_block_tier():
+    # Rows of 2203 logits (the block tier): a NaN, +inf or -inf run placed in the first, a middle
+    # or the last 63-logit segment of a group merged by one thread (201 logits) or by a warp
+    # (1701 logits), a segment of only -inf beside finite ones, a group of only -inf.
+    g = Groups.from_sizes([200, 1700, 300])
+    (a0, b0), (a1, b1), (a2, b2) = g.slices.tolist()
+    L = g.num_logits
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for pos in (a0, a0 + 1, a0 + 130, b0 - 1, a1, a1 + 63, a1 + 900, b1 - 1, b2 - 1):
+        for v in (float("nan"), float("inf")):
+            r = torch.randn(L, generator=gen)
+            r[pos] = v
+            rows.append(r)
+    r = torch.randn(L, generator=gen)
+    r[a1 + 63 : a1 + 126] = float("-inf")  # one whole segment of the wide group
+    rows.append(r)
+    r = torch.randn(L, generator=gen)
+    r[a0:b0] = float("-inf")  # a whole group
+    rows.append(r)
+    r = torch.randn(L, generator=gen)
+    r[a2 + 5], r[a1 + 700] = float("nan"), float("inf")  # two NaN groups: the first wins
+    rows.append(r)
+    x = torch.stack(rows)
+    td, tc = g.tensors(DEV), g.tensors("cpu")
+    ref_cls, ref_prob, ref_group = reference.group_predict(x.double(), g)
+    ref_score = reference.group_softmax_score(x.double(), g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype).to(DEV)
+        c, p, grp = ops.group_predict(xd, td["offsets"], td["logit_class"])
+        check_path(expected_path(L, 3, dtype), "nan rows")
+        assert torch.equal(c.cpu(), ref_cls), (dtype, c.cpu(), ref_cls)
+        assert torch.equal(grp.cpu(), ref_group), (dtype, grp.cpu(), ref_group)
+        assert torch.equal(p.cpu().isnan(), ref_prob.isnan())
+        s, mg, ml = ops.group_softmax_score(xd, td["offsets"])
+        assert torch.equal(s.cpu().isnan(), ref_score.isnan())
+        rs, rmg, _ = ops.group_softmax_score(x.to(dtype), tc["offsets"])
+        close(s, rs, ACC_TOL[dtype])
+        assert torch.equal(mg.cpu(), rmg)
+        close(
+            ops.group_softmax(xd, td["offsets"], False),
+            ops.group_softmax(x.to(dtype), tc["offsets"], False),
+            OUT_TOL[dtype],
+        )
 
 
 @rehearsable

@@ -4,7 +4,8 @@
 //
 //  * The whole row is copied into shared memory with cp.async (16-byte copies that bypass the
 //    registers, every one of them in flight at once), double-buffered: the block's next row is
-//    in flight while this one reduces.
+//    in flight while this one reduces. The two partial vectors at a row's edges are loaded into
+//    registers and written to shared memory after this row's work, so they never stall it.
 //  * The groups are cut into segments of at most kSegment logits (a table built once per block:
 //    the offsets are the same for every row). Phase 1: one thread per segment computes its
 //    (max, sum) serially. Phase 2: a group's segments are merged in segment order, by one thread
@@ -104,24 +105,51 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
-// Copy row xr (L logits) into buf so that position q lands at buf[q + shift], shift = the row's
-// elements past a 16-byte boundary: the vectors wholly inside the row by cp.async, the few at its
-// two edges element by element (plain shared stores, visible after the next __syncthreads).
+// The edge vectors of a staged row (its first and last 16-byte slots, when they hold fewer than V
+// of its logits) that this thread loaded into registers: they are written to shared memory only
+// after the current row's work, so that waiting for them never stalls the block.
 template <typename scalar_t>
-__device__ __forceinline__ void stage_row(scalar_t* buf, const scalar_t* __restrict__ xr, int L) {
+struct RowEdges {
+  static constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
+  scalar_t first[V], last[V];
+  int first_vec = -1, last_vec = -1;
+
+  __device__ __forceinline__ void store(scalar_t* buf) const {
+    if (first_vec >= 0) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) buf[first_vec * V + j] = first[j];
+    }
+    if (last_vec >= 0) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) buf[last_vec * V + j] = last[j];
+    }
+  }
+};
+
+// Copy row xr (L logits) into buf so that position q lands at buf[q + shift], shift = the row's
+// elements past a 16-byte boundary: the vectors wholly inside the row by cp.async, the (at most
+// two) at its edges into `edges` (zeros outside the row), for edges.store(buf) later.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_row(scalar_t* buf, const scalar_t* __restrict__ xr, int L,
+                                          RowEdges<scalar_t>& edges) {
   constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
   const int shift = row_shift(xr);
   const int nvec = (L + shift + V - 1) / V;
+  edges.first_vec = edges.last_vec = -1;
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int q = v * V - shift;
     if (q >= 0 && q + V <= L) {
       copy16_async(buf + v * V, xr + q);
-    } else {
+    } else if (v == 0) {  // constant indices: the values stay in registers
+      edges.first_vec = v;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const int qq = q + j;
-        if (qq >= 0 && qq < L) buf[v * V + j] = xr[qq];
-      }
+      for (int j = 0; j < V; ++j)
+        edges.first[j] = (q + j >= 0 && q + j < L) ? xr[q + j] : scalar_t(0);
+    } else {
+      edges.last_vec = v;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        edges.last[j] = (q + j >= 0 && q + j < L) ? xr[q + j] : scalar_t(0);
     }
   }
 }
@@ -276,12 +304,17 @@ __device__ __forceinline__ void block_row_loop(BlockRows<scalar_t, want_arg>& br
                                                int64_t rs, Body&& body) {
   int64_t row = blockIdx.x;
   int cur = 0;
-  if (row < N) stage_row(br.rows, x + row * rs, br.L);
+  RowEdges<scalar_t> edges;
+  if (row < N) {
+    stage_row(br.rows, x + row * rs, br.L, edges);
+    edges.store(br.rows);
+  }
   copy_async_commit();
   for (; row < N; row += gridDim.x) {
     const int64_t next = row + gridDim.x;
+    scalar_t* other = br.rows + (cur ^ 1) * br.row_elems;
     // The other buffer's last readers finished before the previous iteration's last barrier.
-    if (next < N) stage_row(br.rows + (cur ^ 1) * br.row_elems, x + next * rs, br.L);
+    if (next < N) stage_row(other, x + next * rs, br.L, edges);
     copy_async_commit();
     copy_async_wait<1>();  // this row's copies have landed (the next row's may be in flight)
     __syncthreads();
@@ -289,7 +322,8 @@ __device__ __forceinline__ void block_row_loop(BlockRows<scalar_t, want_arg>& br
     const int shift = row_shift(x + row * rs);
     if (reduce) br.reduce(buf + shift);
     body(row, buf, shift);
-    __syncthreads();  // every reader of buf and of the statistics is done
+    if (next < N) edges.store(other);  // the next row's edges (visible after the barrier)
+    __syncthreads();                   // every reader of buf and of the statistics is done
     cur ^= 1;
   }
   copy_async_wait<0>();
