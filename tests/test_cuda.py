@@ -505,16 +505,25 @@ def check_every_op(x, xc, g, dtype, gen, what="", shift=None):
     )
 
 
-def expected_path(L, K, dtype, shift=0, uniform=True):
+def block_fits(L, K, dtype, want_arg=False):
+    """Whether the block tier's shared-memory layout for this row fits in one block of the GPU
+    (assumed on the CPU rehearsal, where no path is checked)."""
+    if DEV != "cuda":
+        return True
+    need = ops._cuda_block_smem_bytes(K, L, dtype, want_arg)
+    return need <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+
+
+def expected_path(L, K, dtype, shift=0, uniform=True, want_arg=False):
     """The kernel path plan_rows (csrc/cuda/launch.cuh) picks for a forward op on rows of L
-    logits in K groups (docs/semantics.md), assuming the block layout fits in shared memory."""
+    logits in K groups (docs/semantics.md); want_arg: the prediction (its block layout is larger)."""
     if CUDA_PATH == "chunked":
         return "chunked"
     if uniform and K <= 32:
         for lanes, per in ((8, 8), (16, 8), (32, 8), (32, 32), (32, 64)):
             if L + shift <= lanes * per and not (dtype == torch.float64 and per > 32):
                 return f"register:{lanes}x{per}"
-    if L >= 1024 and K + 1 <= 2048:
+    if L >= 1024 and K + 1 <= 2048 and block_fits(L, K, dtype, want_arg):
         return "block"
     return "chunked"
 
@@ -585,9 +594,19 @@ BLOCK_LAYOUTS = {
     "many_groups_short_row": [n - 1 for n in (2, 62, 63, 64, 3)] * 8,
     "two_warp_merged_groups": [5000, 4400],
     "most_groups_in_shared_memory": [1] * 2047,  # K + 1 = 2048 offsets: still the block tier
+    # 11 warp-merged groups (more than the block's 8 warps) between groups of 3 logits
+    "wide_groups_between_narrow_ones": [s for i in range(11) for s in (504 + 61 * i, 2)],
 }
-if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":
-    BLOCK_LAYOUTS = {k: BLOCK_LAYOUTS[k] for k in ("segment_edges_wide_row", "many_groups_short_row")}
+if os.environ.get("MOSX_TEST_SUBSET") == "sanitize":  # still: strides past 256 groups and segments
+    BLOCK_LAYOUTS = {
+        k: BLOCK_LAYOUTS[k]
+        for k in (
+            "segment_edges_wide_row",
+            "many_groups_short_row",
+            "most_groups_in_shared_memory",
+            "wide_groups_between_narrow_ones",
+        )
+    }
 
 
 @rehearsable
@@ -603,25 +622,50 @@ def test_block_tier_segments_and_merges(name, packed, dtype, gen):
         stride = L if packed else (L + shift + 7) // 8 * 8
         x, xc = edge_logits(gen, n, L, dtype, shift, stride)
         uniform = n == 1 or stride * xc.element_size() % 16 == 0
-        assert expected_path(L, K, dtype, shift, uniform) in ("block", "chunked")  # the layouts
+        meant = "block" if CUDA_PATH == "fast" and block_fits(L, K, dtype) else "chunked"
+        assert expected_path(L, K, dtype, shift, uniform) == meant  # the layouts reach the tier
         check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}", shift=shift)
 
 
+def widest_block_row(K, dtype, want_arg, smem):
+    """The most logits a row of K groups may have for the block tier's layout to fit in `smem`
+    bytes (the layout grows with L: bisect)."""
+    lo, hi = 2 * K, smem // torch.empty(0, dtype=dtype).element_size()
+    assert ops._cuda_block_smem_bytes(K, hi, dtype, want_arg) > smem
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ops._cuda_block_smem_bytes(K, mid, dtype, want_arg) <= smem else (lo, mid)
+    return lo
+
+
 def test_block_tier_width_limit_and_group_limit(gen):
-    # Rows whose two staging buffers exceed the device's shared memory per block, and 2048 groups
-    # (2049 offsets), take the chunked kernels; just inside, the block tier.
+    # The widest row whose block layout fits in the device's opt-in shared memory per block runs
+    # on the block tier (a launch at exactly the limit); one logit more, and 2048 groups (2049
+    # offsets), take the chunked kernels. The score's and the prediction's layouts differ.
     if CUDA_PATH == "chunked":
         pytest.skip("the default path's limits")
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    for dtype in (torch.float32, torch.bfloat16):
-        es = torch.empty(0, dtype=dtype).element_size()
-        for L, want in ((smem // (4 * es), "block"), (smem // es, "chunked")):
-            g = Groups.from_sizes([L // 2 - 1, L - L // 2 - 1])
-            td, tc = g.tensors(DEV), g.tensors("cpu")
-            x, xc = edge_logits(gen, 3, g.num_logits, dtype)
-            s, _, _ = ops.group_softmax_score(x, td["offsets"])
-            check_path(want, f"L={g.num_logits} {dtype}")
-            close(s, ops.group_softmax_score(xc, tc["offsets"])[0], ACC_TOL[dtype])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for want_arg in (False, True):
+            widest = widest_block_row(2, dtype, want_arg, smem)
+            assert widest >= 1024, widest
+            for L, want in ((widest, "block"), (widest + 1, "chunked")):
+                assert expected_path(L, 2, dtype, want_arg=want_arg) == want
+                g = Groups.from_sizes([L // 2 - 1, L - L // 2 - 1])
+                td, tc = g.tensors(DEV), g.tensors("cpu")
+                x, xc = edge_logits(gen, 3, g.num_logits, dtype)
+                what = f"L={L} {dtype} want_arg={want_arg}"
+                if want_arg:
+                    c, p, _ = ops.group_predict(x, td["offsets"], td["logit_class"])
+                    check_path(want, what)
+                    rc, rp, _ = ops.group_predict(xc, tc["offsets"], tc["logit_class"])
+                    close(p, rp, ACC_TOL[dtype])
+                    clear = clear_winner(per_group_best_prob(xc.double(), g), largest=True)
+                    assert torch.equal(c.cpu()[clear], rc[clear]), what
+                else:
+                    s, _, _ = ops.group_softmax_score(x, td["offsets"])
+                    check_path(want, what)
+                    close(s, ops.group_softmax_score(xc, tc["offsets"])[0], ACC_TOL[dtype])
     g = Groups.from_sizes([1] * 2048)
     x, xc = edge_logits(gen, 5, g.num_logits, torch.float32)
     s, mg, _ = ops.group_softmax_score(x, g.tensors(DEV)["offsets"])
@@ -731,6 +775,35 @@ def test_cross_entropy_empty_batch_and_its_backward():
 
 
 @rehearsable
+def test_an_empty_batch_launches_nothing_and_says_so():
+    # After an op on no rows the noted path is "none", not the path of the op before it.
+    g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
+    td = g.tensors(DEV)
+    x = torch.randn(3, g.num_logits, device=DEV)
+    t = torch.randint(0, g.num_classes, (1, 3), device=DEV)
+
+    def ce_backward(x, t):
+        losses, lse = ops.group_cross_entropy(x, td["offsets"], t, td["class_logit"], -100)
+        return ops.group_cross_entropy_backward(
+            torch.ones_like(losses), x, td["offsets"], t, td["class_logit"], lse, -100
+        )
+
+    runs = {
+        "score": lambda x, t: ops.group_softmax_score(x, td["offsets"]),
+        "predict": lambda x, t: ops.group_predict(x, td["offsets"], td["logit_class"]),
+        "softmax": lambda x, t: ops.group_softmax(x, td["offsets"], False),
+        "cross-entropy": lambda x, t: ops.group_cross_entropy(x, td["offsets"], t, td["class_logit"], -100),
+        "cross-entropy backward": ce_backward,
+    }
+    for name, run in runs.items():
+        run(x, t)
+        check_path(expected_path(g.num_logits, g.num_groups, torch.float32), name)
+        out = run(x[:0], t[:, :0])
+        check_path("none", f"{name} on no rows")
+        assert all(0 in o.shape for o in (out if isinstance(out, tuple) else (out,))), name
+
+
+@rehearsable
 @pytest.mark.parametrize("ignore_index", [5, -1, 1000])
 def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
     g = Groups.from_sizes(mosx.IMAGENET_TAXONOMY_SIZES)
@@ -762,7 +835,19 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
 @pytest.mark.parametrize("shift", SHIFTS)
 @pytest.mark.parametrize(
     "size,k",
-    [(12, 4), (30, 4), (100, 12), (10, 30), (100, 8), (10, 120), (40, 60), (1100, 3), (600, 5), (2, 2100)],
+    [
+        (12, 4),
+        (30, 4),
+        (100, 12),
+        (10, 30),
+        (100, 8),
+        (10, 120),
+        (40, 60),
+        (1100, 3),
+        (600, 5),
+        (520, 11),
+        (2, 2100),
+    ],
     ids=[
         "register_four_rows_per_warp",
         "register_two_rows_per_warp",
@@ -773,15 +858,16 @@ def test_class_id_targets_with_a_custom_ignore_index(ignore_index, gen):
         "block_medium",
         "block_wide",
         "block_warp_merged",
+        "block_more_wide_groups_than_warps",
         "chunked_2100_groups",
     ],
 )
 def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
     # Bit-identical groups placed so that the fast reductions sum them in different orders: in
     # different lanes of the register tiles, in segments that start at other positions of the
-    # block tier (merged by a thread or, past 8 segments, by a warp), lane-serially or by the
-    # whole warp of the chunked kernels, inside one chunk or across a chunk boundary. The
-    # canonical recheck must make them tie exactly, and the tie goes to the first group. The ids
+    # block tier (merged by a thread or, past 8 segments, by a warp; picked by several warps),
+    # lane-serially or by the whole warp of the chunked kernels, inside one chunk or across a
+    # chunk boundary. The canonical recheck must make them tie exactly, and the tie goes to the first group. The ids
     # name the path of the default kernels (check_path); MOSX_CUDA_KERNELS=chunked runs them all
     # chunked.
     g = Groups.from_sizes([size - 1] * k)
@@ -800,7 +886,7 @@ def test_identical_groups_tie_to_the_first_on_every_path(size, k, shift, gen):
         rs, rmg, rml = ops.group_softmax_score(vals, tc["offsets"])
         close(s, rs, ACC_TOL[dtype])
         c, p, grp = ops.group_predict(x, td["offsets"], td["logit_class"])
-        check_path(expected_path(L, k, dtype, shift), f"size={size} k={k}")
+        check_path(expected_path(L, k, dtype, shift, want_arg=True), f"size={size} k={k}")
         assert (grp == 0).all(), (dtype, grp)
         ref_cls, ref_prob, ref_group = reference.group_predict(vals.double(), g)
         assert torch.equal(c.cpu(), ref_cls) and (ref_group == 0).all()
@@ -896,7 +982,7 @@ def test_nan_and_inf_in_later_segments_on_the_block_tier():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         xd = x.to(dtype).to(DEV)
         c, p, grp = ops.group_predict(xd, td["offsets"], td["logit_class"])
-        check_path(expected_path(L, 3, dtype), "nan rows")
+        check_path(expected_path(L, 3, dtype, want_arg=True), "nan rows")
         assert torch.equal(c.cpu(), ref_cls), (dtype, c.cpu(), ref_cls)
         assert torch.equal(grp.cpu(), ref_group), (dtype, grp.cpu(), ref_group)
         assert torch.equal(p.cpu().isnan(), ref_prob.isnan())

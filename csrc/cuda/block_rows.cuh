@@ -8,13 +8,16 @@
 //    registers and written to shared memory after this row's work, so they never stall it.
 //  * The groups are cut into segments of at most kSegment logits (a table built once per block:
 //    the offsets are the same for every row). Phase 1: one thread per segment computes its
-//    (max, sum) serially. Phase 2: a group's segments are merged in segment order, by one thread
-//    (groups of at most kSerialSegments segments) or one warp (wider groups). Every order of
+//    (max, sum) serially (and, for the prediction, its first arg-max in the same pass as the max).
+//    Phase 2: a group's segments are merged in segment order, by one thread (groups of at most
+//    kSerialSegments segments) or one warp (the wider groups, listed once per block). Every order of
 //    operations depends only on the group's size, never on the row, the block or the timing:
 //    the results are bitwise reproducible, and the near-tie recheck (common.cuh) still makes
 //    bit-identical groups tie exactly.
 //  * The op then reads the per-group (m, s) from shared memory (and the softmax rewrites the
-//    staged row in place and stores it with 16-byte stores).
+//    staged row in place and stores it with 16-byte stores). The score and the prediction pick
+//    their group with every warp (groups strided over the block's threads), then merge the
+//    warps' picks (block_merge).
 // Applies where the layout of block_layout fits in the device's shared memory and K + 1 is at
 // most kOffsetsInSmem.
 #pragma once
@@ -31,14 +34,16 @@ constexpr int kBlockWarps = kBlockThreads / 32;
 constexpr int kSegment = 63;
 // Groups of up to this many segments are merged by one thread, wider ones by a warp.
 constexpr int kSerialSegments = 8;
+// Bytes of one warp's pick (Pick<largest, acc_t>, common.cuh) in shared memory.
+constexpr int kPickBytes = 32;
 
 __host__ __device__ constexpr size_t align16(size_t b) { return (b + 15) / 16 * 16; }
 
 // Shared-memory layout of a block-tier kernel (byte offsets; the same on host and device).
 struct BlockLayout {
-  int K, L, max_segments, row_elems;
+  int K, L, max_segments, max_wide, row_elems;
   size_t offs, seg_first, seg_group, seg_m, seg_s, seg_av, seg_ap, grp_m, grp_s, grp_av, grp_ap,
-      rows, bytes;
+      wide, picks, rows, bytes;
 };
 
 // Segments of a group of n logits.
@@ -47,13 +52,15 @@ __host__ __device__ constexpr int segments_of(int n) {
 }
 
 // esize / asize: bytes of an input element and of the accumulation type. The segment count is
-// bounded without reading the offsets: sum_g ceil(n_g / kSegment) <= L / kSegment + K.
+// bounded without reading the offsets: sum_g ceil(n_g / kSegment) <= L / kSegment + K; a wide
+// group (more than kSerialSegments segments) has more than kSerialSegments * kSegment logits.
 __host__ __device__ inline BlockLayout block_layout(int K, int L, int esize, int asize,
                                                     bool want_arg) {
   BlockLayout b{};
   b.K = K;
   b.L = L;
   b.max_segments = L / kSegment + K;
+  b.max_wide = min(K, L / (kSerialSegments * kSegment + 1));
   const int V = 16 / esize;
   b.row_elems = (L + V - 1 + V - 1) / V * V;  // a row at any alignment shift, whole vectors
   const size_t S = static_cast<size_t>(b.max_segments), G = static_cast<size_t>(K);
@@ -74,6 +81,8 @@ __host__ __device__ inline BlockLayout block_layout(int K, int L, int esize, int
   b.grp_s = take(G * asize);
   b.grp_av = take(want_arg ? G * asize : 0);
   b.grp_ap = take(want_arg ? G * sizeof(int) : 0);
+  b.wide = take((static_cast<size_t>(b.max_wide) + 1) * sizeof(int));  // the count, then the list
+  b.picks = take(static_cast<size_t>(kBlockWarps) * kPickBytes);
   b.rows = take(2 * static_cast<size_t>(b.row_elems) * esize);
   b.bytes = at;
   return b;
@@ -167,7 +176,9 @@ struct BlockRows {
   int* seg_ap;
   acc_t *grp_m, *grp_s, *grp_av;  // per group: (m, s); want_arg: the first arg-max of its classes
   int* grp_ap;
-  scalar_t* rows;  // two row buffers of row_elems elements
+  const int* wide;  // wide[0]: the number of wide groups; wide[1 ..]: those groups, in order
+  void* picks;      // kBlockWarps picks (block_merge)
+  scalar_t* rows;   // two row buffers of row_elems elements
   int row_elems, segments, K, L;
 
   // Carve the layout and build the tables (called by every thread of the block, once).
@@ -189,12 +200,22 @@ struct BlockRows {
     grp_av = reinterpret_cast<acc_t*>(smem + b.grp_av);
     grp_ap = reinterpret_cast<int*>(smem + b.grp_ap);
     rows = reinterpret_cast<scalar_t*>(smem + b.rows);
-    if (threadIdx.x < 32) {  // first[g + 1] = sum of the segment counts of groups 0..g
+    int* wide_list = reinterpret_cast<int*>(smem + b.wide);
+    wide = wide_list;
+    picks = smem + b.picks;
+    // Warp 0: first[g + 1] = sum of the segment counts of groups 0..g, and the wide groups in
+    // order (at most max_wide: the offsets are clamped and non-decreasing; the min is a guard).
+    if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
-      int carry = 0;
+      int carry = 0, n_wide = 0;
       for (int base = 0; base < K; base += 32) {
         const int k = base + lane;
         int v = k < K ? segments_of(offs[k + 1] - offs[k]) : 0;
+        const bool is_wide = v > kSerialSegments;
+        const unsigned below = __ballot_sync(kFull, is_wide) & ((1u << lane) - 1u);
+        const int at = n_wide + __popc(below);
+        if (is_wide && at < b.max_wide) wide_list[1 + at] = k;
+        n_wide += __popc(__ballot_sync(kFull, is_wide));
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
           const int o = __shfl_up_sync(kFull, v, d);
@@ -203,7 +224,10 @@ struct BlockRows {
         if (k < K) first[k + 1] = carry + v;
         carry += __shfl_sync(kFull, v, 31);
       }
-      if (lane == 0) first[0] = 0;
+      if (lane == 0) {
+        first[0] = 0;
+        wide_list[0] = min(n_wide, b.max_wide);
+      }
     }
     __syncthreads();
     // The offsets are clamped to [0, L] and non-decreasing, so the count is within the bound;
@@ -230,16 +254,20 @@ struct BlockRows {
       int g, lo, hi;
       segment(j, g, lo, hi);
       acc_t m = lowest_of(acc_t(0));
-      for (int q = lo; q < hi; ++q) m = vmax(m, static_cast<acc_t>(xs[q]));
+      acc_t av = -inf_of(acc_t(0));
+      int ap = kNone;
+      const int cls0 =
+          off[g] + 1;  // class logits only: the group's first position is its others slot
+      for (int q = lo; q < hi; ++q) {
+        const acc_t v = static_cast<acc_t>(xs[q]);
+        m = vmax(m, v);
+        if (want_arg && q >= cls0) arg_update(v, q, av, ap);
+      }
       acc_t s = 0;
       for (int q = lo; q < hi; ++q) s += exp_sum(static_cast<acc_t>(xs[q]) - m);
       seg_m[j] = m;
       seg_s[j] = s;
-      if (want_arg) {  // class logits only: the group's first position is its others slot
-        acc_t av = -inf_of(acc_t(0));
-        int ap = kNone;
-        for (int q = max(lo, off[g] + 1); q < hi; ++q)
-          arg_update(static_cast<acc_t>(xs[q]), q, av, ap);
+      if (want_arg) {
         seg_av[j] = av;
         seg_ap[j] = ap;
       }
@@ -263,9 +291,11 @@ struct BlockRows {
       }
     }
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int g = warp; g < K; g += kBlockWarps) {  // warp-uniform
+    const int n_wide = wide[0];
+    for (int i = warp; i < n_wide; i += kBlockWarps) {  // warp-uniform
+      const int g = wide[1 + i];
       const int j0 = seg_first[g], j1 = min(seg_first[g + 1], segments);
-      if (j1 - j0 <= kSerialSegments) continue;
+      if (j1 - j0 <= kSerialSegments) continue;  // the serial loop's rule, never two writers
       acc_t m = lowest_of(acc_t(0));
       for (int j = j0 + lane; j < j1; j += 32) m = vmax(m, seg_m[j]);
       m = warp_max(m);
@@ -292,6 +322,26 @@ struct BlockRows {
 
   __device__ __forceinline__ Lse<acc_t> stats(int g) const { return {grp_m[g], grp_s[g]}; }
 };
+
+// Merge the picks of the block's warps (each already warp_merge'd) into warp 0, whose lanes then
+// all hold the block's pick; the other warps' `best` is left as it was. Every thread calls it
+// (it holds a barrier); `picks` is the layout's picks region.
+template <bool largest, typename acc_t>
+__device__ __forceinline__ void block_merge(Pick<largest, acc_t>& best, void* picks) {
+  static_assert(sizeof(Pick<largest, acc_t>) <= kPickBytes, "a pick outgrew its shared slot");
+  auto* slot = reinterpret_cast<Pick<largest, acc_t>*>(picks);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) slot[warp] = best;
+  __syncthreads();
+  if (warp == 0) {
+    if (lane < kBlockWarps) {
+      best = slot[lane];
+    } else {
+      best.init();
+    }
+    best.warp_merge();
+  }
+}
 
 // The grid-stride loop of a block-tier kernel: body(row, buf, shift) for every row of this block,
 // where buf is the staged row's buffer and shift the row's alignment shift (position q is at

@@ -270,7 +270,10 @@ std::tuple<at::Tensor, at::Tensor> group_cross_entropy_cuda(const at::Tensor& lo
   const auto acc = x.options().dtype(acc_dtype(x));
   at::Tensor losses = at::empty({M, N, K}, acc);
   at::Tensor lse = at::empty({N, K}, acc);
-  if (N == 0) return {losses, lse};
+  if (N == 0) {
+    note_no_launch();
+    return {losses, lse};
+  }
   check_aligned(x, "logits", op);
   const CeTargets T = make_targets(t, cl, N, ignore_index);
   const int shift = uniform_shift(x);
@@ -334,7 +337,10 @@ at::Tensor group_cross_entropy_backward_cuda(const at::Tensor& grad_losses_in,
   const at::Tensor g = grad_losses_in.to(acc_dtype(x)).contiguous();
   const at::Tensor lse = lse_in.to(acc_dtype(x)).contiguous();
   at::Tensor gx = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0) return gx;
+  if (N == 0) {
+    note_no_launch();
+    return gx;
+  }
   check_aligned(x, "logits", op);
   const CeTargets T = make_targets(t, cl, N, ignore_index);
   const int shift = uniform_shift(x);

@@ -191,12 +191,16 @@ inline RowPlan plan_rows(const at::Tensor& x, int L, int K, bool register_ok, bo
   return p;
 }
 
-// The path of the last tiered launch on this thread (forwards, cross-entropy backward) ("register:<lanes>x<values per lane>", "block" or
-// "chunked"), so that a test can check that its shapes reach the path it means to test.
+// The path of the last tiered op on this thread (forwards, cross-entropy backward):
+// "register:<lanes>x<values per lane>", "block", "chunked", or "none" when it launched nothing;
+// so that a test can check that its shapes reach the path it means to test.
 inline std::string& last_path() {
   static thread_local std::string p;
   return p;
 }
+
+// An op that launched nothing (an empty batch) notes "none", not the path of an earlier one.
+inline void note_no_launch() { last_path() = "none"; }
 
 inline void note_path(const RowPlan& p) {
   last_path() = p.path == Path::Register

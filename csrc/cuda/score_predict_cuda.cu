@@ -269,8 +269,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Block kernels (a row per block in shared memory). Warp 0 chooses the group, lane j looking at
-// groups j, j + 32, ...
+// Block kernels (a row per block in shared memory). Thread t offers groups t, t + kBlockThreads,
+// ...; the warps' picks are merged into warp 0 (block_merge), which rechecks near-ties and writes.
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -284,17 +284,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   br.setup(smem, lay, offsets);
   const acc_t tol = near_tol<acc_t>(lay.L);
   block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t* buf, int shift) {
-    if (threadIdx.x >= 32) return;
-    const int lane = threadIdx.x;
     Pick<false, acc_t> best;
     best.init();
-    for (int g = lane; g < br.K; g += 32) {
+    for (int g = threadIdx.x; g < br.K; g += kBlockThreads) {
       const int lo = br.off[g], hi = br.off[g + 1];
       if (lo >= hi) continue;
       const Lse<acc_t> st = br.stats(g);
       best.offer(lse_prob(static_cast<acc_t>(buf[shift + lo]), st), g, lse_finalize(st), 0);
     }
     best.warp_merge();
+    block_merge(best, br.picks);
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
     if (best.near_tie(tol)) best = canonical_score<scalar_t, acc_t>(x + row * rs, br.off, lane);
     if (lane == 0) {
       score[row] = -best.p;
@@ -317,11 +318,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int L = lay.L;
   const acc_t tol = near_tol<acc_t>(L);
   block_row_loop(br, x, N, rs, [&](int64_t row, scalar_t*, int) {
-    if (threadIdx.x >= 32) return;
-    const int lane = threadIdx.x;
     Pick<true, acc_t> best;
     best.init();
-    for (int g = lane; g < br.K; g += 32) {
+    for (int g = threadIdx.x; g < br.K; g += kBlockThreads) {
       const int lo = br.off[g], hi = br.off[g + 1];
       if (lo >= hi) continue;
       const int ap = br.grp_ap[g];
@@ -329,6 +328,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       best.offer(p, g, acc_t(0), p != p ? lo + 1 : ap);
     }
     best.warp_merge();
+    block_merge(best, br.picks);
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
     if (best.near_tie(tol)) best = canonical_predict<scalar_t, acc_t>(x + row * rs, br.off, lane);
     if (lane == 0) {
       int pos = best.g == kNone ? 1 : best.pos;
@@ -355,7 +357,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_score_cuda(
   at::Tensor score = at::empty({N}, acc);
   at::Tensor min_group = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor min_lse = at::empty({N}, acc);
-  if (N == 0) return {score, min_group, min_lse};
+  if (N == 0) {
+    note_no_launch();
+    return {score, min_group, min_lse};
+  }
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
   const RowPlan plan = plan_rows(x, L, K, true, false);
@@ -450,7 +455,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_predict_cuda(
   at::Tensor cls = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor prob = at::empty({N}, x.options().dtype(acc_dtype(x)));
   at::Tensor group = at::empty({N}, x.options().dtype(at::kLong));
-  if (N == 0) return {cls, prob, group};
+  if (N == 0) {
+    note_no_launch();
+    return {cls, prob, group};
+  }
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
   const RowPlan plan = plan_rows(x, L, K, true, true);
@@ -504,6 +512,27 @@ std::string cuda_kernels() { return fast_kernels_enabled() ? "fast" : "chunked";
 // CUDA tensor (see note_path).
 std::string cuda_last_path() { return last_path(); }
 
+// Bytes of shared memory a block-tier kernel needs for rows of num_logits logits in num_groups
+// groups of this dtype (want_arg: the prediction's layout). The block tier runs only where this
+// is at most the device's opt-in shared memory per block; tests use it to sit on that limit.
+int64_t cuda_block_smem_bytes(int64_t num_groups, int64_t num_logits, c10::ScalarType dtype,
+                              bool want_arg) {
+  TORCH_CHECK(num_groups >= 1 && num_groups + 1 <= kOffsetsInSmem && num_logits >= 2 * num_groups &&
+                  num_logits <= INT_MAX - 2 * kChunkBytes,
+              "mosx._cuda_block_smem_bytes: no block-tier layout for ", num_groups, " groups of ",
+              num_logits, " logits");
+  TORCH_CHECK(
+      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+      "mosx._cuda_block_smem_bytes: dtype must be float64, float32, float16 or bfloat16, "
+      "got ",
+      dtype);
+  const int esize = static_cast<int>(c10::elementSize(dtype));
+  const int asize = dtype == at::kDouble ? 8 : 4;
+  return static_cast<int64_t>(block_layout(static_cast<int>(num_groups),
+                                           static_cast<int>(num_logits), esize, asize, want_arg)
+                                  .bytes);
+}
+
 }  // namespace
 }  // namespace cuda_detail
 
@@ -516,14 +545,20 @@ TORCH_LIBRARY_IMPL(mosx, CUDA, m) {
 TORCH_LIBRARY_FRAGMENT(mosx, m) {
   // Which CUDA kernel path this process runs: "fast" or "chunked" (MOSX_CUDA_KERNELS=chunked).
   m.def("_cuda_kernels() -> str");
-  // The path of this thread's last CUDA forward op: "register:<values per lane>", "block" or
-  // "chunked" (for tests and tools/gpu_check.sh).
+  // The path of this thread's last tiered CUDA op (a forward or the cross-entropy backward):
+  // "register:<lanes>x<values per lane>", "block", "chunked", or "none" for an empty batch (for
+  // tests and tools/gpu_check.sh).
   m.def("_cuda_last_path() -> str");
+  // Shared-memory bytes of the block tier's layout (tests sit on the device's limit with it).
+  m.def(
+      "_cuda_block_smem_bytes(int num_groups, int num_logits, ScalarType dtype, bool want_arg) -> "
+      "int");
 }
 
 TORCH_LIBRARY_IMPL(mosx, CompositeExplicitAutograd, m) {
   m.impl("_cuda_kernels", &cuda_detail::cuda_kernels);
   m.impl("_cuda_last_path", &cuda_detail::cuda_last_path);
+  m.impl("_cuda_block_smem_bytes", &cuda_detail::cuda_block_smem_bytes);
 }
 
 }  // namespace mosx

@@ -208,7 +208,10 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const at::Tensor& off
   const at::Tensor offsets = kernel_offsets(offsets_in, L);
   const int64_t N = x.size(0);
   at::Tensor y = at::empty({N, L}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0) return y;
+  if (N == 0) {
+    note_no_launch();
+    return y;
+  }
   check_aligned(x, "logits", op);
   const int shift = uniform_shift(x);
   const RowPlan plan = plan_rows(x, L, K, uniform_shift(y) == shift, false);
