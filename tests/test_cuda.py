@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from cuda_paths import planned_path
 
 import mosx
 from mosx import Groups, reference
@@ -517,15 +518,7 @@ def block_fits(L, K, dtype, want_arg=False):
 def expected_path(L, K, dtype, shift=0, uniform=True, want_arg=False):
     """The kernel path plan_rows (csrc/cuda/launch.cuh) picks for a forward op on rows of L
     logits in K groups (docs/semantics.md); want_arg: the prediction (its block layout is larger)."""
-    if CUDA_PATH == "chunked":
-        return "chunked"
-    if uniform and K <= 32:
-        for lanes, per in ((8, 8), (16, 8), (32, 8), (32, 32), (32, 64)):
-            if L + shift <= lanes * per and not (dtype == torch.float64 and per > 32):
-                return f"register:{lanes}x{per}"
-    if L >= 1024 and K + 1 <= 2048 and block_fits(L, K, dtype, want_arg):
-        return "block"
-    return "chunked"
+    return planned_path(L, K, dtype, shift, uniform, CUDA_PATH, lambda: block_fits(L, K, dtype, want_arg))
 
 
 def check_path(want, what=""):
@@ -622,8 +615,9 @@ def test_block_tier_segments_and_merges(name, packed, dtype, gen):
         stride = L if packed else (L + shift + 7) // 8 * 8
         x, xc = edge_logits(gen, n, L, dtype, shift, stride)
         uniform = n == 1 or stride * xc.element_size() % 16 == 0
-        meant = "block" if CUDA_PATH == "fast" and block_fits(L, K, dtype) else "chunked"
-        assert expected_path(L, K, dtype, shift, uniform) == meant  # the layouts reach the tier
+        if CUDA_PATH == "fast":  # the layouts are meant for the block tier: it must fit this GPU
+            assert block_fits(L, K, dtype, want_arg=True), f"{name} {dtype}: layout too large here"
+            assert expected_path(L, K, dtype, shift, uniform) == "block"
         check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}", shift=shift)
 
 
@@ -640,7 +634,7 @@ def widest_block_row(K, dtype, want_arg, smem):
 
 def test_block_tier_width_limit_and_group_limit(gen):
     # The widest row whose block layout fits in the device's opt-in shared memory per block runs
-    # on the block tier (a launch at exactly the limit); one logit more, and 2048 groups (2049
+    # on the block tier (a launch at the limit, to 16-byte alignment); one logit more, and 2048 groups (2049
     # offsets), take the chunked kernels. The score's and the prediction's layouts differ.
     if CUDA_PATH == "chunked":
         pytest.skip("the default path's limits")
@@ -996,6 +990,35 @@ def test_nan_and_inf_in_later_segments_on_the_block_tier():
             ops.group_softmax(x.to(dtype), tc["offsets"], False),
             OUT_TOL[dtype],
         )
+
+
+@rehearsable
+def test_nan_groups_offered_by_different_warps_of_a_block():
+    # 300 groups on the block tier: thread t offers groups t and t + 256, and the warps' picks are
+    # merged afterwards. NaN (or +inf) in groups 260 (thread 4, warp 0) and 40 (warp 1): group 40
+    # must win (the first NaN group), which a merge in warp order would get wrong.
+    g = Groups.from_sizes([3] * 300)
+    sl = g.slices.tolist()
+    gen = torch.Generator().manual_seed(11)
+    rows = []
+    for v in (float("nan"), float("inf")):
+        for groups in ((260, 40), (260,), (40, 260, 299), (299, 0)):
+            r = torch.randn(g.num_logits, generator=gen)
+            for k in groups:
+                r[sl[k][0] + 1 + k % 2] = v
+            rows.append(r)
+    x = torch.stack(rows)
+    td = g.tensors(DEV)
+    ref_cls, _, ref_group = reference.group_predict(x.double(), g)
+    ref_score = reference.group_softmax_score(x.double(), g)
+    assert ref_group.tolist() == [40, 260, 40, 0] * 2
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype).to(DEV)
+        c, p, grp = ops.group_predict(xd, td["offsets"], td["logit_class"])
+        check_path(expected_path(g.num_logits, 300, dtype, want_arg=True), "300 groups")
+        assert torch.equal(grp.cpu(), ref_group) and torch.equal(c.cpu(), ref_cls), (dtype, grp.cpu())
+        s, mg, _ = ops.group_softmax_score(xd, td["offsets"])
+        assert torch.equal(mg.cpu(), ref_group) and s.isnan().all() and ref_score.isnan().all(), (dtype, mg.cpu())
 
 
 @rehearsable

@@ -142,7 +142,7 @@ run_tests() {  # path
 }
 REHEARSE_TEST_ARGS=""
 OTHERS_K="cuda"
-SAN_K="tier_and_chunk or block_tier or later_segments or packed_rows or softmax_backward_grad_and_out or empty_batch or identical_groups_tie_to_the_first_on_every_path or nan_and_inf_prediction or bad_offsets or several_rows_per_warp or custom_ignore_index or (match_cpu and (imagenet or over_2047 or wide or hundreds_small or many_medium))"
+SAN_K="tier_and_chunk or block_tier_segments or different_warps or later_segments or packed_rows or softmax_backward_grad_and_out or empty_batch or identical_groups_tie_to_the_first_on_every_path or nan_and_inf_prediction or bad_offsets or several_rows_per_warp or custom_ignore_index or (match_cpu and (imagenet or over_2047 or wide or hundreds_small or many_medium))"
 if [ "$REHEARSE" = 1 ]; then
   # the rehearsable tests of test_cuda.py run their code on the CPU
   export MOSX_TEST_CUDA_DEVICE=cpu

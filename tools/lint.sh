@@ -22,7 +22,7 @@ case "${1:-}" in
 esac
 
 PY_PATHS=(mosx tests bench tools)
-mapfile -t CPP_FILES < <(find csrc cpp_test -type f \( -name '*.h' -o -name '*.hpp' -o -name '*.cpp' \
+mapfile -t CPP_FILES < <(find csrc cpp_test tools/cuda_emu -type f \( -name '*.h' -o -name '*.hpp' -o -name '*.cpp' \
                            -o -name '*.cu' -o -name '*.cuh' \) | sort)
 
 failed=()

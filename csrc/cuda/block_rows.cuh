@@ -91,8 +91,11 @@ __host__ __device__ inline BlockLayout block_layout(int K, int L, int esize, int
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80 and newer; a plain copy through the registers before).
 
+// MOSX_CUDA_EMULATION: tools/cuda_emu runs this code on the CPU, with copies that land late.
 __device__ __forceinline__ void copy16_async(void* smem_dst, const void* gmem_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MOSX_CUDA_EMULATION)
+  ::mosx_emu::copy16_async(smem_dst, gmem_src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src) : "memory");
 #else
@@ -101,7 +104,9 @@ __device__ __forceinline__ void copy16_async(void* smem_dst, const void* gmem_sr
 }
 
 __device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MOSX_CUDA_EMULATION)
+  ::mosx_emu::copy_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
@@ -109,7 +114,9 @@ __device__ __forceinline__ void copy_async_commit() {
 // Wait until at most `pending` of this thread's committed copy groups are still in flight.
 template <int pending>
 __device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MOSX_CUDA_EMULATION)
+  ::mosx_emu::copy_async_wait(pending);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
 #endif
 }
@@ -212,10 +219,10 @@ struct BlockRows {
         const int k = base + lane;
         int v = k < K ? segments_of(offs[k + 1] - offs[k]) : 0;
         const bool is_wide = v > kSerialSegments;
-        const unsigned below = __ballot_sync(kFull, is_wide) & ((1u << lane) - 1u);
-        const int at = n_wide + __popc(below);
+        const unsigned wide_lanes = __ballot_sync(kFull, is_wide);
+        const int at = n_wide + __popc(wide_lanes & ((1u << lane) - 1u));
         if (is_wide && at < b.max_wide) wide_list[1 + at] = k;
-        n_wide += __popc(__ballot_sync(kFull, is_wide));
+        n_wide += __popc(wide_lanes);
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
           const int o = __shfl_up_sync(kFull, v, d);

@@ -168,9 +168,13 @@ __device__ __forceinline__ int row_shift(const scalar_t* p) {
 // A 16-byte global store. Written in PTX because, next to the scalar edge path, nvcc splits a
 // plain uint4 store into four 4-byte stores.
 __device__ __forceinline__ void store16(void* p, uint4 v) {
+#if defined(MOSX_CUDA_EMULATION)  // tools/cuda_emu: the device code on the CPU
+  *reinterpret_cast<uint4*>(p) = v;
+#else
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
                "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------

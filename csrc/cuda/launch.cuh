@@ -34,11 +34,16 @@ namespace cuda_detail {
 // Whether the register-row and block-row ("fast") kernels may run: false when the environment
 // sets MOSX_CUDA_KERNELS=chunked (read once per process). Every path gives the same results.
 inline bool fast_kernels_enabled() {
-  static const bool enabled = [] {
+  auto read = [] {
     const char* v = std::getenv("MOSX_CUDA_KERNELS");
     return !(v != nullptr && std::strcmp(v, "chunked") == 0);
-  }();
+  };
+#if defined(MOSX_CUDA_EMULATION)  // tools/cuda_emu: one process tests both paths
+  return read();
+#else
+  static const bool enabled = read();
   return enabled;
+#endif
 }
 
 // Resident blocks per SM of `kernel` at this block size and dynamic shared memory, times the
