@@ -169,6 +169,7 @@ __device__ __forceinline__ int row_shift(const scalar_t* p) {
 // plain uint4 store into four 4-byte stores.
 __device__ __forceinline__ void store16(void* p, uint4 v) {
 #if defined(MOSX_CUDA_EMULATION)  // tools/cuda_emu: the device code on the CPU
+  ::mosx_emu::check_aligned16(p, "store16");
   *reinterpret_cast<uint4*>(p) = v;
 #else
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),

@@ -57,6 +57,10 @@ def schemas() -> str:
     return "#include <torch/library.h>\n\n" + body.replace("TORCH_LIBRARY(mosx, m)", f"TORCH_LIBRARY({LIB}, m)")
 
 
+class NoCudaHeaders(FileNotFoundError):
+    """No CUDA toolkit headers (cuda_runtime.h) on this machine."""
+
+
 def cuda_include() -> str:
     """The CUDA toolkit's include directory (cuda_runtime.h; no device library is linked)."""
     from torch.utils import cpp_extension
@@ -75,7 +79,7 @@ def cuda_include() -> str:
     for c in cands:
         if os.path.isfile(os.path.join(c, "cuda_runtime.h")):
             return c
-    raise FileNotFoundError(f"cuda_runtime.h not found (looked in {cands}); set CUDA_HOME")
+    raise NoCudaHeaders(f"cuda_runtime.h not found (looked in {cands}); set CUDA_HOME")
 
 
 def _write(path: str, text: str) -> None:
@@ -139,6 +143,11 @@ def build(asan: bool = False, verbose: bool = False) -> str:
         os.path.join(HERE, "emu.h"),
     ]
     ldflags = []
+    if asan and "libasan" not in open("/proc/self/maps").read():
+        raise RuntimeError(
+            "an AddressSanitizer build must be loaded into a process that starts with libasan: "
+            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 ..."
+        )
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]

@@ -20,8 +20,10 @@
 //    at most 1024 threads per block.
 // Out-of-bounds reads and writes of global or shared memory are caught when the library is
 // built with AddressSanitizer (build.py --asan): every tensor and every block's shared memory is
-// its own heap allocation of the exact size. Not modelled: timing, the memory model beyond
-// barriers (a racecheck on a GPU is still needed), floating-point details of the GPU's
+// its own heap allocation of the exact size; 16-byte copies and stores check their alignment.
+// Not modelled: timing; the memory model beyond barriers and warp ops (the code between two sync
+// points of a thread runs at once, so a missing atomic or an interleaving inside it is never
+// seen: racecheck on a GPU is still needed); __launch_bounds__ and registers; the GPU's
 // approximate intrinsics (__expf is expf here).
 #pragma once
 
@@ -42,6 +44,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <new>
 #include <random>
 #include <sstream>
 #include <string>
@@ -125,7 +128,10 @@ struct Runtime {
   void* sched_sp = nullptr;
   int current = -1;
   Dim3 block_idx, block_dim, grid_dim;
-  std::unique_ptr<unsigned char[]> smem;
+  struct AlignedDelete {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(16)); }
+  };
+  std::unique_ptr<unsigned char[], AlignedDelete> smem;
   size_t smem_bytes = 0;
   std::mt19937_64 rng{static_cast<uint64_t>(env_int("MOSX_EMU_SEED", 1))};
   std::function<void()> body;
@@ -203,7 +209,16 @@ T from_bits(uint64_t b) {
   return v;
 }
 
-inline void copy16_async(void* dst, const void* src) { self().open.push_back({dst, src}); }
+inline void check_aligned16(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    fail(std::string(what) + " of 16 bytes at a misaligned address");
+}
+
+inline void copy16_async(void* dst, const void* src) {
+  check_aligned16(dst, "cp.async (shared side)");
+  check_aligned16(src, "cp.async (global side)");
+  self().open.push_back({dst, src});
+}
 
 inline void copy_async_commit() {
   Thread& t = self();
@@ -354,7 +369,13 @@ inline bool resolve_warp_ops(size_t n) {
 
 inline void run_block(size_t n) {
   Runtime& r = rt();
-  std::fill(r.smem.get(), r.smem.get() + r.smem_bytes, static_cast<unsigned char>(0xff));
+  // Shared memory holds leftovers on a GPU: a fill pattern per block (MOSX_EMU_FILL=<byte> fixes
+  // it), so that a stale read gives -1, a large value, zero or garbage in some run.
+  static const unsigned char kFills[] = {0xff, 0x7f, 0x00, 0xa5};
+  const int fill_env = env_int("MOSX_EMU_FILL", -1);
+  const unsigned char fill =
+      fill_env >= 0 ? static_cast<unsigned char>(fill_env) : kFills[r.rng() % 4];
+  std::fill(r.smem.get(), r.smem.get() + r.smem_bytes, fill);
   for (size_t i = 0; i < n; ++i) {
     Thread& t = r.threads[i];
     if (!t.stack) t.stack.reset(new char[Runtime::kStack]);
@@ -374,10 +395,39 @@ inline void run_block(size_t n) {
   }
   std::vector<int> order;
   std::uniform_int_distribution<int> coin(0, 3);
+  // Two schedules, a coin per block (MOSX_EMU_SCHED=0 or 1 forces one): rounds (every runnable
+  // thread runs to its next sync point, in random order: the warps stay level) or warp-greedy
+  // (one random warp runs until all its lanes wait, then another: warps drift apart between
+  // barriers as they may on a GPU, which exposes a missing barrier between accesses that are a
+  // different number of warp ops into the phase).
+  const int sched = env_int("MOSX_EMU_SCHED", -1);
+  const bool greedy = sched == 1 || (sched < 0 && (r.rng() & 1) != 0);
+  const size_t nw = (n + 31) / 32;
+  auto warp_runnable = [&](size_t w) {
+    for (size_t i = w * 32; i < std::min(n, w * 32 + 32); ++i)
+      if (r.threads[i].state == State::Runnable) return true;
+    return false;
+  };
+  long cur_warp = -1;
+  std::vector<long> ws;
   for (;;) {
     order.clear();
-    for (size_t i = 0; i < n; ++i)
-      if (r.threads[i].state == State::Runnable) order.push_back(static_cast<int>(i));
+    if (greedy) {
+      if (cur_warp < 0 || !warp_runnable(static_cast<size_t>(cur_warp))) {
+        ws.clear();
+        for (size_t w = 0; w < nw; ++w)
+          if (warp_runnable(w)) ws.push_back(static_cast<long>(w));
+        cur_warp = ws.empty() ? -1 : ws[r.rng() % ws.size()];
+      }
+      if (cur_warp >= 0) {
+        const size_t lo = static_cast<size_t>(cur_warp) * 32;
+        for (size_t i = lo; i < std::min(n, lo + 32); ++i)
+          if (r.threads[i].state == State::Runnable) order.push_back(static_cast<int>(i));
+      }
+    } else {
+      for (size_t i = 0; i < n; ++i)
+        if (r.threads[i].state == State::Runnable) order.push_back(static_cast<int>(i));
+    }
     std::shuffle(order.begin(), order.end(), r.rng);
     for (int i : order) {
       r.current = i;
@@ -437,7 +487,7 @@ struct Launch {
     std::tuple<std::decay_t<P>...> args(std::forward<A>(a)...);
     r.body = [&] { std::apply(kernel, args); };
     r.failure = nullptr;
-    r.smem.reset(new unsigned char[std::max<size_t>(smem, 1)]);
+    r.smem.reset(new (std::align_val_t(16)) unsigned char[std::max<size_t>(smem, 1)]);
     r.smem_bytes = smem;
     if (r.threads.size() < block) r.threads.resize(block);
     r.block_dim = Dim3{block, 1, 1};
@@ -537,6 +587,10 @@ inline std::tuple<int64_t, int64_t, int64_t> counters() {
 #define __launch_bounds__(...)
 #undef __align__
 #define __align__(n) alignas(n)
+// build.py rewrites every __shared__ declaration; one it missed must not compile silently into a
+// per-thread array.
+#undef __shared__
+#define __shared__ MOSX_EMU_unrewritten_shared_declaration
 
 #define threadIdx (::mosx_emu::self().tid)
 #define blockIdx (::mosx_emu::rt().block_idx)
