@@ -24,3 +24,15 @@ def planned_path(L, K, dtype, shift=0, uniform=True, kernels="fast", block_fits=
     if L >= BLOCK_MIN_LOGITS and K + 1 <= OFFSETS_IN_SMEM and block_fits():
         return "block"
     return "chunked"
+
+
+def widest_block_row(smem_bytes, K, dtype, want_arg, smem):
+    """The most logits a row of K groups may have for the block tier's layout to fit in `smem`
+    bytes; smem_bytes is the op _cuda_block_smem_bytes of the build under test (the layout grows
+    with L: bisect)."""
+    lo, hi = 2 * K, smem // torch.empty(0, dtype=dtype).element_size()
+    assert smem_bytes(K, hi, dtype, want_arg) > smem
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if smem_bytes(K, mid, dtype, want_arg) <= smem else (lo, mid)
+    return lo

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cuda_paths import planned_path
+from cuda_paths import planned_path, widest_block_row
 
 import mosx
 from mosx import Groups, reference
@@ -621,17 +621,6 @@ def test_block_tier_segments_and_merges(name, packed, dtype, gen):
         check_every_op(x, xc, g, dtype, gen, what=f"{name} n={n} shift={shift}", shift=shift)
 
 
-def widest_block_row(K, dtype, want_arg, smem):
-    """The most logits a row of K groups may have for the block tier's layout to fit in `smem`
-    bytes (the layout grows with L: bisect)."""
-    lo, hi = 2 * K, smem // torch.empty(0, dtype=dtype).element_size()
-    assert ops._cuda_block_smem_bytes(K, hi, dtype, want_arg) > smem
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ops._cuda_block_smem_bytes(K, mid, dtype, want_arg) <= smem else (lo, mid)
-    return lo
-
-
 def test_block_tier_width_limit_and_group_limit(gen):
     # The widest row whose block layout fits in the device's opt-in shared memory per block runs
     # on the block tier (a launch at the limit, to 16-byte alignment); one logit more, and 2048 groups (2049
@@ -641,7 +630,7 @@ def test_block_tier_width_limit_and_group_limit(gen):
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for want_arg in (False, True):
-            widest = widest_block_row(2, dtype, want_arg, smem)
+            widest = widest_block_row(ops._cuda_block_smem_bytes, 2, dtype, want_arg, smem)
             assert widest >= 1024, widest
             for L, want in ((widest, "block"), (widest + 1, "chunked")):
                 assert expected_path(L, 2, dtype, want_arg=want_arg) == want

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from cuda_paths import planned_path
+from cuda_paths import planned_path, widest_block_row
 
 import mosx
 from mosx import Groups, reference
@@ -149,33 +149,24 @@ def check_every_op(E, x, g, gen, path, what):
         )
     cls = torch.randint(0, g.num_classes, (2, n), generator=gen)
     cls[:, ::5] = -100
-    losses, lse = E.group_cross_entropy(x, t["offsets"], cls, t["class_logit"], -100)
-    rl, rlse = C.group_cross_entropy(x, t["offsets"], cls, t["class_logit"], -100)
-    close(losses, rl, acc_tol * 5, f"{what} cross-entropy", atol="scale")
-    close(lse, rlse, acc_tol * 5, f"{what} lse")
-    gl = torch.rand(2, n, g.num_groups, generator=gen, dtype=torch.float64).to(rl.dtype)
-    close(
-        E.group_cross_entropy_backward(gl, x, t["offsets"], cls, t["class_logit"], rlse, -100),
-        C.group_cross_entropy_backward(gl, x, t["offsets"], cls, t["class_logit"], rlse, -100),
-        out_tol,
-        f"{what} cross-entropy backward",
-        atol="scale",
-    )
-    # per-group labels [1, n, K] (0: others, j + 1: the group's class j; some ignored)
+    # class ids [2, n] (mixup), and per-group labels [1, n, K] (0: others, j + 1: the group's
+    # class j); some ignored in both
     sizes = (g.slices[:, 1] - g.slices[:, 0] - 1).double()
     per_group = (torch.rand(1, n, g.num_groups, generator=gen, dtype=torch.float64) * (sizes + 1)).long()
     per_group[:, ::4, ::3] = -100
-    losses, lse = E.group_cross_entropy(x, t["offsets"], per_group, t["class_logit"], -100)
-    rl, rlse = C.group_cross_entropy(x, t["offsets"], per_group, t["class_logit"], -100)
-    close(losses, rl, acc_tol * 5, f"{what} cross-entropy, per-group labels", atol="scale")
-    gl = torch.rand(*losses.shape, generator=gen, dtype=torch.float64).to(rl.dtype)
-    close(
-        E.group_cross_entropy_backward(gl, x, t["offsets"], per_group, t["class_logit"], rlse, -100),
-        C.group_cross_entropy_backward(gl, x, t["offsets"], per_group, t["class_logit"], rlse, -100),
-        out_tol,
-        f"{what} cross-entropy backward, per-group labels",
-        atol="scale",
-    )
+    for targets, kind in ((cls, "class ids"), (per_group, "per-group labels")):
+        losses, lse = E.group_cross_entropy(x, t["offsets"], targets, t["class_logit"], -100)
+        rl, rlse = C.group_cross_entropy(x, t["offsets"], targets, t["class_logit"], -100)
+        close(losses, rl, acc_tol * 5, f"{what} cross-entropy, {kind}", atol="scale")
+        close(lse, rlse, acc_tol * 5, f"{what} lse, {kind}")
+        gl = torch.rand(*losses.shape, generator=gen, dtype=torch.float64).to(rl.dtype)
+        close(
+            E.group_cross_entropy_backward(gl, x, t["offsets"], targets, t["class_logit"], rlse, -100),
+            C.group_cross_entropy_backward(gl, x, t["offsets"], targets, t["class_logit"], rlse, -100),
+            out_tol,
+            f"{what} cross-entropy backward, {kind}",
+            atol="scale",
+        )
     # an invalid class id: NaN in its row (CUDA cannot raise without a sync; the CPU raises), the
     # other rows exact
     bad = cls[:1].clone()
@@ -322,14 +313,6 @@ def test_nan_and_inf_follow_the_reference(E, kernels, layout, gen):
         assert torch.equal(mg, C.group_softmax_score(xd, t["offsets"])[1])
 
 
-def widest_block_row(E, K, dtype, want_arg, smem):
-    lo, hi = 2 * K, smem // torch.empty(0, dtype=dtype).element_size()
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if E._cuda_block_smem_bytes(K, mid, dtype, want_arg) <= smem else (lo, mid)
-    return lo
-
-
 def test_block_tier_at_the_shared_memory_limit(E, monkeypatch, gen):
     # A device with 64 KiB of opt-in shared memory per block: the widest row whose layout fits runs
     # on the block tier (launched with exactly that much), one logit more on the chunked kernels.
@@ -338,7 +321,7 @@ def test_block_tier_at_the_shared_memory_limit(E, monkeypatch, gen):
     monkeypatch.delenv("MOSX_CUDA_KERNELS", raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for want_arg in (False, True):
-            widest = widest_block_row(E, 2, dtype, want_arg, smem)
+            widest = widest_block_row(E._cuda_block_smem_bytes, 2, dtype, want_arg, smem)
             for L, want in ((widest, "block"), (widest + 1, "chunked")):
                 g = Groups.from_sizes([L // 2 - 1, L - L // 2 - 1])
                 t = g.tensors("cpu")

@@ -137,7 +137,6 @@ struct Runtime {
   std::function<void()> body;
   std::exception_ptr failure;
   std::map<const void*, int> smem_allowed;  // cudaFuncAttributeMaxDynamicSharedMemorySize
-  int64_t launches = 0, blocks_run = 0, switches = 0;
 
   // The modelled device.
   int sms() const { return env_int("MOSX_EMU_SMS", 3); }
@@ -437,7 +436,6 @@ inline void run_block(size_t n) {
       swapcontext(&r.sched, &r.threads[static_cast<size_t>(i)].ctx);
 #endif
       r.current = -1;
-      ++r.switches;
       if (r.failure) std::rethrow_exception(r.failure);
       Thread& t = r.threads[static_cast<size_t>(i)];
       if (!t.groups.empty() && coin(r.rng) == 0) {  // a copy group may land early
@@ -492,11 +490,9 @@ struct Launch {
     if (r.threads.size() < block) r.threads.resize(block);
     r.block_dim = Dim3{block, 1, 1};
     r.grid_dim = Dim3{grid, 1, 1};
-    ++r.launches;
     for (unsigned b = 0; b < grid; ++b) {
       r.block_idx = Dim3{b, 0, 0};
       run_block(block);
-      ++r.blocks_run;
     }
     r.body = nullptr;
   }
@@ -551,11 +547,6 @@ inline cudaStream_t stream() { return nullptr; }
 
 inline void check(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "cuda_emu: ", what, " failed (error ", static_cast<int>(e), ")");
-}
-
-// Shared by every translation unit: launches, blocks and fiber switches so far.
-inline std::tuple<int64_t, int64_t, int64_t> counters() {
-  return {rt().launches, rt().blocks_run, rt().switches};
 }
 
 }  // namespace mosx_emu
